@@ -1,0 +1,110 @@
+"""`lmtrain` command line: subcommand -> gin configuration -> stage runner.
+
+Exit codes: 0 done; 1 bad input or config (one line on stderr); 2 usage; 3 training diverged (last good
+checkpoint kept); 143 SIGTERM after saving a checkpoint.
+"""
+
+import argparse
+import json
+import sys
+
+STAGES = ("pretrain",)
+
+
+def _split_gin_macros(argv):
+  """Pulls `--gin.NAME=VALUE` (or `--gin.NAME VALUE`) out of argv; argparse cannot express them."""
+  macros, rest, i = {}, [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--gin.") and arg != "--gin.":
+      name, eq, value = arg[len("--gin."):].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise SystemExit(f"lmtrain: error: {arg} needs a value")
+        value, i = argv[i + 1], i + 1
+      macros[name] = value
+    else:
+      rest.append(arg)
+    i += 1
+  return macros, rest
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog="lmtrain", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for stage in STAGES:
+    p = sub.add_parser(stage, help=f"run the {stage} stage (resumes from DIR/{stage})")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--gin_file", action="append", default=[])
+    p.add_argument("--gin_param", action="append", default=[])
+    p.add_argument("--coordinator_address", help="multi-process runs off TPU: host:port of process 0")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
+  p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer")
+  p.add_argument("--input", action="append", required=True, help="text/JSONL file (repeatable)")
+  p.add_argument("--vocab_size", type=int, required=True)
+  p.add_argument("--output", required=True, help="path of the .model file to write")
+  p = sub.add_parser("bench", help="print throughput, MFU, memory and compile-time figures")
+  from lmtrain import bench
+  bench.add_arguments(p)
+  return parser
+
+
+def run_stage(stage: str, args, macros) -> dict:
+  from lmtrain import config, parallel
+  parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
+  config_text = config.setup(stage, args.gin_file, macros, args.gin_param)
+  from lmtrain.model import transformer
+  from lmtrain.stages import get_stage_builder
+  from lmtrain.train import loop
+  model_cfg = config.call(transformer.model_config, "model_config")
+  loop_cfg = config.call(loop.LoopConfig, "LoopConfig")
+  stage_obj = config.call(get_stage_builder(stage), stage, args.workdir, model_cfg, loop_cfg)
+  return loop.train(stage_obj, args.workdir, loop_cfg, config_text)
+
+
+def print_summary(summary: dict):
+  import jax
+  if jax.process_index() != 0:
+    return
+  width = max(len(k) for k in summary)
+  print(f"\n{'-' * (width + 30)}")
+  for key, value in summary.items():
+    shown = f"{value:,.4f}" if isinstance(value, float) else str(value)
+    print(f"{key:<{width}}  {shown}")
+  print(f"{'-' * (width + 30)}")
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  from lmtrain.errors import DivergedError, UserError
+  from lmtrain.train.loop import Preempted
+  try:
+    macros, rest = _split_gin_macros(argv)
+    args = _parser().parse_args(rest)
+    if macros and args.command not in STAGES:
+      raise UserError(f"--gin.{next(iter(macros))}: gin macros apply to the training stages only")
+    if args.command in STAGES:
+      print_summary(run_stage(args.command, args, macros))
+    elif args.command == "tokenizer":
+      from lmtrain.data import tokenizer
+      path = tokenizer.train_tokenizer(args.input, args.vocab_size, args.output)
+      tok = tokenizer.Tokenizer.load(path)
+      print(json.dumps({"output": path, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,
+                        "eos_id": tok.eos_id, "bos_id": tok.bos_id, "unk_id": tok.unk_id}))
+    elif args.command == "bench":
+      from lmtrain import bench
+      bench.run(args)
+  except (UserError, DivergedError, Preempted) as e:
+    print(f"lmtrain: error: {e}" if not isinstance(e, Preempted) else f"lmtrain: {e}",
+          file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    raise SystemExit(e.exit_code)
+  except KeyboardInterrupt:
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,114 @@
+"""Gin set-up: the stage's base file, then the user's files, then --gin.MACRO and --gin_param bindings.
+
+Every stage file in gin_configs/stages/ includes common.gin, which defines the macros (DESIGN.md) with
+defaults that run the embedded demo. Unknown names fail with the closest known names.
+"""
+
+import difflib
+import inspect
+import os
+import re
+
+import gin
+import gin.config
+
+from lmtrain.errors import UserError
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+
+
+def _known_macros() -> list[str]:
+  return sorted(name for name, selector in gin.config._CONFIG.keys() if selector == "gin.macro")
+
+
+def _configurable_names() -> list[str]:
+  names = set()
+  for selector in gin.config._REGISTRY.matching_selectors(""):
+    parts = selector.split(".")
+    names.update(".".join(parts[i:]) for i in range(len(parts)))
+  return sorted(names)
+
+
+def _explain_gin_error(e: Exception, where: str) -> UserError:
+  first = str(e).splitlines()[0] if str(e) else type(e).__name__
+  match = re.search(r"No configurable matching '([^']+)'", first)
+  if match:
+    close = difflib.get_close_matches(match.group(1), _configurable_names(), n=3)
+    return UserError(f"{where}: unknown gin configurable '{match.group(1)}'"
+                     + (f"; did you mean {', '.join(close)}?" if close else ""))
+  match = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", first)
+  if match:
+    params = []
+    found = gin.config._REGISTRY.get_match(match.group(1))
+    if found is not None:
+      params = list(inspect.signature(found.wrapped).parameters)
+    close = difflib.get_close_matches(match.group(2), params, n=3)
+    return UserError(f"{where}: '{match.group(1)}' has no parameter '{match.group(2)}'"
+                     + (f"; did you mean {', '.join(close)}?" if close else ""))
+  return UserError(f"{where}: {first}")
+
+
+def gin_literal(value: str) -> str:
+  """The gin text for a --gin.NAME=VALUE value: a literal as written, or else a quoted string, so
+  `--gin.MODEL=tiny` and `--gin.TRAIN_DATA=/data/x.jsonl` need no shell-escaped quotes."""
+  try:
+    gin.config.parse_value(value)
+    return value
+  except Exception:
+    return repr(value)
+
+
+def register_configurables(stage: str):
+  """Imports the modules whose configurables the gin files name (gin needs them registered)."""
+  import importlib
+  for module in ("lmtrain.parallel", "lmtrain.model.transformer", "lmtrain.train.loop",
+                 "lmtrain.train.optim", "lmtrain.train.checkpoint", f"lmtrain.stages.{stage}"):
+    importlib.import_module(module)
+
+
+def setup(stage: str, gin_files=(), macros: dict | None = None, params=()) -> str:
+  """Parses the configuration for `stage`; returns the full config text (saved with the run)."""
+  register_configurables(stage)
+  gin.clear_config()
+  gin.add_config_file_search_path(GIN_DIR)
+  base = os.path.join(GIN_DIR, "stages", f"{stage}.gin")
+  text_parts = []
+  for path in [base, *gin_files]:
+    resolved = path if os.path.exists(path) else os.path.join(GIN_DIR, path)
+    if not os.path.exists(resolved):
+      raise UserError(f"--gin_file {path}: no such file (also looked in {GIN_DIR})")
+    try:
+      gin.parse_config_file(resolved)
+    except (ValueError, SyntaxError, TypeError) as e:
+      raise _explain_gin_error(e, resolved) from None
+    with open(resolved) as f:
+      text_parts.append(f"# --- {resolved}\n{f.read()}")
+  known = _known_macros()
+  bindings = []
+  for name, value in (macros or {}).items():
+    if name not in known:
+      close = difflib.get_close_matches(name, known, n=3)
+      raise UserError(f"--gin.{name}: unknown macro" +
+                      (f"; did you mean {', '.join(close)}?" if close else
+                       f"; known macros: {', '.join(known)}"))
+    bindings.append(f"{name} = {gin_literal(value)}")
+  bindings.extend(params)
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except (ValueError, SyntaxError, TypeError) as e:
+      raise _explain_gin_error(e, f"--gin_param {binding!r}") from None
+  if bindings:
+    text_parts.append("# --- command line\n" + "\n".join(bindings))
+  gin.finalize()
+  return "\n\n".join(text_parts) + "\n"
+
+
+def call(fn, where: str, *args, **kwargs):
+  """Calls a gin configurable, turning gin's missing-value errors into one-line UserErrors."""
+  try:
+    return fn(*args, **kwargs)
+  except TypeError as e:
+    if "No values supplied by Gin" in str(e) or "REQUIRED" in str(e):
+      raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
+    raise

@@ -1,0 +1,155 @@
+"""Record reading and validation. Every bad record is reported as `FILE:LINE: what is wrong`.
+
+Text, JSONL and array_record files are read here. A record schema is a function from the parsed
+JSON object to a value that raises `BadRecord` with what is wrong; `iter_records` does the rest
+(location, stop-or-skip), so the SFT and preference schemas can plug in the same way.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator, TypeVar
+
+from lmtrain.errors import UserError
+
+T = TypeVar("T")
+
+JSON_EXTENSIONS = (".jsonl", ".json")
+ARRAY_RECORD_EXTENSION = ".array_record"
+_READ_BLOCK = 1024  # array_record records read per call.
+
+
+class BadRecord(ValueError):
+  """Raised by a schema for a record it rejects; the message says what is wrong."""
+
+
+@dataclasses.dataclass
+class SkipCounter:
+  """Counts the records skipped with on_error="skip"; keeps the first few messages to show."""
+
+  count: int = 0
+  messages: list[str] = dataclasses.field(default_factory=list)
+  max_messages: int = 10
+
+  def add(self, message: str):
+    self.count += 1
+    if len(self.messages) < self.max_messages:
+      self.messages.append(message)
+
+
+def require_str(record: dict[str, Any], field: str) -> str:
+  """The string value of `field`; the generic check every schema uses."""
+  if field not in record:
+    raise BadRecord(f'missing "{field}" field')
+  value = record[field]
+  if not isinstance(value, str):
+    raise BadRecord(f'"{field}" must be a string, got {type(value).__name__}')
+  return value
+
+
+def text_schema(record: dict[str, Any]) -> str:
+  return require_str(record, "text")
+
+
+def _parse_json_object(data: bytes) -> dict[str, Any]:
+  try:
+    obj = json.loads(data)
+  except json.JSONDecodeError as e:
+    raise BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from e
+  except UnicodeDecodeError as e:
+    raise BadRecord(f"invalid UTF-8 at byte {e.start}") from e
+  if not isinstance(obj, dict):
+    raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def _check_on_error(on_error: str):
+  if on_error not in ("raise", "skip"):
+    raise UserError(f'on_error must be "raise" or "skip", got {on_error!r}')
+
+
+def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
+  """Yields (location, raw JSON line or bytes) for JSONL and array_record files."""
+  if path.endswith(ARRAY_RECORD_EXTENSION):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      total = reader.num_records()
+      for start in range(0, total, _READ_BLOCK):
+        for i, data in enumerate(reader.read(start, min(start + _READ_BLOCK, total)), start):
+          yield f"{path}:RECORD {i + 1}", data
+    finally:
+      reader.close()
+    return
+  # Bytes, so that invalid UTF-8 is reported as a bad record of its line.
+  with open(path, "rb") as f:
+    for lineno, line in enumerate(f, start=1):
+      if line.strip():
+        yield f"{path}:{lineno}", line.strip()
+
+
+def _check_file(path: str):
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: file not found")
+
+
+def _finish(path: str, good: int, skipped: int):
+  if good == 0:
+    detail = f" ({skipped} bad records skipped)" if skipped else ""
+    raise UserError(f"{path}: no records{detail}")
+
+
+def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: str = "raise",
+                 counter: SkipCounter | None = None) -> Iterator[T]:
+  """Yields `schema(obj)` for each JSON object record of a JSONL or array_record file.
+
+  on_error="raise" stops at the first bad record with a UserError `FILE:LINE: what is wrong`;
+  "skip" logs it, adds it to `counter` and goes on.
+  """
+  _check_on_error(on_error)
+  _check_file(path)
+  good = skipped = 0
+  for location, raw in _raw_records(path):
+    try:
+      value = schema(_parse_json_object(raw))
+    except BadRecord as e:
+      message = f"{location}: {e}"
+      if on_error == "raise":
+        raise UserError(message) from None
+      skipped += 1
+      logging.warning("skipping bad record: %s", message)
+      if counter is not None:
+        counter.add(message)
+      continue
+    good += 1
+    yield value
+  _finish(path, good, skipped)
+
+
+def _iter_plain_text(path: str) -> Iterator[str]:
+  """Documents of a plain text file: paragraphs separated by one or more blank lines."""
+  _check_file(path)
+  good = 0
+  lines = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      if line.strip():
+        lines.append(line.rstrip("\n"))
+      elif lines:
+        good += 1
+        yield "\n".join(lines)
+        lines = []
+  if lines:
+    good += 1
+    yield "\n".join(lines)
+  _finish(path, good, 0)
+
+
+def iter_text_records(path: str, *, on_error: str = "raise",
+                      counter: SkipCounter | None = None) -> Iterator[str]:
+  """Yields the documents of a pretraining file (.jsonl/.json, .array_record, or plain text)."""
+  if path.endswith(JSON_EXTENSIONS) or path.endswith(ARRAY_RECORD_EXTENSION):
+    return iter_records(path, text_schema, on_error=on_error, counter=counter)
+  _check_on_error(on_error)
+  return _iter_plain_text(path)

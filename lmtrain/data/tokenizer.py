@@ -1,0 +1,117 @@
+"""SentencePiece tokenizer: training, loading, and the seqio vocabulary view.
+
+Special ids are fixed so every stage agrees on them; pad != eos because RLHF reads the reward at the
+EOS position and masks padding separately.
+"""
+
+import io
+import os
+
+import sentencepiece as spm
+
+from lmtrain.data import formats
+from lmtrain.errors import UserError
+
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+UNK_ID = 3
+
+# Sentencepiece drops training sentences longer than this many bytes; we feed lines, so it is ample.
+_MAX_SENTENCE_BYTES = 16384
+
+
+def _training_lines(input_files):
+  """Yields the non-empty lines of every document, checking each file has some."""
+  for path in input_files:
+    found = False
+    for text in formats.iter_text_records(path):
+      for line in text.splitlines():
+        if line.strip():
+          found = True
+          yield line[:_MAX_SENTENCE_BYTES // 4]  # At most 4 bytes a character.
+    if not found:
+      raise UserError(f"{path}: no text to train the tokenizer on")
+
+
+def train_tokenizer(input_files: list[str], vocab_size: int, output_path: str) -> str:
+  """Trains a byte-fallback unigram model on text/JSONL/array_record files; writes `output_path`."""
+  if not input_files:
+    raise UserError("tokenizer training needs at least one input file")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(list(input_files)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        byte_fallback=True,
+        character_coverage=0.9995,
+        # Identity normalisation keeps decode(encode(text)) == text.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        pad_piece="<pad>", eos_piece="</s>", bos_piece="<s>", unk_piece="<unk>",
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        # One thread and no sentence sampling make training deterministic.
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise UserError(f"tokenizer training failed (vocab_size={vocab_size}): {e}") from e
+  parent = os.path.dirname(output_path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  with open(output_path, "wb") as f:
+    f.write(model.getvalue())
+  return output_path
+
+
+class Tokenizer:
+  """A loaded sentencepiece model with the fixed special ids."""
+
+  pad_id = PAD_ID
+  eos_id = EOS_ID
+  bos_id = BOS_ID
+  unk_id = UNK_ID
+
+  def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+    self._sp = processor
+    self.path = path
+    ids = (processor.pad_id(), processor.eos_id(), processor.bos_id(), processor.unk_id())
+    if ids != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
+      raise UserError(f"{path}: special ids (pad, eos, bos, unk) are {ids}, expected "
+                      f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}; train it with `lmtrain tokenizer`")
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    if not os.path.isfile(path):
+      raise UserError(f"{path}: tokenizer model not found")
+    processor = spm.SentencePieceProcessor()
+    try:
+      processor.Load(path)
+    except (OSError, RuntimeError) as e:
+      raise UserError(f"{path}: not a sentencepiece model ({e})") from e
+    return cls(processor, path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without BOS/EOS."""
+    return self._sp.encode(text)
+
+  def decode(self, ids) -> str:
+    """Text of `ids`; padding is dropped, EOS does not stop decoding."""
+    return self._sp.decode([int(i) for i in ids if int(i) != PAD_ID])
+
+
+def seqio_vocabulary(path: str):
+  """The model at `path` as a `seqio.SentencePieceVocabulary` (imports seqio only when called)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: tokenizer model not found")
+  return seqio.SentencePieceVocabulary(path)

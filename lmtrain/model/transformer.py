@@ -1,0 +1,279 @@
+"""Decoder-only transformer of the LLaMA family in Flax NNX.
+
+RMSNorm, rotary position embeddings (half-rotated layout), SwiGLU MLP, grouped-query attention, tied or
+untied embeddings, no biases. The blocks are stacked on a leading `layers` axis and run with
+`lax.scan`, so compile time does not grow with depth. Every parameter names its logical axes; the
+activations at block boundaries get sharding constraints (no-ops without a mesh).
+"""
+
+import dataclasses
+import functools
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmtrain import parallel
+from lmtrain.errors import UserError
+
+# Variables get their sharding from our own rules (lmtrain.parallel), not at creation.
+nnx.use_eager_sharding(False)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 32000
+  d_model: int = 512
+  num_layers: int = 8
+  num_heads: int = 8
+  num_kv_heads: int | None = None  # None: same as num_heads (no grouping)
+  head_dim: int | None = None  # None: d_model // num_heads
+  mlp_dim: int = 1536
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  remat: str = "none"  # none | full | save_dots
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def validate(self) -> "ModelConfig":
+    if self.num_heads % self.kv_heads:
+      raise UserError(f"ModelConfig: num_heads={self.num_heads} is not a multiple of "
+                      f"num_kv_heads={self.kv_heads}")
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f"ModelConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise UserError(f"ModelConfig.attention_impl={self.attention_impl!r}; choose xla or cudnn")
+    if self.head_size % 2:
+      raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
+    return self
+
+  def param_count(self) -> int:
+    """Exact parameter count, from the shapes (no allocation)."""
+    d, h, n, k = self.d_model, self.head_size, self.num_heads, self.kv_heads
+    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * self.mlp_dim + 2 * d
+    embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + embeddings + d
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding matmul params + LM head) plus causal attention."""
+    d, h, n, k = self.d_model, self.head_size, self.num_heads, self.kv_heads
+    matmul_params = self.num_layers * (d * n * h * 2 + d * k * h * 2 + 3 * d * self.mlp_dim)
+    matmul_params += self.vocab_size * d
+    # QK^T and AV: 2 matmuls x 2 flops x seq x heads x head_dim, halved by the causal mask, x3 for bwd.
+    attention = 3 * 2 * 2 * self.num_layers * n * h * seq_len / 2
+    return 6 * matmul_params + attention
+
+
+@gin.configurable
+def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> ModelConfig:
+  """The `MODEL` preset (a gin scope of `ModelConfig`, see gin_configs/models/) plus field overrides."""
+  known = sorted(PRESET_NAMES)
+  if preset not in known:
+    import difflib
+    close = difflib.get_close_matches(preset, known, n=3)
+    raise UserError(f"MODEL={preset!r} is not a preset; did you mean {close or known}?")
+  with gin.config_scope(preset):
+    cfg = ModelConfig()
+  if overrides:
+    bad = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if bad:
+      raise UserError(f"model_config.overrides: unknown ModelConfig fields {sorted(bad)}")
+    cfg = dataclasses.replace(cfg, **overrides)
+  return cfg.validate()
+
+
+PRESET_NAMES = ("tiny", "small", "125m", "1b", "llama2_7b", "llama3_8b", "bench_tiny", "bench_small")
+
+
+def _dense_init(fan_in: int, scale: float = 1.0):
+  return nnx.initializers.normal(stddev=scale / fan_in**0.5)
+
+
+def _param(rngs, init, shape, names):
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...]).astype(x.dtype)
+
+
+def rotary(x, positions, theta: float):
+  """Rotary embedding, half-rotated layout: pairs are (i, i + head_dim/2). x: [B, T, N, H]."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, half]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+  """[B, 1, T, S] boolean: causal by position, within the same packed segment, never on padding."""
+  same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  causal = q_positions[:, :, None] >= kv_positions[:, None, :]
+  real = (kv_segment_ids != 0)[:, None, :]
+  return (same & causal & real)[:, None, :, :]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    self.cfg = cfg
+    self.q = _param(rngs, _dense_init(d), (d, n, h), ("embed", "heads", "head_dim"))
+    self.k = _param(rngs, _dense_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"))
+    self.v = _param(rngs, _dense_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"))
+    out_scale = 1.0 / (2 * cfg.num_layers) ** 0.5
+    self.o = _param(rngs, _dense_init(n * h, out_scale), (n, h, d), ("heads", "head_dim", "embed"))
+
+  def __call__(self, x, positions, mask):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    q = parallel.constrain(q, ("batch", "length", "act_heads", None))
+    k = parallel.constrain(k, ("batch", "length", "act_kv_heads", None))
+    q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=(
+        None if cfg.attention_impl == "xla" else cfg.attention_impl))
+    out = parallel.constrain(out, ("batch", "length", "act_heads", None))
+    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, m = cfg.d_model, cfg.mlp_dim
+    self.dtype = cfg.compute_dtype
+    self.gate = _param(rngs, _dense_init(d), (d, m), ("embed", "mlp"))
+    self.up = _param(rngs, _dense_init(d), (d, m), ("embed", "mlp"))
+    self.down = _param(rngs, _dense_init(m, 1.0 / (2 * cfg.num_layers) ** 0.5), (m, d),
+                       ("mlp", "embed"))
+
+  def __call__(self, x):
+    dt = self.dtype
+    hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    hidden = parallel.constrain(hidden, ("batch", "length", "act_mlp"))
+    return hidden @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, mask):
+    x = x + self.attn(self.attn_norm(x), positions, mask)
+    x = x + self.mlp(self.mlp_norm(x))
+    return parallel.constrain(x, ("batch", "length", "act_embed"))
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] -> logits [B, T, vocab] (float32), or the final hidden states."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg.validate()
+    self.embed = _param(rngs, _dense_init(cfg.d_model), (cfg.vocab_size, cfg.d_model),
+                        ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(r):
+      return Block(cfg, r)
+
+    self.layers = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, _dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
+                            ("embed", "vocab"))
+
+  def hidden(self, tokens, positions=None, segment_ids=None):
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    mask = attention_mask(segment_ids, segment_ids, positions, positions)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    x = parallel.constrain(x, ("batch", "length", "act_embed"))
+
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(carry, state):
+      return nnx.merge(graphdef, state)(carry, positions, mask), None
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, layer_state)
+    return self.final_norm(x)
+
+  def logits(self, hidden):
+    dt = self.cfg.compute_dtype
+    if self.cfg.tie_embeddings:
+      head = self.embed[...].astype(dt).T
+    else:
+      head = self.lm_head[...].astype(dt)
+    logits = (hidden @ head).astype(jnp.float32)
+    return parallel.constrain(logits, ("batch", "length", "act_vocab"))
+
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    return self.logits(self.hidden(tokens, positions, segment_ids))
+
+
+def abstract_model(cfg: ModelConfig):
+  """(graphdef, abstract params as a pure dict, logical axis names as a matching pure dict)."""
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  return split_params(model)
+
+
+def split_params(model):
+  graphdef, state = nnx.split(model)
+  names = jax.tree.map(lambda v: tuple(v.out_sharding), state,
+                       is_leaf=lambda v: isinstance(v, nnx.Variable))
+  names = nnx.State(names).to_pure_dict() if not isinstance(names, dict) else names
+  return graphdef, state.to_pure_dict(), names
+
+
+def merge(graphdef, params):
+  """The model for a pure-dict of params (inside a traced step)."""
+  return nnx.merge(graphdef, nnx.State(params))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fn(cfg: ModelConfig):
+  def init(rng):
+    return nnx.split(Transformer(cfg, nnx.Rngs(params=rng)))[1].to_pure_dict()
+  return init

@@ -1,0 +1,182 @@
+"""Device mesh, logical->mesh axis rules and sharding helpers; multi-host initialisation.
+
+Layers only name their axes (`embed`, `heads`, ...). The rules here, plain data set from gin, decide which
+mesh axis each name lands on. Constraints are no-ops when no mesh is active, so model code runs unchanged
+in a unit test on one device.
+"""
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+
+import gin
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lmtrain.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes, or None = replicated). Parameters and activations use distinct
+# names where they must land on different mesh axes (an activation's `act_embed` is not FSDP-sharded,
+# its batch is).
+DEFAULT_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+@gin.configurable
+def axis_rules(rules=DEFAULT_RULES):
+  """The logical->mesh rules in force; override in gin with `axis_rules.rules = (...)`."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def _resolve_shape(shape: dict, n_devices: int, what: str) -> tuple[int, ...]:
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise UserError(f"{what}: unknown mesh axes {sorted(unknown)}; the axes are {list(MESH_AXES)}")
+  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise UserError(f"{what}: at most one axis may be -1 (the rest of the devices), got {shape}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or n_devices % known:
+      raise UserError(f"{what}={shape} does not fit {n_devices} devices")
+    sizes[sizes.index(-1)] = n_devices // known
+  if any(s < 1 for s in sizes) or math.prod(sizes) != n_devices:
+    raise UserError(
+        f"{what}={shape} needs {math.prod(sizes)} devices but {n_devices} are available "
+        f"({jax.devices()[0].platform})")
+  return tuple(sizes)
+
+
+@gin.configurable
+def make_mesh(shape=gin.REQUIRED, dcn_shape=None, devices=None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh. `shape` is the per-slice (ICI) shape; `dcn_shape` the
+  across-slice shape for multi-slice jobs. -1 in `shape` means the rest of the devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = dict(shape)
+  if dcn_shape:
+    n_slices = math.prod(int(v) for v in dict(dcn_shape).values())
+    if len(devices) % n_slices:
+      raise UserError(f"MESH_DCN_SHAPE={dcn_shape} does not divide {len(devices)} devices")
+    ici = _resolve_shape(shape, len(devices) // n_slices, "MESH_SHAPE")
+    dcn = _resolve_shape(dict(dcn_shape), n_slices, "MESH_DCN_SHAPE")
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  else:
+    sizes = _resolve_shape(shape, len(devices), "MESH_SHAPE")
+    try:
+      array = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      # Topology-aware placement is not available for every shape/platform (CPU, odd shapes).
+      array = np.asarray(devices).reshape(sizes)
+  return Mesh(array, MESH_AXES)
+
+
+def abstract_mesh(shape: dict, n_devices: int):
+  """A mesh of the given shape without real devices, to check configs for slices we do not have."""
+  sizes = _resolve_shape(dict(shape), n_devices, "MESH_SHAPE")
+  return jax.sharding.AbstractMesh(sizes, MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], rules, mesh, shape: Sequence[int] | None = None
+                    ) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec. A mesh axis is used at most once per array; a
+  dimension that the mesh axes do not divide stays replicated rather than failing."""
+  rule_map = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(names):
+    axes = rule_map.get(name) if name is not None else None
+    if axes is None:
+      spec.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a in mesh.axis_names and a not in used and mesh.shape[a] > 1)
+    if shape is not None and axes:
+      # Keep the longest prefix of axes that divides this dimension.
+      while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def named_sharding(mesh, names, rules, shape=None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def tree_shardings(mesh, abstract_tree, names_tree, rules):
+  """NamedShardings for a pytree of arrays given a matching pytree of logical-name tuples."""
+  return jax.tree.map(
+      lambda a, n: named_sharding(mesh, n, rules, a.shape), abstract_tree, names_tree,
+      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+# The mesh and rules in force while tracing a step; `constrain` reads them.
+_ACTIVE: list[tuple[Mesh, tuple]] = []
+
+
+@contextlib.contextmanager
+def activate(mesh, rules):
+  """Makes `constrain` place activations on `mesh` by `rules` (at trace time)."""
+  _ACTIVE.append((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.pop()
+
+
+def constrain(x, names):
+  """Sharding constraint on an activation by logical names; a no-op when no mesh is active."""
+  if not _ACTIVE:
+    return x
+  mesh, rules = _ACTIVE[-1]
+  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, rules, x.shape))
+
+
+def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:
+  return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), rules)
+
+
+def global_batch(local_batch: dict, mesh, rules) -> dict:
+  """Assembles per-host numpy batches into global arrays sharded over the batch axes."""
+  return {
+      k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+      for k, v in local_batch.items()
+  }
+
+
+def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """Starts JAX's multi-controller runtime: explicitly from flags/env (several processes on one
+  machine behave like the hosts of a pod), or automatically on a Cloud TPU VM with several hosts."""
+  coordinator_address = coordinator_address or os.environ.get("LMTRAIN_COORDINATOR_ADDRESS")
+  num_processes = num_processes or os.environ.get("LMTRAIN_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else os.environ.get("LMTRAIN_PROCESS_ID")
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=int(num_processes), process_id=int(process_id))
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()

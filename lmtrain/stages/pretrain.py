@@ -1,0 +1,93 @@
+"""Pre-training: next-token cross-entropy on packed raw text."""
+
+import math
+import os
+
+import gin
+import jax.numpy as jnp
+import optax
+
+from lmtrain.data import demo, pipeline, tokenizer as tokenizer_lib
+from lmtrain.errors import UserError
+from lmtrain.train.loop import LoopConfig, Stage
+
+
+def lm_loss(model, batch, rng):
+  """Summed token cross-entropy where loss_mask is 1, and the number of such tokens."""
+  del rng  # no dropout
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  weight = batch["loss_mask"]
+  return jnp.sum(ce * weight), jnp.sum(weight), {}
+
+
+def perplexity_metrics(totals: dict) -> dict:
+  loss = totals["loss_sum"] / max(totals["weight"], 1e-9)
+  return {"eval_perplexity": math.exp(min(loss, 80.0))}
+
+
+def _as_list(sources):
+  if sources is None:
+    return []
+  return [sources] if isinstance(sources, str) else list(sources)
+
+
+def resolve_text_data(workdir: str, train_data, eval_data):
+  """`'demo'` means the embedded corpus (written under DIR/data); anything else passes through."""
+  train, evals = _as_list(train_data), _as_list(eval_data)
+  if not train:
+    raise UserError("TRAIN_DATA is empty: name text/JSONL/array_record files, a 'seqio:TASK', "
+                    "or 'demo'")
+  if train == ["demo"]:
+    train_path, eval_path = demo.write_pretrain_corpus(os.path.join(workdir, "data"))
+    train = [train_path]
+    evals = [eval_path] if evals in ([], ["demo"]) else evals
+  return train, evals
+
+
+@gin.configurable
+def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab_size=None):
+  """`tokenizer='auto'`: DIR/tokenizer.model, trained on the training files when missing."""
+  if tokenizer != "auto":
+    return tokenizer_lib.Tokenizer.load(tokenizer)
+  path = os.path.join(workdir, "tokenizer.model")
+  if not os.path.exists(path):
+    files = [s for s in train_sources if not s.startswith("seqio:")]
+    if not files:
+      raise UserError("TOKENIZER='auto' needs text files to train on; with a seqio source set "
+                      "TOKENIZER to a sentencepiece model")
+    tokenizer_lib.train_tokenizer(files, vocab_size, path)
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+def check_vocab(tok, model_cfg):
+  if tok.vocab_size > model_cfg.vocab_size:
+    raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size "
+                    f"is {model_cfg.vocab_size}; train the tokenizer with --vocab_size "
+                    f"{model_cfg.vocab_size} or pick a larger MODEL")
+
+
+@gin.configurable
+def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED,
+          eval_data=None, on_bad_record="raise") -> Stage:
+  train, evals = resolve_text_data(workdir, train_data, eval_data)
+  tok = resolve_tokenizer(workdir, train, vocab_size=model_cfg.vocab_size)
+  check_vocab(tok, model_cfg)
+
+  def train_iter(process_index, process_count):
+    return pipeline.make_iterator(
+        train, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=loop_cfg.seed,
+        process_index=process_index, process_count=process_count, on_error=on_bad_record)
+
+  def eval_iter(process_index, process_count):
+    return pipeline.make_iterator(
+        evals, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=0,
+        process_index=process_index, process_count=process_count, shuffle=False, num_epochs=1,
+        on_error=on_bad_record)
+
+  summary = {}
+  if evals and all(not s.startswith("seqio:") for s in evals + train):
+    summary["unigram_perplexity"] = pipeline.unigram_perplexity(train, evals, tok)
+  return Stage(name="pretrain", model_config=model_cfg, loss_fn=lm_loss, train_data=train_iter,
+               eval_data=eval_iter if evals else None, eval_metrics=perplexity_metrics,
+               summary=summary)

@@ -1,0 +1,113 @@
+"""Checkpoints: one orbax CheckpointManager per stage directory, and the lineage that chains stages.
+
+A checkpoint holds the whole TrainState (params, optimizer state, step, rng, stage extras) and the data
+iterator's state, so a resumed run continues exactly. Restoring against abstract arrays that carry the
+current mesh's shardings reshards a checkpoint written on another mesh.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+
+import gin
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+import lmtrain
+from lmtrain.errors import UserError
+
+
+@gin.configurable
+class Checkpointer:
+  """Saves and restores `DIR/<stage>/checkpoints/<step>/` with retention and async writes."""
+
+  def __init__(self, directory, keep_last=3, keep_every=None, async_save=True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep_last, keep_period=keep_every, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None):
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_state, data_iterator=None, step=None):
+    """Restores onto the shardings that `abstract_state` (ShapeDtypeStructs) carries."""
+    step = self.latest_step() if step is None else step
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(stage_dir: str, abstract_params, step=None):
+  """Params only from another stage's checkpoint (the parent of a chained stage), resharded onto
+  the shardings in `abstract_params`. Shape and vocab mismatches are reported by name."""
+  ckpt_dir = os.path.join(stage_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f"INIT_FROM={stage_dir}: no checkpoints/ directory there")
+  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"INIT_FROM={stage_dir}: no finished checkpoint there")
+    meta = manager.item_metadata(step)["state"]
+    saved = meta["params"] if isinstance(meta, dict) else meta.params
+    check_compatible(saved, abstract_params, stage_dir)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True)))
+  return restored["state"]["params"], step
+
+
+def check_compatible(saved, expected, where):
+  """One line naming every parameter whose shape differs (vocab size first, as it is the usual one)."""
+  flat_saved = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
+                jax.tree_util.tree_leaves_with_path(saved)}
+  flat_expected = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
+                   jax.tree_util.tree_leaves_with_path(expected)}
+  problems = []
+  embed = "['embed']"
+  if embed in flat_saved and flat_saved[embed][0] != flat_expected[embed][0]:
+    problems.append(f"vocab size {flat_saved[embed][0]} in the checkpoint vs "
+                    f"{flat_expected[embed][0]} in the model config")
+  missing = sorted(set(flat_expected) - set(flat_saved))
+  if missing:
+    problems.append(f"missing parameters {missing[:4]}")
+  for key in sorted(set(flat_expected) & set(flat_saved)):
+    if flat_saved[key] != flat_expected[key] and key != embed:
+      problems.append(f"{key} has shape {flat_saved[key]} there vs {flat_expected[key]} here")
+  if problems:
+    raise UserError(f"{where}: checkpoint does not fit the model: " + "; ".join(problems[:4]))
+
+
+def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None):
+  """DIR/<stage>/lineage.json: what this stage is, which checkpoint it started from, its config."""
+  lineage = {
+      "stage": stage,
+      "parent": parent,
+      "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+      "lmtrain_version": lmtrain.__version__,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  with open(os.path.join(stage_dir, "lineage.json"), "w") as f:
+    json.dump(lineage, f, indent=2)
+  return lineage

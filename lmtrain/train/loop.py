@@ -1,0 +1,284 @@
+"""The one training loop that every stage runs.
+
+Build the mesh and the sharded train state (fresh, from a parent stage, or resumed from this stage's own
+latest checkpoint), compile the stage's step once with explicit shardings and donated state, then step,
+evaluate, checkpoint, log and watch for NaNs and SIGTERM until `train_steps`.
+"""
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from lmtrain import parallel
+from lmtrain.errors import DivergedError, UserError
+from lmtrain.model import transformer
+from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train import metrics as metrics_lib
+from lmtrain.train import optim
+from lmtrain.train.state import TrainState
+from lmtrain.train.step import make_eval_step, make_train_step
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved. The CLI exits 143."""
+
+  exit_code = 143
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  train_steps: int = gin.REQUIRED
+  batch_size: int = gin.REQUIRED  # global, in sequences
+  seq_len: int = gin.REQUIRED
+  seed: int = 0
+  checkpoint_every: int = 1000
+  eval_every: int = 0  # 0: only at the end
+  eval_steps: int = 8  # batches per evaluation
+  log_every: int = 10
+  microbatches: int = 1  # gradient accumulation: batch_size must divide by it
+
+
+@dataclasses.dataclass
+class Stage:
+  """What a stage contributes to the loop; everything else is shared."""
+  name: str
+  model_config: transformer.ModelConfig
+  loss_fn: Callable  # (model, batch, rng) -> (loss_sum, weight, metric sums)
+  train_data: Callable[[int, int], Any]  # (process_index, process_count) -> grain iterator
+  eval_data: Callable[[int, int], Iterable] | None = None
+  # (abstract params with shardings) -> (params, parent lineage dict) when starting from a parent.
+  init_from_parent: Callable | None = None
+  eval_metrics: Callable[[dict], dict] = lambda sums: {}
+  summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
+
+
+def _state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer):
+  param_shardings = parallel.tree_shardings(mesh, abstract_state.params, names, rules)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
+      transform_non_params=lambda _: parallel.replicated(mesh))
+  rep = parallel.replicated(mesh)
+  return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep,
+                    extras=jax.tree.map(lambda _: rep, abstract_state.extras))
+
+
+class _SigtermFlag:
+  """Records SIGTERM so the loop can save at the next step boundary instead of dying mid-write."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, *_):
+    self.raised = True
+
+  def __exit__(self, *_):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    stop = self.raised
+    try:  # JAX's own preemption notice on TPU, agreed on by all hosts at the same step
+      from jax.experimental import multihost_utils
+      stop = stop or multihost_utils.reached_preemption_sync_point(step)
+    except Exception:  # no preemption service outside managed TPU runs
+      pass
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
+    return stop
+
+
+def _make_stage_dir(workdir: str, stage: str) -> str:
+  stage_dir = os.path.join(workdir, stage)
+  try:
+    os.makedirs(stage_dir, exist_ok=True)
+    probe = os.path.join(stage_dir, ".write_test")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
+  return stage_dir
+
+
+def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "") -> dict:
+  """Runs (or resumes) `stage` in `workdir/<stage.name>` and returns its summary."""
+  wall_start = time.time()
+  stage_dir = _make_stage_dir(workdir, stage.name)
+  if cfg.batch_size % cfg.microbatches:
+    raise UserError(f"BATCH_SIZE={cfg.batch_size} does not divide into "
+                    f"LoopConfig.microbatches={cfg.microbatches}")
+  mesh, rules = parallel.make_mesh(), parallel.axis_rules()
+  n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (cfg.batch_size // cfg.microbatches) % n_batch_shards:
+    raise UserError(f"BATCH_SIZE={cfg.batch_size} (per microbatch {cfg.batch_size // cfg.microbatches})"
+                    f" is not divisible by the data x fsdp mesh size {n_batch_shards}")
+
+  graphdef, abstract_params, names = transformer.abstract_model(stage.model_config)
+  schedule = optim.make_schedule(total_steps=cfg.train_steps)
+  optimizer = optim.make_optimizer(schedule)
+  abstract_state = jax.eval_shape(
+      lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
+  shardings = _state_shardings(mesh, rules, abstract_state, names, optimizer)
+  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, shardings)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
+  train_iter = stage.train_data(jax.process_index(), jax.process_count())
+  rng = jax.random.PRNGKey(cfg.seed)
+  parent = None
+  with mesh:
+    if checkpointer.latest_step() is not None:
+      state = checkpointer.restore(abstract_sharded, train_iter)
+      resumed_from = int(state.step)
+    else:
+      resumed_from = None
+      if stage.init_from_parent is not None:
+        params, parent = stage.init_from_parent(abstract_sharded.params)
+      else:
+        init_fn = transformer._init_fn(stage.model_config)
+        params = jax.jit(init_fn, out_shardings=shardings.params)(jax.random.fold_in(rng, 1))
+      state = jax.jit(lambda p: TrainState.create(p, optimizer, rng),
+                      out_shardings=shardings)(params)
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, "config.gin"), "w") as f:
+      f.write(config_text or gin.operative_config_str())
+    if resumed_from is None:
+      ckpt_lib.write_lineage(stage_dir, stage.name, config_text, parent)
+
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  step_fn = make_train_step(graphdef, stage.loss_fn, optimizer, schedule, cfg.microbatches)
+  eval_fn = make_eval_step(graphdef, stage.loss_fn)
+  writer = metrics_lib.MetricsWriter(stage_dir)
+  flops_per_token = stage.model_config.flops_per_token(cfg.seq_len)
+  peak, peak_source = metrics_lib.peak_flops_per_device()
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  summary = {"stage": stage.name, "checkpoint": checkpointer.directory, **stage.summary}
+
+  def evaluate(params) -> dict:
+    if stage.eval_data is None:
+      return {}
+    totals = {}
+    for i, local in enumerate(stage.eval_data(jax.process_index(), jax.process_count())):
+      if i >= cfg.eval_steps:
+        break
+      sums = compiled_eval(params, parallel.global_batch(local, mesh, rules))
+      totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    if not totals:
+      return {}
+    eval_loss = totals["loss_sum"] / max(totals["weight"], 1e-9)
+    out = {"eval_loss": eval_loss, **stage.eval_metrics(totals)}
+    return out
+
+  step = int(state.step)
+  if step >= cfg.train_steps:
+    summary.update(steps=step, note="already complete", wall_time=time.time() - wall_start)
+    checkpointer.close()
+    writer.close()
+    return summary
+
+  with mesh, parallel.activate(mesh, rules), _SigtermFlag() as sigterm:
+    first = parallel.global_batch(next(train_iter), mesh, rules)
+    compile_start = time.time()
+    compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, parallel.replicated(mesh)),
+                       donate_argnums=0).lower(state, first).compile()
+    compiled_eval = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sharding),
+                            out_shardings=parallel.replicated(mesh))
+    compile_time = time.time() - compile_start
+    summary["compile_time"] = compile_time
+
+    bar = tqdm(total=cfg.train_steps, initial=step, desc=stage.name, unit="step",
+               disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=1.0)
+    pending = None  # (step, metrics) of the previous step, read one step late to keep dispatch async
+    last_saved = resumed_from
+    batch = first
+    interval_start, interval_steps = time.time(), 0
+    last_metrics = {}
+
+    def finish_pending():
+      nonlocal pending, interval_start, interval_steps, last_metrics
+      if pending is None:
+        return
+      done_step, device_metrics = pending
+      pending = None
+      values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      if not math.isfinite(values["loss"]):
+        raise DivergedError(
+            f"{stage.name}: loss became {values['loss']} at step {done_step}; last good checkpoint: "
+            f"step {last_saved if last_saved is not None else 'none'} in {checkpointer.directory}")
+      interval_steps += 1
+      last_metrics = values
+      if done_step % cfg.log_every == 0 or done_step == cfg.train_steps:
+        elapsed = time.time() - interval_start
+        step_time = elapsed / max(interval_steps, 1)
+        tps = tokens_per_step / step_time
+        row = {"loss": values["loss"], "learning_rate": values["learning_rate"],
+               "grad_norm": values["grad_norm"], "tokens_per_sec": tps,
+               "mfu": metrics_lib.mfu(tps, flops_per_token, jax.device_count(), peak),
+               "step_time": step_time,
+               **{k: v for k, v in values.items() if k not in ("loss", "learning_rate",
+                                                               "grad_norm", "weight")}}
+        writer.write(done_step, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.1%}")
+        interval_start, interval_steps = time.time(), 0
+
+    def save(at_step):
+      nonlocal last_saved
+      finish_pending()  # never save a state whose loss was not checked
+      checkpointer.save(at_step, state, train_iter)
+      last_saved = at_step
+
+    try:
+      while step < cfg.train_steps:
+        state, device_metrics = compiled(state, batch)
+        step += 1
+        finish_pending()
+        pending = (step, device_metrics)
+        bar.update(1)
+        if step < cfg.train_steps:
+          batch = parallel.global_batch(next(train_iter), mesh, rules)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.train_steps:
+          finish_pending()
+          eval_row = evaluate(state.params)
+          if eval_row:
+            writer.write(step, eval_row)
+        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+          save(step)
+        elif sigterm.should_stop(step):
+          save(step)
+          checkpointer.wait()
+          raise Preempted(f"{stage.name}: SIGTERM: saved checkpoint at step {step}; "
+                          f"rerun the same command to resume")
+      finish_pending()
+      final_eval = evaluate(state.params)
+      if final_eval:
+        writer.write(step, final_eval)
+    finally:
+      bar.close()
+      checkpointer.close()
+      writer.close()
+
+  summary.update(steps=step, loss=last_metrics.get("loss"), wall_time=time.time() - wall_start,
+                 peak_flops_source=peak_source, **final_eval)
+  return summary

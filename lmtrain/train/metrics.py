@@ -1,0 +1,97 @@
+"""Metrics: metrics.jsonl and TensorBoard from process 0; throughput and MFU accounting."""
+
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Peak dense bf16 FLOP/s per chip, from the vendors' published figures.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA B200": 2250e12,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a dense fp32 matmul on the local devices, all of them at once: the CPU's 'peak'."""
+  devices = jax.local_devices()
+  a = jnp.ones((len(devices), size, size), jnp.float32)
+  a = jax.device_put_sharded([a[i] for i in range(len(devices))], devices)
+  f = jax.pmap(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a)
+  out.block_until_ready()
+  elapsed = (time.perf_counter() - start) / repeats
+  return 2 * size**3 * len(devices) / elapsed
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from)."""
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops, f"{kind} peak"
+  if device.platform == "cpu":
+    return measured_matmul_flops() / len(jax.local_devices()), "measured CPU matmul rate"
+  return math.nan, f"unknown device {kind!r}"
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak: float) -> float:
+  return tokens_per_sec * flops_per_token / (n_devices * peak)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+  Only process 0 writes; the others keep a no-op writer so call sites need no checks."""
+
+  def __init__(self, stage_dir: str):
+    self.active = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if self.active:
+      self._jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter  # tensorboardX imports torch-free; keep it lazy anyway
+      self._tb = SummaryWriter(os.path.join(stage_dir, "tb"))
+
+  def write(self, step: int, metrics: dict):
+    if not self.active:
+      return
+    row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, int(step))
+
+  def close(self):
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _plain(v):
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return v
+
+
+def read_metrics(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

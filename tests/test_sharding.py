@@ -1,0 +1,80 @@
+"""The same step on 1 device and on several 8-device meshes gives the same loss, grads and params."""
+
+import jax
+import numpy as np
+import pytest
+
+from lmtrain import parallel
+from lmtrain.model import transformer
+from lmtrain.stages.pretrain import lm_loss
+from lmtrain.train.state import TrainState
+import util
+
+MESHES = [
+    {"data": 8, "fsdp": 1, "tensor": 1},
+    {"data": 1, "fsdp": 8, "tensor": 1},
+    {"data": 2, "fsdp": 2, "tensor": 2},
+    {"data": 1, "fsdp": 2, "tensor": 4},
+]
+
+
+def loss_and_grads(mesh, params, batch):
+  rules = parallel.axis_rules()
+  graphdef, _, names = transformer.abstract_model(util.TINY)
+  p_shard = parallel.tree_shardings(mesh, params, names, rules)
+  params = jax.device_put(params, p_shard)
+  batch = jax.device_put(batch, parallel.batch_sharding(mesh, rules))
+
+  def f(p, b):
+    s, w, _ = lm_loss(transformer.merge(graphdef, p), b, None)
+    return s / w
+
+  with parallel.activate(mesh, rules):
+    loss, grads = jax.jit(jax.value_and_grad(f))(params, batch)
+  return float(loss), jax.device_get(grads), p_shard
+
+
+def train_three_steps(mesh, params, batches):
+  # AdamW's update g / (|g| + eps) maps a 1-ulp difference in a near-zero gradient (reductions run in
+  # another order on another mesh) to an O(lr) difference; eps 1e-4 sets where "near zero" begins.
+  step, shardings, batch_sharding, optimizer, *_ = util.sharded_setup(mesh, eps=1e-4)
+  state = jax.jit(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
+                  out_shardings=shardings)(params)
+  losses = []
+  for b in batches:
+    state, m = step(state, jax.device_put(b, batch_sharding))
+    losses.append(float(m["loss"]))
+  return losses, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  params = util.init_params()
+  batch = util.packed_batch()
+  batches = [util.packed_batch(seed=s) for s in range(3)]
+  one = util.mesh_of({"data": 1, "fsdp": 1, "tensor": 1})
+  return params, batch, batches, loss_and_grads(one, params, batch)[:2], train_three_steps(
+      one, params, batches)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(str(v) for v in s.values()))
+def test_same_loss_grads_and_params_on_every_mesh(reference, shape):
+  params, batch, batches, (loss1, grads1), (losses1, params1) = reference
+  mesh = util.mesh_of(shape)
+  loss, grads, p_shard = loss_and_grads(mesh, params, batch)
+  assert loss == pytest.approx(loss1, rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads1)
+  losses, params3 = train_three_steps(mesh, params, batches)
+  np.testing.assert_allclose(losses, losses1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params3, params1)
+
+
+def test_parameters_are_actually_sharded():
+  mesh = util.mesh_of({"data": 1, "fsdp": 2, "tensor": 4})
+  _, shardings, *_ = util.sharded_setup(mesh)
+  spec = shardings.params["layers"]["mlp"]["gate"].spec
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert shardings.params["embed"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  # AdamW moments follow their parameters.
+  mu = shardings.opt_state[1][0].mu["layers"]["mlp"]["gate"].spec
+  assert mu == spec
