@@ -70,7 +70,9 @@ def setup(stage: str, gin_files=(), macros: dict | None = None, params=()) -> st
   """Parses the configuration for `stage`; returns the full config text (saved with the run)."""
   register_configurables(stage)
   gin.clear_config()
-  gin.add_config_file_search_path(GIN_DIR)
+  if GIN_DIR not in gin.config._LOCATION_PREFIXES:
+    # First, so `include 'models/x.gin'` resolves here before gin tries (and logs) other readers.
+    gin.config._LOCATION_PREFIXES.insert(0, GIN_DIR)
   base = os.path.join(GIN_DIR, "stages", f"{stage}.gin")
   text_parts = []
   for path in [base, *gin_files]:
@@ -79,7 +81,7 @@ def setup(stage: str, gin_files=(), macros: dict | None = None, params=()) -> st
       raise UserError(f"--gin_file {path}: no such file (also looked in {GIN_DIR})")
     try:
       gin.parse_config_file(resolved)
-    except (ValueError, SyntaxError, TypeError) as e:
+    except (ValueError, SyntaxError, TypeError, OSError) as e:
       raise _explain_gin_error(e, resolved) from None
     with open(resolved) as f:
       text_parts.append(f"# --- {resolved}\n{f.read()}")

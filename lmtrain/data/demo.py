@@ -21,11 +21,12 @@ MODULES = (
     "itertools", "json", "locale", "logging", "lzma", "mailbox", "math", "mimetypes",
     "multiprocessing", "numbers", "operator", "optparse", "os", "os.path", "pathlib", "pdb",
     "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint", "profile", "pydoc", "queue",
-    "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib",
-    "socket", "socketserver", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess",
-    "sys", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "token", "tokenize",
-    "trace", "traceback", "types", "typing", "unittest", "urllib.parse", "urllib.request", "uuid",
-    "warnings", "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zlib",
+    "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal",
+    "smtplib", "socket", "socketserver", "sqlite3", "ssl", "statistics", "string", "struct",
+    "subprocess", "sys", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "token",
+    "tokenize", "trace", "traceback", "types", "typing", "unittest", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
+    "xml.etree.ElementTree", "zipfile", "zlib",
 )
 
 MIN_CHARS = 200

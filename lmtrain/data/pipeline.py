@@ -1,4 +1,4 @@
-"""Grain input pipeline: documents -> tokens -> chunks -> packed (or padded) rows -> per-host batches.
+"""Grain input pipeline: documents -> tokens -> chunks -> packed or padded rows -> host batches.
 
 The iterator is a grain `DatasetIterator`; its `get_state()` is a small JSON-able dict, so a run
 resumes exactly from a checkpoint (see `grain.checkpoint.CheckpointSave/CheckpointRestore`).

@@ -87,13 +87,13 @@ class ModelConfig:
 
 @gin.configurable
 def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> ModelConfig:
-  """The `MODEL` preset (a gin scope of `ModelConfig`, see gin_configs/models/) plus field overrides."""
+  """The `MODEL` preset (gin scope `preset_<name>` of ModelConfig, gin_configs/models/) plus overrides."""
   known = sorted(PRESET_NAMES)
   if preset not in known:
     import difflib
     close = difflib.get_close_matches(preset, known, n=3)
     raise UserError(f"MODEL={preset!r} is not a preset; did you mean {close or known}?")
-  with gin.config_scope(preset):
+  with gin.config_scope(f"preset_{preset}"):
     cfg = ModelConfig()
   if overrides:
     bad = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
@@ -226,7 +226,10 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     mask = attention_mask(segment_ids, segment_ids, positions, positions)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    # Gather from a table whose embed axis is whole (not FSDP-split): the rows then land directly on
+    # the batch-sharded activation layout instead of being rematerialised by the partitioner.
+    table = parallel.constrain(self.embed[...], ("act_vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
     x = parallel.constrain(x, ("batch", "length", "act_embed"))
 
     graphdef, layer_state = nnx.split(self.layers)

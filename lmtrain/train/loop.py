@@ -263,6 +263,7 @@ def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "") ->
           eval_row = evaluate(state.params)
           if eval_row:
             writer.write(step, eval_row)
+          interval_start, interval_steps = time.time(), 0  # keep eval time out of tokens/s
         if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
           save(step)
         elif sigterm.should_stop(step):

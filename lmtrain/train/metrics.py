@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Peak dense bf16 FLOP/s per chip, from the vendors' published figures.
 PEAK_FLOPS = {
@@ -29,9 +30,10 @@ PEAK_FLOPS = {
 def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
   """FLOP/s of a dense fp32 matmul on the local devices, all of them at once: the CPU's 'peak'."""
   devices = jax.local_devices()
-  a = jnp.ones((len(devices), size, size), jnp.float32)
-  a = jax.device_put_sharded([a[i] for i in range(len(devices))], devices)
-  f = jax.pmap(lambda x: x @ x)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  a = jax.device_put(jnp.ones((len(devices), size, size), jnp.float32), sharding)
+  f = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=sharding)
   f(a).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):

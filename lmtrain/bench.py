@@ -1,0 +1,165 @@
+"""`lmtrain bench`: training throughput, MFU, memory and compile-time figures for a model preset.
+
+Measured with the same sharded train step the stages run, on synthetic packed batches. Compare figures
+from one run (the machine is noisy); nothing here is a pass/fail test.
+"""
+
+import dataclasses
+import json
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+BENCH_PRESETS = ("bench_tiny", "bench_small", "tiny", "small", "125m", "1b", "llama2_7b",
+                 "llama3_8b")
+
+
+def add_arguments(p):
+  p.add_argument("--model", default="bench_tiny", help=f"preset: {', '.join(BENCH_PRESETS)}")
+  p.add_argument("--seq_len", type=int, default=None, help="default: 256 (bench_tiny), else 512")
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step")
+  p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+  p.add_argument("--remat", default=None, help="none | full | save_dots (default: the preset's)")
+  p.add_argument("--mesh", default="{'data': 1, 'fsdp': -1, 'tensor': 1}",
+                 help="mesh shape over data/fsdp/tensor")
+  p.add_argument("--compile_layers", default="4,32",
+                 help="also time compilation of this model at these depths ('' to skip)")
+  p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _model_config(preset, **overrides):
+  from lmtrain import config
+  from lmtrain.model import transformer
+  config.setup("pretrain", macros={"MODEL": preset})
+  cfg = transformer.model_config()
+  return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _batch(batch_size, seq_len, vocab):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((batch_size, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+          "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+
+
+def _setup(cfg, mesh, batch_size, seq_len):
+  """Sharded state, batch and the lowered train step for `cfg` on `mesh`."""
+  import optax
+  from lmtrain import parallel
+  from lmtrain.model import transformer
+  from lmtrain.stages.pretrain import lm_loss
+  from lmtrain.train import optim
+  from lmtrain.train.loop import _state_shardings
+  from lmtrain.train.state import TrainState
+  from lmtrain.train.step import make_train_step
+  rules = parallel.axis_rules()
+  graphdef, abstract_params, names = transformer.abstract_model(cfg)
+  schedule = optax.constant_schedule(1e-4)
+  optimizer = optim.make_optimizer(schedule)
+  abstract_state = jax.eval_shape(
+      lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
+  shardings = _state_shardings(mesh, rules, abstract_state, names, optimizer)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  step = make_train_step(graphdef, lm_loss, optimizer, schedule)
+  with mesh, parallel.activate(mesh, rules):
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    batch = _batch(batch_size, seq_len, cfg.vocab_size)
+    abstract_batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), batch)
+    start = time.perf_counter()
+    lowered = jitted.lower(abstract_sharded, abstract_batch)
+    compiled = lowered.compile()
+    compile_time = time.perf_counter() - start
+  return compiled, compile_time, shardings, batch_sharding, optimizer, batch
+
+
+def compile_seconds(cfg, mesh, batch_size, seq_len) -> float:
+  return _setup(cfg, mesh, batch_size, seq_len)[1]
+
+
+def _peak_memory(compiled) -> tuple[float, str]:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    return total, "XLA buffer assignment (arguments + outputs + temporaries)"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def measure(cfg, mesh, batch_size, seq_len, steps) -> dict:
+  from lmtrain.model import transformer
+  from lmtrain.train import metrics as metrics_lib
+  from lmtrain.train.state import TrainState
+  compiled, compile_time, shardings, batch_sharding, optimizer, batch = _setup(
+      cfg, mesh, batch_size, seq_len)
+  with mesh:
+    params = jax.jit(transformer._init_fn(cfg), out_shardings=shardings.params)(
+        jax.random.PRNGKey(0))
+    state = jax.jit(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
+                    out_shardings=shardings)(params)
+    device_batch = jax.device_put(batch, batch_sharding)
+    state, m = compiled(state, device_batch)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, m = compiled(state, device_batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - start)
+  step_time = statistics.median(times)
+  tokens_per_sec = batch_size * seq_len / step_time
+  flops_per_token = cfg.flops_per_token(seq_len)
+  peak, peak_source = metrics_lib.peak_flops_per_device()
+  memory, memory_source = _peak_memory(compiled)
+  return {
+      "params": cfg.param_count(),
+      "tokens_per_sec": tokens_per_sec,
+      "step_time_s": step_time,
+      "model_flops_per_token": flops_per_token,
+      "mfu": metrics_lib.mfu(tokens_per_sec, flops_per_token, mesh.size, peak),
+      "peak_flops_per_device": peak,
+      "peak_flops_source": peak_source,
+      "peak_memory_per_device_bytes": memory / (1 if "device" in memory_source else mesh.size),
+      "peak_memory_source": memory_source,
+      "compile_time_s": compile_time,
+      "final_loss": float(m["loss"]),
+  }
+
+
+def run(args):
+  import ast
+  from lmtrain import parallel
+  from lmtrain.errors import UserError
+  if args.model not in BENCH_PRESETS:
+    raise UserError(f"--model {args.model}: choose one of {', '.join(BENCH_PRESETS)}")
+  seq_len = args.seq_len or (256 if args.model == "bench_tiny" else 512)
+  cfg = _model_config(args.model, dtype=args.dtype, remat=args.remat)
+  mesh = parallel.make_mesh(ast.literal_eval(args.mesh))
+  result = {"model": args.model, "seq_len": seq_len, "batch_size": args.batch_size,
+            "dtype": args.dtype, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
+            **measure(cfg, mesh, args.batch_size, seq_len, args.steps)}
+  for layers in [int(x) for x in args.compile_layers.split(",") if x.strip()]:
+    deep = dataclasses.replace(cfg, num_layers=layers)
+    result[f"compile_time_{layers}_layers_s"] = compile_seconds(deep, mesh, args.batch_size, seq_len)
+  if args.json:
+    print(json.dumps(result))
+    return result
+  for key, value in result.items():
+    if isinstance(value, float):
+      shown = f"{value:.2%}" if key == "mfu" else f"{value:,.4g}" if value < 1e4 else f"{value:,.0f}"
+    else:
+      shown = f"{value:,}" if isinstance(value, int) else str(value)
+    print(f"{key:<34} {shown}")
+  return result
