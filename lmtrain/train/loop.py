@@ -48,6 +48,9 @@ class LoopConfig:
   eval_steps: int = 8  # batches per evaluation
   log_every: int = 10
   microbatches: int = 1  # gradient accumulation: batch_size must divide by it
+  # Stop (with a checkpoint) after this step although the schedule runs to train_steps: a planned
+  # interruption, e.g. to resume on another mesh. None: run to train_steps.
+  stop_after: int | None = None
 
 
 @dataclasses.dataclass
@@ -123,6 +126,12 @@ def _make_stage_dir(workdir: str, stage: str) -> str:
 
 def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "") -> dict:
   """Runs (or resumes) `stage` in `workdir/<stage.name>` and returns its summary."""
+  # From the start, so a SIGTERM during set-up or compilation also ends in a checkpoint.
+  with _SigtermFlag() as sigterm:
+    return _train(stage, workdir, cfg, config_text, sigterm)
+
+
+def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
   wall_start = time.time()
   stage_dir = _make_stage_dir(workdir, stage.name)
   if cfg.batch_size % cfg.microbatches:
@@ -197,7 +206,7 @@ def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "") ->
     writer.close()
     return summary
 
-  with mesh, parallel.activate(mesh, rules), _SigtermFlag() as sigterm:
+  with mesh, parallel.activate(mesh, rules):
     first = parallel.global_batch(next(train_iter), mesh, rules)
     compile_start = time.time()
     compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
@@ -249,28 +258,29 @@ def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "") ->
       checkpointer.save(at_step, state, train_iter)
       last_saved = at_step
 
+    end = min(cfg.train_steps, cfg.stop_after or cfg.train_steps)
     try:
-      while step < cfg.train_steps:
+      while step < end:
         state, device_metrics = compiled(state, batch)
         step += 1
         finish_pending()
         pending = (step, device_metrics)
         bar.update(1)
-        if step < cfg.train_steps:
-          batch = parallel.global_batch(next(train_iter), mesh, rules)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.train_steps:
           finish_pending()
           eval_row = evaluate(state.params)
           if eval_row:
             writer.write(step, eval_row)
           interval_start, interval_steps = time.time(), 0  # keep eval time out of tokens/s
-        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+        stop = sigterm.should_stop(step)
+        if step % cfg.checkpoint_every == 0 or step == end or stop:
           save(step)
-        elif sigterm.should_stop(step):
-          save(step)
+        if stop:
           checkpointer.wait()
           raise Preempted(f"{stage.name}: SIGTERM: saved checkpoint at step {step}; "
                           f"rerun the same command to resume")
+        if step < end:  # only after any save: the saved iterator state must not include it
+          batch = parallel.global_batch(next(train_iter), mesh, rules)
       finish_pending()
       final_eval = evaluate(state.params)
       if final_eval:
