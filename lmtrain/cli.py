@@ -97,7 +97,9 @@ def main(argv=None):
       from lmtrain import bench
       bench.run(args)
   except (UserError, DivergedError, Preempted) as e:
-    print(f"lmtrain: error: {e}" if not isinstance(e, Preempted) else f"lmtrain: {e}",
+    # First line only: gin appends "In call to configurable ..." to errors raised inside one.
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"lmtrain: error: {message}" if not isinstance(e, Preempted) else f"lmtrain: {message}",
           file=sys.stderr)
     sys.stderr.flush()
     sys.stdout.flush()

@@ -8,13 +8,25 @@ import difflib
 import inspect
 import os
 import re
+import tokenize
 
 import gin
 import gin.config
+import gin.config_parser
 
 from lmtrain.errors import UserError
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+def _gin_dir() -> str:
+  """The repository's gin_configs/ (source checkout, editable install) or the copy in the wheel."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  for candidate in (os.path.join(os.path.dirname(package), "gin_configs"),
+                    os.path.join(package, "gin_configs")):
+    if os.path.isdir(os.path.join(candidate, "stages")):
+      return candidate
+  raise RuntimeError(f"lmtrain's gin_configs/ is missing beside {package}")
+
+
+GIN_DIR = _gin_dir()
 
 
 def _known_macros() -> list[str]:
@@ -23,7 +35,8 @@ def _known_macros() -> list[str]:
 
 def _configurable_names() -> list[str]:
   names = set()
-  for selector in gin.config._REGISTRY.matching_selectors(""):
+  # Every registered selector (matching_selectors("") matches none), with each of its suffixes.
+  for selector, _ in gin.config._REGISTRY.items():
     parts = selector.split(".")
     names.update(".".join(parts[i:]) for i in range(len(parts)))
   return sorted(names)
@@ -52,10 +65,13 @@ def gin_literal(value: str) -> str:
   """The gin text for a --gin.NAME=VALUE value: a literal as written, or else a quoted string, so
   `--gin.MODEL=tiny` and `--gin.TRAIN_DATA=/data/x.jsonl` need no shell-escaped quotes."""
   try:
-    gin.config.parse_value(value)
-    return value
+    parser = gin.config_parser.ConfigParser(value, gin.config.ParserDelegate())
+    parser.parse_value()
   except Exception:
     return repr(value)
+  # parse_value stops after a leading literal: `125m` must be the string, not 125 then junk.
+  whole = parser.current_token.type in (tokenize.NEWLINE, tokenize.ENDMARKER)
+  return value if whole else repr(value)
 
 
 def register_configurables(stage: str):
@@ -80,7 +96,8 @@ def setup(stage: str, gin_files=(), macros: dict | None = None, params=()) -> st
     if not os.path.exists(resolved):
       raise UserError(f"--gin_file {path}: no such file (also looked in {GIN_DIR})")
     try:
-      gin.parse_config_file(resolved)
+      # Absolute, so gin does not try (and log an error for) its other search prefixes first.
+      gin.parse_config_file(os.path.abspath(resolved))
     except (ValueError, SyntaxError, TypeError, OSError) as e:
       raise _explain_gin_error(e, resolved) from None
     with open(resolved) as f:

@@ -232,3 +232,14 @@ def test_lm_loss_matches_hand_computation():
   mask = np.asarray(batch["loss_mask"])
   assert float(weight) == mask.sum()
   assert float(loss_sum) == pytest.approx(-(picked * mask).sum(), rel=1e-5)
+
+
+def test_attention_is_causal():
+  """Changing token t changes no logit before t (no peeking at the future)."""
+  graphdef, _, _ = transformer.abstract_model(util.TINY)
+  model = transformer.merge(graphdef, util.init_params())
+  x = np.random.default_rng(0).integers(4, util.TINY.vocab_size, (1, 16)).astype(np.int32)
+  y = x.copy()
+  y[0, 10] = (y[0, 10] + 1) % util.TINY.vocab_size
+  diff = np.abs(np.asarray(model(jnp.asarray(x)) - model(jnp.asarray(y)))).max(-1)[0]
+  assert (diff[:10] == 0).all() and (diff[10:] > 0).all()

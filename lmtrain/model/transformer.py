@@ -8,6 +8,7 @@ activations at block boundaries get sharding constraints (no-ops without a mesh)
 
 import dataclasses
 import functools
+import math
 
 import gin
 import jax
@@ -110,6 +111,15 @@ def _dense_init(fan_in: int, scale: float = 1.0):
   return nnx.initializers.normal(stddev=scale / fan_in**0.5)
 
 
+def dense(x, w, in_dims: int = 1):
+  """x[..., *in] @ w[*in, *out] as one 2-D matmul: XLA's CPU backward of a 3-D einsum against a
+  weight is ~40% slower than the flattened form, and on TPU/GPU the two are the same."""
+  lead, contract = x.shape[:x.ndim - in_dims], w.shape[:in_dims]
+  out = w.shape[in_dims:]
+  y = x.reshape(-1, math.prod(contract)) @ w.reshape(math.prod(contract), -1)
+  return y.reshape(*lead, *out)
+
+
 def _param(rngs, init, shape, names):
   return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
@@ -157,16 +167,16 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, mask):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    q = dense(x, self.q[...].astype(dt))
+    k = dense(x, self.k[...].astype(dt))
+    v = dense(x, self.v[...].astype(dt))
     q = parallel.constrain(q, ("batch", "length", "act_heads", None))
     k = parallel.constrain(k, ("batch", "length", "act_kv_heads", None))
     q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=(
         None if cfg.attention_impl == "xla" else cfg.attention_impl))
     out = parallel.constrain(out, ("batch", "length", "act_heads", None))
-    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+    return dense(out, self.o[...].astype(dt), in_dims=2)
 
 
 class MLP(nnx.Module):
@@ -181,9 +191,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = self.dtype
-    hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    hidden = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
     hidden = parallel.constrain(hidden, ("batch", "length", "act_mlp"))
-    return hidden @ self.down[...].astype(dt)
+    return dense(hidden, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -249,7 +259,7 @@ class Transformer(nnx.Module):
       head = self.embed[...].astype(dt).T
     else:
       head = self.lm_head[...].astype(dt)
-    logits = (hidden @ head).astype(jnp.float32)
+    logits = dense(hidden, head).astype(jnp.float32)
     return parallel.constrain(logits, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens, positions=None, segment_ids=None):

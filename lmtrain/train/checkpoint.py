@@ -14,6 +14,7 @@ import gin
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 import lmtrain
 from lmtrain.errors import UserError
@@ -43,6 +44,8 @@ class Checkpointer:
   def restore(self, abstract_state, data_iterator=None, step=None):
     """Restores onto the shardings that `abstract_state` (ShapeDtypeStructs) carries."""
     step = self.latest_step() if step is None else step
+    # A checkpoint of another model config would fail deep inside orbax: say what differs instead.
+    check_compatible(saved_params(self.directory, step), abstract_state.params, self.directory)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -68,14 +71,19 @@ def restore_params(stage_dir: str, abstract_params, step=None):
     step = manager.latest_step() if step is None else step
     if step is None:
       raise UserError(f"INIT_FROM={stage_dir}: no finished checkpoint there")
-    meta = manager.item_metadata(step)["state"]
-    saved = meta["params"] if isinstance(meta, dict) else meta.params
-    check_compatible(saved, abstract_params, stage_dir)
+    check_compatible(saved_params(ckpt_dir, step), abstract_params, stage_dir)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": abstract_params}, restore_args={"params": restore_args},
         partial_restore=True)))
   return restored["state"]["params"], step
+
+
+def saved_params(ckpt_dir: str, step: int):
+  """Shape metadata of the params saved at `step`. Read with the handler directly: a fresh manager's
+  item_metadata is None for items it has not restored yet."""
+  state_dir = epath.Path(ckpt_dir) / str(step) / "state"
+  return ocp.StandardCheckpointHandler().metadata(state_dir)["params"]
 
 
 def check_compatible(saved, expected, where):
