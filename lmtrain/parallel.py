@@ -171,12 +171,23 @@ def global_batch(local_batch: dict, mesh, rules) -> dict:
 
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
   """Starts JAX's multi-controller runtime: explicitly from flags/env (several processes on one
-  machine behave like the hosts of a pod), or automatically on a Cloud TPU VM with several hosts."""
+  machine behave like the hosts of a pod), or automatically on a Cloud TPU VM with several hosts.
+
+  A process that dies is noticed by the others through the coordination service's heartbeat
+  (LMTRAIN_HEARTBEAT_TIMEOUT seconds, default 100): they then exit non-zero instead of hanging.
+  """
   coordinator_address = coordinator_address or os.environ.get("LMTRAIN_COORDINATOR_ADDRESS")
   num_processes = num_processes or os.environ.get("LMTRAIN_NUM_PROCESSES")
   process_id = process_id if process_id is not None else os.environ.get("LMTRAIN_PROCESS_ID")
+  heartbeat = int(os.environ.get("LMTRAIN_HEARTBEAT_TIMEOUT", "100"))
   if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise UserError("--coordinator_address needs --num_processes and --process_id")
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+      # Cross-process collectives on CPU (tests, CPU clusters) go through gloo.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=int(num_processes), process_id=int(process_id))
+                               num_processes=int(num_processes), process_id=int(process_id),
+                               heartbeat_timeout_seconds=heartbeat)
   elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)

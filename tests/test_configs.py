@@ -1,6 +1,7 @@
 """Every gin file parses and builds abstract shapes (no allocation); meshes fit their slices; macros."""
 
 import glob
+import logging
 import math
 import os
 import re
@@ -196,10 +197,12 @@ def test_later_bindings_override_earlier(tmp_path):
   assert text.index(str(first)) < text.index("TRAIN_STEPS = 7") < text.index("train_steps = 9")
 
 
-def test_relative_gin_file_names_resolve(monkeypatch):
+def test_relative_gin_file_names_resolve(monkeypatch, caplog):
   # As given on the command line: relative to the cwd, or to gin_configs/.
   monkeypatch.chdir(os.path.dirname(GIN_DIR))
   config.setup("pretrain", gin_files=["gin_configs/meshes/v5e-256.gin"])
   assert gin.query_parameter("%MESH_SHAPE")["tensor"] == 4
   config.setup("pretrain", gin_files=["meshes/cpu8.gin"])
   assert gin.query_parameter("%MESH_SHAPE")["data"] == 2
+  # Gin logs "Path not found" errors (on the CLI's stderr) when it probes its other search paths.
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -101,7 +101,7 @@ def test_unknown_macro_suggests_close_match(data, tmp_path):
      "unknown gin configurable 'LoopConfg'; did you mean LoopConfig"),
     ("LoopConfig.train_step = 3",
      "'LoopConfig' has no parameter 'train_step'; did you mean train_steps"),
-])
+], ids=["configurable", "parameter"])
 def test_unknown_gin_param_suggests_close_match(data, tmp_path, binding, expected):
   line = error_line(run_cli(*stage_args(data, tmp_path / "run", "--gin_param", binding)))
   assert f"--gin_param {binding!r}" in line
@@ -165,7 +165,7 @@ def test_bad_config_on_rerun_keeps_checkpoint(data, tmp_path):
 @pytest.mark.parametrize("args, expected", [
     ([], "the following arguments are required"),
     (["pretrain", "--workdir", "x", "--no_such_flag"], "unrecognized arguments: --no_such_flag"),
-])
+], ids=["no_subcommand", "unknown_flag"])
 def test_usage_errors_exit_2(args, expected):
   result = run_cli(*args)
   assert result.returncode == 2, result.stderr

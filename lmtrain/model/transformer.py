@@ -4,6 +4,9 @@ RMSNorm, rotary position embeddings (half-rotated layout), SwiGLU MLP, grouped-q
 untied embeddings, no biases. The blocks are stacked on a leading `layers` axis and run with
 `lax.scan`, so compile time does not grow with depth. Every parameter names its logical axes; the
 activations at block boundaries get sharding constraints (no-ops without a mesh).
+
+For generation, `init_cache` and `hidden_cached` keep per-layer keys/values stacked on the same `layers`
+axis, scanned alongside the layer parameters (see lmtrain/model/generate.py).
 """
 
 import dataclasses
@@ -104,6 +107,9 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> M
   return cfg.validate()
 
 
+# Logical axes of the KV cache (Transformer.init_cache).
+CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+
 PRESET_NAMES = ("tiny", "small", "125m", "1b", "llama2_7b", "llama3_8b", "bench_tiny", "bench_small")
 
 
@@ -166,17 +172,34 @@ class Attention(nnx.Module):
     self.o = _param(rngs, _dense_init(n * h, out_scale), (n, h, d), ("heads", "head_dim", "embed"))
 
   def __call__(self, x, positions, mask):
+    return self.attend(*self.project(x, positions), mask)
+
+  def project(self, x, positions):
+    """Rotated queries [B, T, N, H] and keys [B, T, K, H], and values [B, T, K, H]."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     q = dense(x, self.q[...].astype(dt))
     k = dense(x, self.k[...].astype(dt))
     v = dense(x, self.v[...].astype(dt))
     q = parallel.constrain(q, ("batch", "length", "act_heads", None))
     k = parallel.constrain(k, ("batch", "length", "act_kv_heads", None))
-    q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+    return rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta), v
+
+  def attend(self, q, k, v, mask):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=(
         None if cfg.attention_impl == "xla" else cfg.attention_impl))
     out = parallel.constrain(out, ("batch", "length", "act_heads", None))
     return dense(out, self.o[...].astype(dt), in_dims=2)
+
+  def cached(self, x, positions, mask, layer_cache, start):
+    """Writes this chunk's keys/values into cache slots start[b].. and attends over the cache."""
+    q, k, v = self.project(x, positions)
+    write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
+    layer_cache = {"k": write(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
+                   "v": write(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)}
+    layer_cache = jax.tree.map(
+        lambda c: parallel.constrain(c, ("batch", "length", "act_kv_heads", None)), layer_cache)
+    return self.attend(q, layer_cache["k"], layer_cache["v"], mask), layer_cache
 
 
 class MLP(nnx.Module):
@@ -206,6 +229,13 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, mask):
     x = x + self.attn(self.attn_norm(x), positions, mask)
+    return self._mlp(x)
+
+  def cached(self, x, positions, mask, layer_cache, start):
+    attn, layer_cache = self.attn.cached(self.attn_norm(x), positions, mask, layer_cache, start)
+    return self._mlp(x + attn), layer_cache
+
+  def _mlp(self, x):
     x = x + self.mlp(self.mlp_norm(x))
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
@@ -236,12 +266,7 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     mask = attention_mask(segment_ids, segment_ids, positions, positions)
-    # Gather from a table whose embed axis is whole (not FSDP-split): the rows then land directly on
-    # the batch-sharded activation layout instead of being rematerialised by the partitioner.
-    table = parallel.constrain(self.embed[...], ("act_vocab", None))
-    x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
-    x = parallel.constrain(x, ("batch", "length", "act_embed"))
-
+    x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(carry, state):
@@ -252,6 +277,43 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, _ = jax.lax.scan(body, x, layer_state)
     return self.final_norm(x)
+
+  def _embed(self, tokens):
+    # Gather from a table whose embed axis is whole (not FSDP-split): the rows then land directly on
+    # the batch-sharded activation layout instead of being rematerialised by the partitioner.
+    table = parallel.constrain(self.embed[...], ("act_vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
+    return parallel.constrain(x, ("batch", "length", "act_embed"))
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict:
+    """An empty KV cache: {"k", "v"} of [layers, batch, max_len, kv_heads, head_dim]."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.head_size)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    zeros = parallel.constrain(zeros, CACHE_AXES)
+    return {"k": zeros, "v": zeros}
+
+  def hidden_cached(self, tokens, cache, start):
+    """Final hidden states [B, T, D] of `tokens` [B, T] continuing the sequences held in `cache`.
+
+    Sequence b's tokens take positions start[b], start[b]+1, ...: their keys/values go into the cache
+    slots of those positions, and each attends to every slot up to its own position. Slots hold one
+    sequence each, from position 0, so a right-padded prompt prefilled with start 0 leaves junk only
+    at its padding slots, which the decode steps overwrite before any query can reach them.
+    Returns (hidden, updated cache).
+    """
+    positions = start[:, None] + jnp.arange(tokens.shape[1])
+    slots = jnp.arange(cache["k"].shape[2])
+    mask = (slots[None, None, :] <= positions[:, :, None])[:, None, :, :]
+    x = self._embed(tokens)
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(carry, layer):
+      state, layer_cache = layer
+      return nnx.merge(graphdef, state).cached(carry, positions, mask, layer_cache, start)
+
+    x, cache = jax.lax.scan(body, x, (layer_state, cache))
+    return self.final_norm(x), cache
 
   def logits(self, hidden):
     dt = self.cfg.compute_dtype

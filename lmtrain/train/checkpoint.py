@@ -8,6 +8,7 @@ current mesh's shardings reshards a checkpoint written on another mesh.
 import datetime
 import hashlib
 import json
+import logging
 import os
 
 import gin
@@ -48,9 +49,20 @@ class Checkpointer:
     check_compatible(saved_params(self.directory, step), abstract_state.params, self.directory)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      if self._has_data_state(step):
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:
+        # Written by a different number of processes: the data shards differ, so the iterator
+        # state cannot carry over. The model state does; the data order restarts.
+        logging.warning("checkpoint %d holds no data-iterator state for process %d of %d; "
+                        "the data pipeline restarts from its beginning", step,
+                        jax.process_index(), jax.process_count())
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def _has_data_state(self, step) -> bool:
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.directory, str(step), "data", name))
 
   def wait(self):
     self.manager.wait_until_finished()

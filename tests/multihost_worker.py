@@ -1,0 +1,81 @@
+"""One process of a multi-process run on one machine (started by test_multihost.py).
+
+usage: multihost_worker.py WORKDIR TOKENIZER NUM_PROCESSES PROCESS_ID PORT MODE [STEPS]
+MODE: `train` (the real per-host data shards), `merged` (a single process reading both hosts' shards
+and concatenating them, i.e. the same global batches as a 2-process run), `fail` (process 1 dies at
+the first step boundary).
+"""
+
+import json
+import os
+import sys
+
+workdir, tokenizer, nproc, pid, port, mode = sys.argv[1:7]
+steps = int(sys.argv[7]) if len(sys.argv) > 7 else 4
+nproc, pid = int(nproc), int(pid)
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("LMTRAIN_HEARTBEAT_TIMEOUT", "10")
+
+import numpy as np  # noqa: E402
+
+from lmtrain import config, parallel  # noqa: E402
+
+if nproc > 1:
+  parallel.maybe_initialize_distributed(f"localhost:{port}", nproc, pid)
+
+import jax  # noqa: E402
+
+from lmtrain.model import transformer  # noqa: E402
+from lmtrain.stages import pretrain  # noqa: E402
+from lmtrain.train import loop  # noqa: E402
+
+config_text = config.setup("pretrain", macros={
+    "MODEL": "tiny", "BATCH_SIZE": "8", "SEQ_LEN": "32", "TRAIN_STEPS": str(steps),
+    "LOG_EVERY": "1", "EVAL_EVERY": "0", "CHECKPOINT_EVERY": "2", "WARMUP_STEPS": "1",
+    "LEARNING_RATE": "0.01", "TOKENIZER": repr(tokenizer),
+    "MESH_SHAPE": "{'data': 2, 'fsdp': 2, 'tensor': 2}"})
+model_cfg = transformer.model_config()
+loop_cfg = loop.LoopConfig()
+stage = pretrain.build(workdir, model_cfg, loop_cfg)
+seen = []
+host_iterator = stage.train_data
+
+
+class Recording:
+  """Feeds the loop from one or more per-host iterators (rows concatenated) and records the first
+  tokens of every row fed, to check that hosts read disjoint shards."""
+
+  def __init__(self, parts):
+    self.parts = parts
+
+  def __next__(self):
+    batches = [next(p) for p in self.parts]
+    batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    seen.extend(batch["inputs"][:, :8].tolist())
+    if mode == "fail" and pid == 1 and len(seen) > 8:
+      os._exit(7)  # dies without a word, as a crashed host would
+    return batch
+
+  def get_state(self):  # bytes: grain's checkpoint handler stores non-grain iterators' state raw
+    return json.dumps([p.get_state() for p in self.parts]).encode()
+
+  def set_state(self, state):
+    for p, s in zip(self.parts, json.loads(state.decode())):
+      p.set_state(s)
+
+  def start_prefetch(self):
+    pass
+
+
+def recording(process_index, process_count):
+  if mode == "merged":
+    return Recording([host_iterator(i, 2) for i in range(2)])
+  return Recording([host_iterator(process_index, process_count)])
+
+
+stage.train_data = recording
+summary = loop.train(stage, workdir, loop_cfg, config_text)
+with open(os.path.join(workdir, f"seen_{pid}_of_{nproc}.json"), "w") as f:
+  json.dump({"rows": seen, "devices": jax.device_count(), "processes": jax.process_count(),
+             "loss": summary["loss"]}, f)
