@@ -1,7 +1,8 @@
 """`lmtrain bench`: training throughput, MFU, memory and compile-time figures for a model preset.
 
-Measured with the same sharded train step the stages run, on synthetic packed batches. Compare figures
-from one run (the machine is noisy); nothing here is a pass/fail test.
+Measured with the same sharded train step the stages run, on synthetic packed batches. With
+`--generate`, new tokens/s of KV-cache sampling instead, against recomputing the whole sequence for each
+new token. Compare figures from one run (the machine is noisy); nothing here is a pass/fail test.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 BENCH_PRESETS = ("bench_tiny", "bench_small", "tiny", "small", "125m", "1b", "llama2_7b",
@@ -29,6 +31,10 @@ def add_arguments(p):
   p.add_argument("--compile_layers", default="4,32",
                  help="also time compilation of this model at these depths ('' to skip)")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  p.add_argument("--generate", action="store_true",
+                 help="measure generation (KV cache vs full recomputation) instead of training")
+  p.add_argument("--prompt_len", type=int, default=64, help="with --generate: prompt tokens")
+  p.add_argument("--new_tokens", type=int, default=128, help="with --generate: tokens generated")
 
 
 def _model_config(preset, **overrides):
@@ -138,6 +144,99 @@ def measure(cfg, mesh, batch_size, seq_len, steps) -> dict:
   }
 
 
+# The recomputing baseline's cost per token is fixed by its buffer, not by how many steps run, so it is
+# timed over at most this many steps (a full run of bench_small takes minutes on CPU).
+BASELINE_STEPS = 32
+
+
+def _recompute_sampler(graphdef):
+  """Greedy decoding by a full forward over the whole [B, prompt + new] buffer for each new token."""
+  from lmtrain.model import transformer
+
+  def run(params, buf, lengths, steps):
+    model = transformer.merge(graphdef, params)
+
+    def step(i, buf):
+      # Causal attention: the unfilled tail of the buffer cannot affect the positions read here.
+      hidden = model.hidden(buf)
+      last = jnp.take_along_axis(hidden, (lengths + i - 1)[:, None, None], axis=1)
+      token = jnp.argmax(model.logits(last)[:, 0], axis=-1).astype(buf.dtype)
+      return buf.at[jnp.arange(buf.shape[0]), lengths + i].set(token)
+
+    return jax.lax.fori_loop(0, steps, step, buf)
+
+  return run
+
+
+def _timed(fn, *args, repeats: int = 3) -> float:
+  """Median seconds of fn(*args) after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure_generate(cfg, mesh, batch_size, prompt_len, new_tokens) -> dict:
+  """New tokens/s of greedy KV-cache generation and of the full-recomputation baseline."""
+  from lmtrain import parallel
+  from lmtrain.model import generate, transformer
+  rules = parallel.axis_rules()
+  graphdef, abstract_params, names = transformer.abstract_model(cfg)
+  param_shardings = parallel.tree_shardings(mesh, abstract_params, names, rules)
+  rows = parallel.named_sharding(mesh, ("batch", None), rules, (batch_size, prompt_len))
+  prompts = np.random.default_rng(0).integers(4, cfg.vocab_size, (batch_size, prompt_len),
+                                              dtype=np.int32)
+  lengths = np.full((batch_size,), prompt_len, np.int32)
+  rng = jax.random.PRNGKey(0)
+  with mesh:
+    params = jax.jit(transformer._init_fn(cfg), out_shardings=param_shardings)(rng)
+    start = time.perf_counter()
+    # eos_id -1 never matches, so every run generates all new_tokens.
+    sampler = generate.make_generate(mesh, rules, cfg, batch_size, prompt_len,
+                                     max_new_tokens=new_tokens, greedy=True, eos_id=-1)
+    cache_compile = time.perf_counter() - start
+    cache_time = _timed(sampler, params, prompts, lengths, rng)
+
+    buf = np.zeros((batch_size, prompt_len + new_tokens), np.int32)
+    buf[:, :prompt_len] = prompts
+    steps = min(new_tokens, BASELINE_STEPS)
+    with parallel.activate(mesh, rules):
+      baseline = jax.jit(_recompute_sampler(graphdef), in_shardings=(
+          param_shardings, rows, parallel.named_sharding(mesh, ("batch",), rules, (batch_size,)),
+          parallel.replicated(mesh)), out_shardings=rows)
+      start = time.perf_counter()
+      baseline = baseline.lower(params, buf, lengths, np.int32(steps)).compile()
+      baseline_compile = time.perf_counter() - start
+    baseline_time = _timed(baseline, params, buf, lengths, np.int32(steps))
+  cache_rate = batch_size * new_tokens / cache_time
+  baseline_rate = batch_size * steps / baseline_time
+  return {
+      "params": cfg.param_count(),
+      "kv_cache_new_tokens_per_sec": cache_rate,
+      "kv_cache_generate_time_s": cache_time,
+      "kv_cache_compile_time_s": cache_compile,
+      "recompute_new_tokens_per_sec": baseline_rate,
+      "recompute_timed_steps": steps,
+      "recompute_compile_time_s": baseline_compile,
+      "kv_cache_speedup": cache_rate / baseline_rate,
+  }
+
+
+def _print(result, as_json: bool):
+  if as_json:
+    print(json.dumps(result))
+    return
+  for key, value in result.items():
+    if isinstance(value, float):
+      shown = f"{value:.2%}" if key == "mfu" else f"{value:,.4g}" if value < 1e4 else f"{value:,.0f}"
+    else:
+      shown = f"{value:,}" if isinstance(value, int) else str(value)
+    print(f"{key:<34} {shown}")
+
+
 def run(args):
   import ast
   from lmtrain import parallel
@@ -147,19 +246,18 @@ def run(args):
   seq_len = args.seq_len or (256 if args.model == "bench_tiny" else 512)
   cfg = _model_config(args.model, dtype=args.dtype, remat=args.remat)
   mesh = parallel.make_mesh(ast.literal_eval(args.mesh))
+  if args.generate:
+    result = {"model": args.model, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "dtype": args.dtype,
+              "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
+              **measure_generate(cfg, mesh, args.batch_size, args.prompt_len, args.new_tokens)}
+    _print(result, args.json)
+    return result
   result = {"model": args.model, "seq_len": seq_len, "batch_size": args.batch_size,
             "dtype": args.dtype, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
             **measure(cfg, mesh, args.batch_size, seq_len, args.steps)}
   for layers in [int(x) for x in args.compile_layers.split(",") if x.strip()]:
     deep = dataclasses.replace(cfg, num_layers=layers)
     result[f"compile_time_{layers}_layers_s"] = compile_seconds(deep, mesh, args.batch_size, seq_len)
-  if args.json:
-    print(json.dumps(result))
-    return result
-  for key, value in result.items():
-    if isinstance(value, float):
-      shown = f"{value:.2%}" if key == "mfu" else f"{value:,.4g}" if value < 1e4 else f"{value:,.0f}"
-    else:
-      shown = f"{value:,}" if isinstance(value, int) else str(value)
-    print(f"{key:<34} {shown}")
+  _print(result, args.json)
   return result

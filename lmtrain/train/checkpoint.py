@@ -91,6 +91,27 @@ def restore_params(stage_dir: str, abstract_params, step=None):
   return restored["state"]["params"], step
 
 
+def parent_initializer(workdir: str, init_from, default_parent: str):
+  """`Stage.init_from_parent` for a chained stage: params from INIT_FROM (a stage directory such as
+  DIR/pretrain, or a converted checkpoint), else from DIR/<default_parent>; returns them with the
+  parent's lineage entry."""
+  path = os.path.abspath(init_from or os.path.join(workdir, default_parent))
+
+  def init(abstract_params):
+    if not os.path.isdir(path):
+      raise UserError(f"INIT_FROM={path}: no such stage directory (run the {default_parent} stage "
+                      f"first, or set --gin.INIT_FROM)")
+    params, step = restore_params(path, abstract_params)
+    parent_stage = os.path.basename(path.rstrip("/"))
+    lineage_path = os.path.join(path, "lineage.json")
+    if os.path.exists(lineage_path):
+      with open(lineage_path) as f:
+        parent_stage = json.load(f).get("stage", parent_stage)
+    return params, {"stage": parent_stage, "path": path, "step": int(step)}
+
+  return init
+
+
 def saved_params(ckpt_dir: str, step: int):
   """Shape metadata of the params saved at `step`. Read with the handler directly: a fresh manager's
   item_metadata is None for items it has not restored yet."""

@@ -64,6 +64,8 @@ class Stage:
   # (abstract params with shardings) -> (params, parent lineage dict) when starting from a parent.
   init_from_parent: Callable | None = None
   eval_metrics: Callable[[dict], dict] = lambda sums: {}
+  # (params, step) -> dict of further eval metrics, e.g. exact match of generated answers.
+  extra_eval: Callable | None = None
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
 
 
@@ -109,6 +111,13 @@ class _SigtermFlag:
       from jax.experimental import multihost_utils
       stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
     return stop
+
+
+def _close(iterator):
+  """Stops a grain iterator's prefetch threads now rather than at interpreter exit."""
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
 
 
 def _make_stage_dir(workdir: str, stage: str) -> str:
@@ -188,15 +197,21 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     if stage.eval_data is None:
       return {}
     totals = {}
-    for i, local in enumerate(stage.eval_data(jax.process_index(), jax.process_count())):
-      if i >= cfg.eval_steps:
-        break
-      sums = compiled_eval(params, parallel.global_batch(local, mesh, rules))
-      totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    batches = stage.eval_data(jax.process_index(), jax.process_count())
+    try:
+      for i, local in enumerate(batches):
+        if i >= cfg.eval_steps:
+          break
+        sums = compiled_eval(params, parallel.global_batch(local, mesh, rules))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    finally:
+      _close(batches)
     if not totals:
       return {}
     eval_loss = totals["loss_sum"] / max(totals["weight"], 1e-9)
     out = {"eval_loss": eval_loss, **stage.eval_metrics(totals)}
+    if stage.extra_eval is not None:
+      out.update(stage.extra_eval(params))
     return out
 
   step = int(state.step)
@@ -204,6 +219,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     summary.update(steps=step, note="already complete", wall_time=time.time() - wall_start)
     checkpointer.close()
     writer.close()
+    _close(train_iter)
     return summary
 
   with mesh, parallel.activate(mesh, rules):
@@ -289,6 +305,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       bar.close()
       checkpointer.close()
       writer.close()
+      _close(train_iter)
 
   summary.update(steps=step, loss=last_metrics.get("loss"), wall_time=time.time() - wall_start,
                  peak_flops_source=peak_source, **final_eval)
