@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-STAGES = ("pretrain",)
+from lmtrain.stages import STAGES
 
 
 def _split_gin_macros(argv):
@@ -44,6 +44,9 @@ def _parser():
   p.add_argument("--input", action="append", required=True, help="text/JSONL file (repeatable)")
   p.add_argument("--vocab_size", type=int, required=True)
   p.add_argument("--output", required=True, help="path of the .model file to write")
+  p = sub.add_parser("sample", help="print completions from a stage's latest checkpoint")
+  from lmtrain import sample
+  sample.add_arguments(p)
   p = sub.add_parser("bench", help="print throughput, MFU, memory and compile-time figures")
   from lmtrain import bench
   bench.add_arguments(p)
@@ -93,6 +96,9 @@ def main(argv=None):
       tok = tokenizer.Tokenizer.load(path)
       print(json.dumps({"output": path, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,
                         "eos_id": tok.eos_id, "bos_id": tok.bos_id, "unk_id": tok.unk_id}))
+    elif args.command == "sample":
+      from lmtrain import sample
+      sample.run(args)
     elif args.command == "bench":
       from lmtrain import bench
       bench.run(args)

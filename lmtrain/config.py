@@ -78,7 +78,8 @@ def register_configurables(stage: str):
   """Imports the modules whose configurables the gin files name (gin needs them registered)."""
   import importlib
   for module in ("lmtrain.parallel", "lmtrain.model.transformer", "lmtrain.train.loop",
-                 "lmtrain.train.optim", "lmtrain.train.checkpoint", f"lmtrain.stages.{stage}"):
+                 "lmtrain.train.optim", "lmtrain.train.checkpoint", "lmtrain.stages.pretrain",
+                 f"lmtrain.stages.{stage}"):
     importlib.import_module(module)
 
 

@@ -1,7 +1,9 @@
-"""The embedded default pretraining corpus: English that ships with Python, no downloads.
+"""The embedded default data, no downloads: a pretraining corpus and generated instruction tasks.
 
-The Python reference topics (`pydoc_data.topics`) and the docstrings of a fixed list of standard
-library modules and their public functions, classes and methods, about 1 MB in all.
+The corpus is English that ships with Python: the reference topics (`pydoc_data.topics`) and the
+docstrings of a fixed list of standard library modules and their public functions, classes and
+methods, about 1 MB in all. The tasks (add two numbers, reverse or sort a few words, uppercase a
+word, count its letters) have checkable answers, for SFT, preference pairs and PPO prompts.
 """
 
 import hashlib
@@ -9,6 +11,7 @@ import importlib
 import inspect
 import json
 import os
+import random
 import re
 
 # Sorted and fixed so the corpus is the same on every run of a given Python.
@@ -99,3 +102,119 @@ def write_pretrain_corpus(out_dir: str) -> tuple[str, str]:
     _write_jsonl(train_path, [d for d in docs if not is_eval(d)])
     _write_jsonl(eval_path, [d for d in docs if is_eval(d)])
   return train_path, eval_path
+
+
+# Generated instruction tasks (SFT, preference pairs, PPO prompts). Short common words of the
+# pretraining corpus, so the tokenizer knows them; answers are checked by scorers.demo_tasks.
+WORDS = (
+    "array", "audio", "bacon", "block", "body", "buffer", "case", "class", "code", "column",
+    "comma", "copy", "count", "data", "date", "day", "entry", "error", "event", "extra", "field",
+    "file", "flag", "form", "frame", "group", "hand", "hash", "heap", "host", "index", "input",
+    "item", "key", "length", "letter", "level", "limit", "line", "list", "lock", "map", "member",
+    "method", "mode", "module", "month", "name", "node", "note", "number", "object", "order",
+    "pair", "part", "path", "point", "port", "prefix", "queue", "range", "record", "red",
+    "report", "root", "row", "sample", "scope", "server", "shell", "signal", "size", "sort",
+    "source", "space", "spam", "square", "stack", "star", "state", "status", "store", "stream",
+    "string", "system", "table", "tag", "target", "test", "text", "thread", "time", "token",
+    "tree", "type", "user", "value", "view", "wheel", "width", "word", "year", "zero",
+)
+TASKS = ("add", "reverse", "sort", "upper", "count")
+SFT_EVAL_PERCENT = 10
+
+
+def _distinct_words(rng: random.Random) -> list[str]:
+  return rng.sample(WORDS, rng.randint(3, 4))
+
+
+def _task_example(rng: random.Random, task: str) -> tuple[str, str, str]:
+  """(prompt, answer, a plausible wrong answer) of one example of `task`."""
+  if task == "add":
+    a, b = rng.randrange(100), rng.randrange(100)
+    wrong = a + b + rng.choice((-10, -2, -1, 1, 2, 10))
+    return f"What is {a} + {b}?", str(a + b), str(wrong if wrong >= 0 else a + b + 1)
+  if task == "count":
+    word = rng.choice(WORDS)
+    return (f"How many letters are in the word {word}?", str(len(word)),
+            str(len(word) + rng.choice((-1, 1))))
+  if task == "upper":
+    word = rng.choice(WORDS)
+    return f"Write in capital letters: {word}", word.upper(), rng.choice((word, word.title()))
+  words = _distinct_words(rng)
+  if task == "reverse":
+    prompt, answer = f"Reverse the list: {', '.join(words)}", words[::-1]
+  elif task == "sort":
+    prompt, answer = f"Sort alphabetically: {', '.join(words)}", sorted(words)
+  else:
+    raise ValueError(f"unknown task {task!r}")
+  # The input order or a swap of two neighbours: right words, wrong order.
+  wrong = words if words != answer else answer[1::-1] + answer[2:]
+  if rng.random() < 0.5:
+    i = rng.randrange(len(answer) - 1)
+    wrong = answer[:i] + [answer[i + 1], answer[i]] + answer[i + 2:]
+  return prompt, ", ".join(answer), ", ".join(wrong)
+
+
+def is_eval_prompt(prompt: str) -> bool:
+  """Stable held-out split of the task prompts: about SFT_EVAL_PERCENT% of them."""
+  digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") % 100 < SFT_EVAL_PERCENT
+
+
+def task_examples(name: str, n: int, held_out: bool) -> list[tuple[str, str, str, str]]:
+  """n (task, prompt, answer, wrong answer) tuples, tasks in turn, from the stream seeded by
+  `name`; held_out picks the eval prompts, else only training ones (never the same prompt)."""
+  rng = random.Random(f"lmtrain-{name}")
+  out = []
+  while len(out) < n:
+    task = TASKS[len(out) % len(TASKS)]
+    prompt, answer, wrong = _task_example(rng, task)
+    if is_eval_prompt(prompt) == held_out:
+      out.append((task, prompt, answer, wrong))
+  return out
+
+
+def _write_records_if_changed(path: str, records: list[dict]):
+  content = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      if f.read() == content:
+        return  # Left alone, mtime included.
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(content)
+  os.replace(tmp, path)
+
+
+def _write_splits(out_dir: str, name: str, n_train: int, n_eval: int,
+                  to_record) -> tuple[str, str]:
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for split, n in (("train", n_train), ("eval", n_eval)):
+    path = os.path.join(out_dir, f"{name}_{split}.jsonl")
+    examples = task_examples(f"{name}-{split}", n, held_out=split == "eval")
+    _write_records_if_changed(path, [to_record(*example) for example in examples])
+    paths.append(path)
+  return paths[0], paths[1]
+
+
+def write_sft_data(out_dir: str, n_train: int = 4000, n_eval: int = 200) -> tuple[str, str]:
+  """Writes OUT_DIR/sft_{train,eval}.jsonl of {"prompt", "response", "answer", "task"}.
+
+  Deterministic; a file already holding the same records is not rewritten.
+  """
+  return _write_splits(out_dir, "sft", n_train, n_eval, lambda task, prompt, answer, _: {
+      "prompt": prompt, "response": answer, "answer": answer, "task": task})
+
+
+def write_preference_data(out_dir: str, n_train: int = 2000,
+                          n_eval: int = 200) -> tuple[str, str]:
+  """Writes OUT_DIR/preference_{train,eval}.jsonl of {"prompt", "chosen", "rejected", "answer",
+  "task"}: chosen is the right answer, rejected a plausible wrong one."""
+  return _write_splits(out_dir, "preference", n_train, n_eval, lambda task, prompt, answer, wrong: {
+      "prompt": prompt, "chosen": answer, "rejected": wrong, "answer": answer, "task": task})
+
+
+def write_ppo_prompts(out_dir: str, n_train: int = 1000, n_eval: int = 200) -> tuple[str, str]:
+  """Writes OUT_DIR/ppo_prompts_{train,eval}.jsonl of {"prompt", "answer", "task"}."""
+  return _write_splits(out_dir, "ppo_prompts", n_train, n_eval, lambda task, prompt, answer, _: {
+      "prompt": prompt, "answer": answer, "task": task})

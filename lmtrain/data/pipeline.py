@@ -19,7 +19,7 @@ from lmtrain.errors import UserError
 SEQIO_PREFIX = "seqio:"
 
 
-def _expand(source: str) -> list[str]:
+def expand_source(source: str) -> list[str]:
   """Files of one source entry: a path, a glob pattern, or a seqio name (kept as is)."""
   if source.startswith(SEQIO_PREFIX) or os.path.exists(source):
     return [source]
@@ -40,7 +40,7 @@ def load_documents(sources: list[str] | str, *, on_error: str = "raise",
     raise UserError("no data sources given")
   docs = []
   for source in sources:
-    for path in _expand(source):
+    for path in expand_source(source):
       if path.startswith(SEQIO_PREFIX):
         name, _, split = path[len(SEQIO_PREFIX):].partition("@")
         docs.extend(seqio_tasks.seqio_documents(name, split=split or "train"))
@@ -82,6 +82,11 @@ class _Chunk(grain.experimental.FlatMapTransform):
     return chunk_ids(element, self._seq_len)
 
 
+def _loss_mask(element, real: np.ndarray) -> np.ndarray:
+  """The chunk's own loss weights when it has them (SFT), else 1.0 on every real target."""
+  return element["loss_mask"] if "loss_mask" in element else real
+
+
 def _from_packed(row):
   segment_ids = row["inputs_segment_ids"]
   return {
@@ -89,7 +94,7 @@ def _from_packed(row):
       "targets": row["targets"].astype(np.int32),
       "segment_ids": segment_ids.astype(np.int32),
       "positions": row["inputs_positions"].astype(np.int32),
-      "loss_mask": (segment_ids > 0).astype(np.float32),
+      "loss_mask": _loss_mask(row, segment_ids > 0).astype(np.float32),
   }
 
 
@@ -108,8 +113,20 @@ class _Pad(grain.transforms.Map):
         "targets": np.pad(element["targets"], (0, pad), constant_values=PAD_ID),
         "segment_ids": np.pad(real, (0, pad)),
         "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad)),
-        "loss_mask": np.pad(real.astype(np.float32), (0, pad)),
+        "loss_mask": np.pad(_loss_mask(element, real).astype(np.float32), (0, pad)),
     }
+
+
+def host_rows(*, seq_len: int, batch_size: int, process_index: int, process_count: int) -> int:
+  """Rows per host batch, after checking the shape arguments."""
+  if seq_len < 1:
+    raise UserError(f"seq_len must be positive, got {seq_len}")
+  if batch_size < 1 or batch_size % process_count:
+    raise UserError(f"batch_size {batch_size} is not a positive multiple of the "
+                    f"process count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return batch_size // process_count
 
 
 def make_text_dataset(sources: list[str] | str, tokenizer, *, seq_len: int, batch_size: int,
@@ -124,14 +141,8 @@ def make_text_dataset(sources: list[str] | str, tokenizer, *, seq_len: int, batc
   num_epochs=None repeats forever; each epoch has its own shuffled order. on_error="skip"
   skips bad records (counted in `counter`) instead of raising UserError.
   """
-  if seq_len < 1:
-    raise UserError(f"seq_len must be positive, got {seq_len}")
-  if batch_size < 1 or batch_size % process_count:
-    raise UserError(f"batch_size {batch_size} is not a positive multiple of the "
-                    f"process count {process_count}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  rows = batch_size // process_count
+  rows = host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+                   process_count=process_count)
   docs = load_documents(sources, on_error=on_error, counter=counter)
   ds = grain.MapDataset.source(docs)[process_index::process_count]
   if len(ds) == 0:
@@ -142,11 +153,22 @@ def make_text_dataset(sources: list[str] | str, tokenizer, *, seq_len: int, batc
   # Tokenizing happens in a small thread pool ahead of the consumer.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
   ds = grain.experimental.FlatMapIterDataset(ds, _Chunk(seq_len))
+  return batch_chunks(ds, seq_len=seq_len, rows=rows, seed=seed, shuffle=shuffle, pack=pack)
+
+
+def batch_chunks(ds: grain.IterDataset, *, seq_len: int, rows: int, seed: int, shuffle: bool,
+                 pack: bool, features: tuple[str, ...] = ("inputs", "targets")
+                 ) -> grain.IterDataset:
+  """Chunks of <= seq_len tokens -> packed or padded rows -> batches of `rows`, prefetched.
+
+  `features` are the per-token arrays of a chunk; a "loss_mask" among them is kept (0 on
+  padding), otherwise the mask is 1.0 on every real target.
+  """
   if pack:
     # First-fit packing pads rather than splits, so a chunk is never cut across rows. Its fill
-    # value 0 is PAD_ID.
+    # value 0 is PAD_ID (and loss weight 0).
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": seq_len, "targets": seq_len},
+        ds, length_struct={name: seq_len for name in features},
         num_packing_bins=max(rows, 8), seed=seed, shuffle_bins=shuffle)
     ds = ds.map(_from_packed)
   else:

@@ -1,4 +1,4 @@
-"""seqio Tasks and Mixtures as pretraining sources.
+"""seqio Tasks and Mixtures: pretraining sources, and SFT records as a Task.
 
 seqio pulls in tensorflow (seconds to import, gigabytes of address space), so it is imported only
 inside these functions: a run that reads plain files never loads it.
@@ -37,6 +37,43 @@ def register_text_task(name: str, files: list[str], tokenizer_path: str):
           seqio.preprocessors.append_eos,
       ],
       output_features={"targets": seqio.Feature(vocabulary, add_eos=True)},
+  )
+
+
+def _sft_dataset_fn(files, template, split, shuffle_files, seed=None):
+  """A tf.data dataset of {"inputs": prompt text, "targets": response text} of SFT records."""
+  del split, shuffle_files, seed
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from lmtrain.data import sft  # pylint: disable=g-import-not-at-top
+  examples = [example for path in files for example in sft.iter_sft_records(path)]
+  inputs = ["".join(text for text, _ in template.runs(e.prompt_turns, generation_prompt=True))
+            for e in examples]
+  return tf.data.Dataset.from_tensor_slices({
+      "inputs": tf.constant(inputs, tf.string),
+      "targets": tf.constant([e.response for e in examples], tf.string)})
+
+
+def register_sft_task(name: str, files: list[str], tokenizer_path: str, template=None):
+  """Registers (or replaces) a seqio Task `name` over SFT record files (JSONL/array_record).
+
+  "inputs" is the chat-template text up to and including the assistant prefix of the final
+  assistant turn (earlier assistant turns appear without their EOS), tokenized without EOS;
+  "targets" is that turn's content with EOS appended.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  from lmtrain.data import sft  # pylint: disable=g-import-not-at-top
+  from lmtrain.data import tokenizer  # pylint: disable=g-import-not-at-top
+  vocabulary = tokenizer.seqio_vocabulary(tokenizer_path)
+  seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name,
+      source=seqio.FunctionDataSource(
+          dataset_fn=functools.partial(_sft_dataset_fn, list(files),
+                                       template or sft.ChatTemplate()),
+          splits=["train"]),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
+                       "targets": seqio.Feature(vocabulary, add_eos=True)},
   )
 
 

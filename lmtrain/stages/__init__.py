@@ -1,8 +1,11 @@
 """Stages: each a small file of pure functions (loss, batch assembly) plus a `build` for the loop."""
 
+import importlib
+
+STAGES = ("pretrain", "sft")
+
 
 def get_stage_builder(stage: str):
-  if stage == "pretrain":
-    from lmtrain.stages import pretrain
-    return pretrain.build
-  raise ValueError(f"unknown stage {stage!r}")
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}")
+  return importlib.import_module(f"lmtrain.stages.{stage}").build

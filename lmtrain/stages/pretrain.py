@@ -90,4 +90,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
     summary["unigram_perplexity"] = pipeline.unigram_perplexity(train, evals, tok)
   return Stage(name="pretrain", model_config=model_cfg, loss_fn=lm_loss, train_data=train_iter,
                eval_data=eval_iter if evals else None, eval_metrics=perplexity_metrics,
-               summary=summary)
+               summary=summary, tokenizer_path=tok.path)

@@ -140,11 +140,12 @@ def check_compatible(saved, expected, where):
     raise UserError(f"{where}: checkpoint does not fit the model: " + "; ".join(problems[:4]))
 
 
-def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None):
+def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None, tokenizer=None):
   """DIR/<stage>/lineage.json: what this stage is, which checkpoint it started from, its config."""
   lineage = {
       "stage": stage,
       "parent": parent,
+      "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
       "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
       "lmtrain_version": lmtrain.__version__,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

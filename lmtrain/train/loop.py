@@ -6,6 +6,7 @@ evaluate, checkpoint, log and watch for NaNs and SIGTERM until `train_steps`.
 """
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -51,6 +52,7 @@ class LoopConfig:
   # Stop (with a checkpoint) after this step although the schedule runs to train_steps: a planned
   # interruption, e.g. to resume on another mesh. None: run to train_steps.
   stop_after: int | None = None
+  eval_at_start: bool = False  # also evaluate the starting params (e.g. the parent model), as step 0
 
 
 @dataclasses.dataclass
@@ -64,8 +66,9 @@ class Stage:
   # (abstract params with shardings) -> (params, parent lineage dict) when starting from a parent.
   init_from_parent: Callable | None = None
   eval_metrics: Callable[[dict], dict] = lambda sums: {}
-  # (params, step) -> dict of further eval metrics, e.g. exact match of generated answers.
+  # (params, mesh, rules) -> dict of further eval metrics, e.g. exact match of generated answers.
   extra_eval: Callable | None = None
+  tokenizer_path: str | None = None  # recorded in lineage.json, for `lmtrain sample` and children
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
 
 
@@ -181,8 +184,11 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(stage_dir, "config.gin"), "w") as f:
       f.write(config_text or gin.operative_config_str())
+    with open(os.path.join(stage_dir, "model.json"), "w") as f:
+      json.dump(dataclasses.asdict(stage.model_config), f, indent=2)
     if resumed_from is None:
-      ckpt_lib.write_lineage(stage_dir, stage.name, config_text, parent)
+      ckpt_lib.write_lineage(stage_dir, stage.name, config_text, parent,
+                             tokenizer=stage.tokenizer_path)
 
   batch_sharding = parallel.batch_sharding(mesh, rules)
   step_fn = make_train_step(graphdef, stage.loss_fn, optimizer, schedule, cfg.microbatches)
@@ -211,7 +217,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     eval_loss = totals["loss_sum"] / max(totals["weight"], 1e-9)
     out = {"eval_loss": eval_loss, **stage.eval_metrics(totals)}
     if stage.extra_eval is not None:
-      out.update(stage.extra_eval(params))
+      out.update(stage.extra_eval(params, mesh, rules))
     return out
 
   step = int(state.step)
@@ -275,6 +281,12 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       last_saved = at_step
 
     end = min(cfg.train_steps, cfg.stop_after or cfg.train_steps)
+    if cfg.eval_at_start and resumed_from is None:
+      start_eval = evaluate(state.params)
+      if start_eval:
+        writer.write(step, start_eval)
+        summary.update({f"initial_{k}": v for k, v in start_eval.items()})
+      interval_start = time.time()
     try:
       while step < end:
         state, device_metrics = compiled(state, batch)

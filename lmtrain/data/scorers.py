@@ -1,0 +1,68 @@
+"""Rule-based scorers: (completion, record) -> score in [0, 1], for PPO rewards and SFT eval.
+
+`completion` is the generated text of one assistant turn (after EOS truncation); `record` is the
+prompt record with the fields a scorer reads, e.g. "answer" and "task".
+"""
+
+import re
+from typing import Any, Callable
+
+from lmtrain.errors import UserError
+
+Scorer = Callable[[str, dict[str, Any]], float]
+
+
+def _field(record: dict[str, Any], name: str, scorer: str) -> Any:
+  if name not in record:
+    raise UserError(f'scorer {scorer} needs a "{name}" field in each record')
+  return record[name]
+
+
+def exact_match(completion: str, record: dict[str, Any]) -> float:
+  """1.0 when the completion equals record["answer"], surrounding whitespace ignored."""
+  answer = str(_field(record, "answer", "exact_match"))
+  return float(completion.strip() == answer.strip())
+
+
+def _number(text: str) -> int | None:
+  text = text.strip().rstrip(".").strip()
+  return int(text) if re.fullmatch(r"-?\d+", text) else None
+
+
+def _words(text: str) -> list[str]:
+  return [w for w in re.split(r"[,\s]+", text.strip().rstrip(".")) if w]
+
+
+# How the answer of each demo task (lmtrain.data.demo) is read from a completion.
+_DEMO_READERS = {
+    "add": _number,
+    "count": _number,
+    "reverse": _words,
+    "sort": _words,
+    "upper": lambda text: text.strip().rstrip("."),
+}
+
+
+def demo_tasks(completion: str, record: dict[str, Any]) -> float:
+  """1.0 when the completion answers the demo task right: numbers compared as integers, word
+  lists word by word (commas or spaces), words case-sensitively; a trailing period is allowed."""
+  task = _field(record, "task", "demo_tasks")
+  if task not in _DEMO_READERS:
+    raise UserError(f"scorer demo_tasks: unknown task {task!r} (known: "
+                    f"{', '.join(sorted(_DEMO_READERS))})")
+  read = _DEMO_READERS[task]
+  got = read(completion)
+  return float(got is not None and got == read(str(_field(record, "answer", "demo_tasks"))))
+
+
+SCORERS: dict[str, Scorer] = {
+    "demo_tasks": demo_tasks,
+    "exact_match": exact_match,
+}
+
+
+def get_scorer(name: str) -> Scorer:
+  """The scorer registered as `name`."""
+  if name not in SCORERS:
+    raise UserError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}")
+  return SCORERS[name]

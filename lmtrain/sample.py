@@ -1,0 +1,94 @@
+"""`lmtrain sample`: completions from a stage's latest checkpoint, with the KV-cache generator.
+
+The model shape comes from DIR/STAGE/model.json and the tokenizer from its lineage.json; prompts to
+an SFT (or later) checkpoint go through the chat template the model was tuned with.
+"""
+
+import json
+import os
+
+import jax
+
+from lmtrain.errors import UserError
+
+PLAIN_STAGES = ("pretrain",)  # stages whose models take raw text rather than chat turns
+
+
+def add_arguments(p):
+  p.add_argument("--checkpoint", required=True, help="a stage directory, e.g. runs/demo/sft")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+  p.add_argument("--prompts_file", help='JSONL of {"prompt": ...} records (or SFT records)')
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--greedy", action="store_true")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
+                 help="apply the chat template (auto: for every stage after pretrain)")
+
+
+def load_stage(stage_dir: str):
+  """(ModelConfig, Tokenizer, lineage) of a trained stage directory."""
+  from lmtrain.data import tokenizer as tokenizer_lib
+  from lmtrain.model import transformer
+  model_json = os.path.join(stage_dir, "model.json")
+  lineage_json = os.path.join(stage_dir, "lineage.json")
+  for path in (model_json, lineage_json):
+    if not os.path.exists(path):
+      raise UserError(f"--checkpoint {stage_dir}: {os.path.basename(path)} is missing; is this a "
+                      f"stage directory written by lmtrain?")
+  with open(model_json) as f:
+    cfg = transformer.ModelConfig(**json.load(f))
+  with open(lineage_json) as f:
+    lineage = json.load(f)
+  tok_path = lineage.get("tokenizer") or os.path.join(os.path.dirname(stage_dir), "tokenizer.model")
+  return cfg, tokenizer_lib.Tokenizer.load(tok_path), lineage
+
+
+def _prompts(args):
+  texts = list(args.prompt)
+  if args.prompts_file:
+    from lmtrain.data import formats
+    texts.extend(formats.iter_records(args.prompts_file,
+                                      lambda r: formats.require_str(r, "prompt")))
+  if not texts:
+    raise UserError("give at least one --prompt or a --prompts_file")
+  return texts
+
+
+def run(args):
+  from lmtrain import parallel
+  from lmtrain.data import sft as sft_data
+  from lmtrain.model import generate as generate_lib
+  from lmtrain.model import transformer
+  from lmtrain.train import checkpoint as ckpt_lib
+  stage_dir = os.path.abspath(args.checkpoint.rstrip("/"))
+  cfg, tok, lineage = load_stage(stage_dir)
+  texts = _prompts(args)
+  chat = args.chat == "yes" or (args.chat == "auto" and lineage["stage"] not in PLAIN_STAGES)
+  if chat:
+    template = sft_data.ChatTemplate()
+    ids = [sft_data.encode_prompt([("user", t)], tok, template) for t in texts]
+  else:
+    ids = [[tok.bos_id] + tok.encode(t) for t in texts]
+  mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  rules = parallel.axis_rules()
+  shards = mesh.shape["fsdp"]
+  batch = -(-len(ids) // shards) * shards
+  prompts, lengths = generate_lib.pad_prompts(ids + [ids[0]] * (batch - len(ids)),
+                                              pad_id=tok.pad_id)
+  _, abstract_params, names = transformer.abstract_model(cfg)
+  shardings = parallel.tree_shardings(mesh, abstract_params, names, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
+  params, step = ckpt_lib.restore_params(stage_dir, abstract)
+  sampler = generate_lib.make_generate(
+      mesh, rules, cfg, batch, prompts.shape[1], max_new_tokens=args.max_new_tokens,
+      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+      eos_id=tok.eos_id, pad_id=tok.pad_id)
+  out = jax.device_get(sampler(params, prompts, lengths, jax.random.PRNGKey(args.seed)))
+  print(f"# {lineage['stage']} checkpoint step {step} ({stage_dir})")
+  for i, text in enumerate(texts):
+    completion = [int(t) for t, m in zip(out.tokens[i], out.mask[i]) if m and t != tok.eos_id]
+    print(f"\n>>> {text}\n{tok.decode(completion)}")

@@ -1,0 +1,101 @@
+"""Supervised fine-tuning: next-token loss on response (assistant) tokens only, from a parent model.
+
+The loss is `pretrain.lm_loss`: the SFT batches carry a loss_mask that is 1 only on response targets,
+so the step's token-weighted mean is over response tokens across the whole global batch.
+"""
+
+import math
+import os
+
+import gin
+import jax
+import numpy as np
+
+from lmtrain.data import demo, scorers, sft as sft_data, tokenizer as tokenizer_lib
+from lmtrain.errors import UserError
+from lmtrain.model import generate as generate_lib
+from lmtrain.stages.pretrain import lm_loss, perplexity_metrics
+from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train.loop import LoopConfig, Stage
+
+
+def stage_tokenizer(workdir: str, tokenizer: str):
+  """A chained stage uses the run's tokenizer: DIR/tokenizer.model for 'auto', else the path."""
+  path = os.path.join(workdir, "tokenizer.model") if tokenizer == "auto" else tokenizer
+  if not os.path.exists(path):
+    raise UserError(f"TOKENIZER={tokenizer!r}: {path} does not exist; run `lmtrain pretrain` in "
+                    f"this work dir first, or set --gin.TOKENIZER to a sentencepiece model")
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+def _resolve(workdir, train_data, eval_data):
+  train = [train_data] if isinstance(train_data, str) else list(train_data or [])
+  evals = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
+  if train == ["demo"]:
+    train_path, eval_path = demo.write_sft_data(os.path.join(workdir, "data"))
+    train, evals = [train_path], ([eval_path] if evals in ([], ["demo"]) else evals)
+  if not train:
+    raise UserError("TRAIN_DATA is empty: name SFT JSONL files, or 'demo'")
+  return train, evals
+
+
+def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
+                max_new_tokens: int, name: str = "exact_match"):
+  """extra_eval: greedy answers to held-out prompts, scored against their reference answers."""
+  scorer = scorers.get_scorer(scorer_name)
+  prompts = [sft_data.encode_prompt(ex.prompt_turns, tokenizer, template) for ex in examples]
+  compiled = {}
+
+  def run(params, mesh, rules):
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = math.ceil(len(prompts) / shards) * shards
+    padded = prompts + [prompts[0]] * (batch - len(prompts))  # fill the mesh; scored once only
+    ids, lengths = generate_lib.pad_prompts(padded, pad_id=tokenizer.pad_id)
+    key = (id(mesh), ids.shape)
+    if key not in compiled:
+      compiled[key] = generate_lib.make_generate(
+          mesh, rules, model_cfg, batch, ids.shape[1], max_new_tokens=max_new_tokens,
+          greedy=True, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    out = compiled[key](params, ids, lengths, jax.random.PRNGKey(0))
+    tokens, mask = np.asarray(jax.device_get(out.tokens)), np.asarray(jax.device_get(out.mask))
+    scores = []
+    for i, ex in enumerate(examples):
+      ids_i = [int(t) for t, m in zip(tokens[i], mask[i]) if m and t != tokenizer.eos_id]
+      scores.append(scorer(tokenizer.decode(ids_i), ex.record))
+    return {f"eval_{name}": float(np.mean(scores))}
+
+  return run
+
+
+@gin.configurable
+def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
+          tokenizer="auto", init_from=None, template=None, pack=True, on_bad_record="raise",
+          scorer="exact_match", eval_examples=64, eval_max_new_tokens=16) -> Stage:
+  train, evals = _resolve(workdir, train_data, eval_data)
+  tok = stage_tokenizer(workdir, tokenizer)
+  if tok.vocab_size > model_cfg.vocab_size:
+    raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size "
+                    f"is {model_cfg.vocab_size}")
+  template = template or sft_data.ChatTemplate()
+
+  def batches(sources, shuffle, num_epochs, seed):
+    def make(process_index, process_count):
+      return sft_data.make_sft_iterator(
+          sources, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=seed,
+          process_index=process_index, process_count=process_count, shuffle=shuffle,
+          num_epochs=num_epochs, pack=pack, on_error=on_bad_record, template=template)
+    return make
+
+  extra_eval = None
+  if evals:
+    with_answers = [ex for ex in sft_data.load_examples(evals, on_error=on_bad_record)
+                    if "answer" in ex.record][:eval_examples]
+    if with_answers:
+      extra_eval = answer_eval(with_answers, tok, model_cfg, template, scorer,
+                               eval_max_new_tokens)
+  return Stage(
+      name="sft", model_config=model_cfg, loss_fn=lm_loss,
+      train_data=batches(train, True, None, loop_cfg.seed),
+      eval_data=batches(evals, False, 1, 0) if evals else None,
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "pretrain"),
+      eval_metrics=perplexity_metrics, extra_eval=extra_eval, tokenizer_path=tok.path)

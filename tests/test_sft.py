@@ -1,0 +1,156 @@
+"""SFT: response-only loss, the pretrain -> SFT chain, resume, and `lmtrain sft` / `lmtrain sample`."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmtrain import parallel
+from lmtrain.model import transformer
+from lmtrain.stages.pretrain import lm_loss
+from lmtrain.train import checkpoint as ckpt_lib
+import util
+from test_train import lmtrain, saved_state
+
+TINY_ARGS = ["--gin.MODEL=tiny", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64", "--gin.LOG_EVERY=1",
+             "--gin.WARMUP_STEPS=2", "--gin.EVAL_STEPS=2",
+             "--gin.MESH_SHAPE={'data': 2, 'fsdp': 2, 'tensor': 2}"]
+SFT_STEPS = 8
+
+
+def test_prompt_targets_change_neither_loss_nor_gradients():
+  graphdef, _, _ = transformer.abstract_model(util.TINY)
+  params = util.init_params()
+  batch = util.packed_batch(batch_size=4, seq_len=32, seed=1)
+  batch["loss_mask"][:, :12] = 0.0  # the first 12 targets of each row are "prompt"
+
+  def loss(p, b):
+    s, w, _ = lm_loss(transformer.merge(graphdef, p), b, None)
+    return s / w
+
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed["targets"][:, :12] = (changed["targets"][:, :12] + 7) % util.TINY.vocab_size
+  l1, g1 = jax.value_and_grad(loss)(params, batch)
+  l2, g2 = jax.value_and_grad(loss)(params, changed)
+  assert float(l1) == float(l2)
+  jax.tree.map(np.testing.assert_array_equal, g1, g2)
+  # ... while a response target does change it.
+  changed["targets"][:, 20] = (changed["targets"][:, 20] + 7) % util.TINY.vocab_size
+  assert float(loss(params, changed)) != float(l1)
+
+
+def test_loss_is_a_token_mean_over_the_whole_batch_not_a_mean_of_example_means():
+  graphdef, _, _ = transformer.abstract_model(util.TINY)
+  model = transformer.merge(graphdef, util.init_params())
+  batch = {k: jnp.asarray(v) for k, v in util.packed_batch(batch_size=2, seq_len=16).items()}
+  mask = np.zeros((2, 16), np.float32)
+  mask[0, 3:5] = 1.0  # 2 response tokens in row 0
+  mask[1, 2:12] = 1.0  # 10 in row 1
+  batch["loss_mask"] = jnp.asarray(mask)
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
+                            np.asarray(batch["targets"])[..., None], -1)[..., 0]
+  loss_sum, weight, _ = lm_loss(model, batch, None)
+  assert float(weight) == 12.0
+  assert float(loss_sum / weight) == pytest.approx((nll * mask).sum() / 12.0, rel=1e-5)
+  per_example_means = ((nll * mask).sum(1) / mask.sum(1)).mean()
+  assert abs(float(loss_sum / weight) - per_example_means) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+  """A tiny pretrain (demo corpus) followed by SFT on the demo instruction tasks."""
+  workdir = str(tmp_path_factory.mktemp("chain"))
+  lmtrain("pretrain", "--workdir", workdir, *TINY_ARGS, "--gin.TRAIN_STEPS=6",
+          "--gin.LEARNING_RATE=0.01", "--gin.EVAL_EVERY=0")
+  proc = lmtrain("sft", "--workdir", workdir, *TINY_ARGS, f"--gin.TRAIN_STEPS={SFT_STEPS}",
+                 "--gin.CHECKPOINT_EVERY=4", "--gin.EVAL_EVERY=4",
+                 "--gin_param", "sft.build.eval_examples = 8")
+  return workdir, proc
+
+
+@pytest.mark.slow
+def test_sft_starts_from_the_pretrain_checkpoint_and_records_lineage(chain):
+  workdir, proc = chain
+  lineage = json.load(open(os.path.join(workdir, "sft", "lineage.json")))
+  assert lineage["stage"] == "sft"
+  assert lineage["parent"] == {"stage": "pretrain", "path": os.path.join(workdir, "pretrain"),
+                               "step": 6}
+  assert lineage["tokenizer"] == os.path.join(workdir, "tokenizer.model")
+  # The parent initializer (what the loop calls) returns exactly the pretrain checkpoint's params,
+  # resharded onto another mesh.
+  mesh = util.mesh_of({"data": 1, "fsdp": 2, "tensor": 4})
+  _, abstract_params, names = transformer.abstract_model(util.TINY.__class__(
+      **json.load(open(os.path.join(workdir, "sft", "model.json")))))
+  shardings = parallel.tree_shardings(mesh, abstract_params, names, parallel.axis_rules())
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
+  params, parent = ckpt_lib.parent_initializer(workdir, None, "pretrain")(abstract)
+  assert parent["step"] == 6
+  pretrained = saved_state(workdir, 6)["params"]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), pretrained)
+  assert params["layers"]["mlp"]["gate"].sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor")
+
+
+@pytest.mark.slow
+def test_sft_trains_on_responses_and_evaluates_answers(chain):
+  workdir, proc = chain
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "sft", "metrics.jsonl"))]
+  train = [r for r in rows if "loss" in r]
+  evals = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in train] == list(range(1, SFT_STEPS + 1))
+  assert train[-1]["loss"] < train[0]["loss"]
+  assert [r["step"] for r in evals] == [0, 4, SFT_STEPS]
+  for r in evals:
+    assert 0.0 <= r["eval_exact_match"] <= 1.0
+    assert r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"]), rel=1e-6)
+  assert "initial_eval_exact_match" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sft_resume_is_bit_exact(chain, tmp_path):
+  workdir, _ = chain
+  other = str(tmp_path)
+  for name in ("pretrain", "tokenizer.model", "data"):
+    src = os.path.join(workdir, name)
+    os.symlink(src, os.path.join(other, name))
+  args = ["sft", "--workdir", other, *TINY_ARGS, f"--gin.TRAIN_STEPS={SFT_STEPS}",
+          "--gin.CHECKPOINT_EVERY=4", "--gin.EVAL_EVERY=4", "--gin_param",
+          "sft.build.eval_examples = 8"]
+  lmtrain(*args, "--gin_param", "LoopConfig.stop_after = 5")
+  lmtrain(*args)
+  a = [r["loss"] for r in train_rows_of(other)]
+  b = [r["loss"] for r in train_rows_of(workdir)]
+  assert a == b
+  sa = saved_state_of(other, SFT_STEPS)
+  sb = saved_state_of(workdir, SFT_STEPS)
+  jax.tree.map(np.testing.assert_array_equal, sa, sb)
+
+
+def train_rows_of(workdir):
+  with open(os.path.join(workdir, "sft", "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def saved_state_of(workdir, step):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "sft", "checkpoints", str(step), "state"))
+
+
+@pytest.mark.slow
+def test_sample_prints_completions_for_pretrain_and_sft(chain):
+  workdir, _ = chain
+  for stage in ("pretrain", "sft"):
+    proc = lmtrain("sample", "--checkpoint", os.path.join(workdir, stage), "--prompt",
+                   "What is 2 + 3?", "--prompt", "Sort: pear apple", "--max_new_tokens", "8",
+                   "--greedy")
+    assert f"# {stage} checkpoint step" in proc.stdout
+    assert proc.stdout.count(">>> ") == 2
+  proc = lmtrain("sample", "--checkpoint", os.path.join(workdir, "nope"), "--prompt", "x",
+                 check=False)
+  assert proc.returncode == 1 and "model.json is missing" in proc.stderr
