@@ -56,9 +56,12 @@ def tok(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_file(data_dir):
-  """Demo examples plus a multi-turn chat and an Alpaca record, 50 in all."""
+  """48 distinct demo examples plus a multi-turn chat and an Alpaca record."""
   path = os.path.join(data_dir, "mixed.jsonl")
-  records = [json.loads(line) for line in open(os.path.join(data_dir, "sft_train.jsonl"))][:48]
+  by_prompt = {}
+  for line in open(os.path.join(data_dir, "sft_train.jsonl"), encoding="utf-8"):
+    by_prompt.setdefault(json.loads(line)["prompt"], json.loads(line))
+  records = list(by_prompt.values())[:48]
   records += [CHAT, {"instruction": "Sort alphabetically", "input": "tree, key", "output":
                      "key, tree"}]
   with open(path, "w", encoding="utf-8") as f:
@@ -401,7 +404,7 @@ def test_scorers():
   with pytest.raises(UserError, match="^unknown scorer 'nope'; known scorers: demo_tasks, "
                                       "exact_match$"):
     scorers.get_scorer("nope")
-  with pytest.raises(UserError, match='^scorer exact_match needs an "answer" field'):
+  with pytest.raises(UserError, match='^scorer exact_match: record has no "answer" field$'):
     exact("1", {"prompt": "x"})
   with pytest.raises(UserError, match="unknown task 'poem'"):
     score("1", {"task": "poem", "answer": "1"})

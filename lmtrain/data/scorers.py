@@ -14,7 +14,7 @@ Scorer = Callable[[str, dict[str, Any]], float]
 
 def _field(record: dict[str, Any], name: str, scorer: str) -> Any:
   if name not in record:
-    raise UserError(f'scorer {scorer} needs a "{name}" field in each record')
+    raise UserError(f'scorer {scorer}: record has no "{name}" field')
   return record[name]
 
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data: records, the chat template, loss-masked encoding, the grain pipeline.
+"""Supervised fine-tuning data: records, chat template, loss-masked encoding, grain pipeline.
 
 Three record forms (JSONL or array_record), each normalised to a tuple of (role, content) turns:
   {"prompt": str, "response": str}

@@ -47,6 +47,8 @@ class ModelConfig:
   remat: str = "none"  # none | full | save_dots
   dtype: str = "float32"  # compute dtype; parameters stay float32
   attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+  # lm: next-token logits. scalar: one score per position (reward model, PPO value model), no LM head.
+  head: str = "lm"
 
   @property
   def kv_heads(self) -> int:
@@ -68,6 +70,8 @@ class ModelConfig:
       raise UserError(f"ModelConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in ("xla", "cudnn"):
       raise UserError(f"ModelConfig.attention_impl={self.attention_impl!r}; choose xla or cudnn")
+    if self.head not in ("lm", "scalar"):
+      raise UserError(f"ModelConfig.head={self.head!r}; choose lm or scalar")
     if self.head_size % 2:
       raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
     return self
@@ -76,8 +80,10 @@ class ModelConfig:
     """Exact parameter count, from the shapes (no allocation)."""
     d, h, n, k = self.d_model, self.head_size, self.num_heads, self.kv_heads
     per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * self.mlp_dim + 2 * d
-    embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return self.num_layers * per_layer + embeddings + d
+    lm_head = self.head == "lm" and not self.tie_embeddings
+    embeddings = self.vocab_size * d * (2 if lm_head else 1)
+    score_head = d + 1 if self.head == "scalar" else 0
+    return self.num_layers * per_layer + embeddings + d + score_head
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (non-embedding matmul params + LM head) plus causal attention."""
@@ -255,7 +261,10 @@ class Transformer(nnx.Module):
 
     self.layers = make_blocks(rngs)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
-    if not cfg.tie_embeddings:
+    if cfg.head == "scalar":
+      self.score = _param(rngs, _dense_init(cfg.d_model), (cfg.d_model,), ("embed",))
+      self.score_bias = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
+    elif not cfg.tie_embeddings:
       self.lm_head = _param(rngs, _dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                             ("embed", "vocab"))
 
@@ -323,6 +332,10 @@ class Transformer(nnx.Module):
       head = self.lm_head[...].astype(dt)
     logits = dense(hidden, head).astype(jnp.float32)
     return parallel.constrain(logits, ("batch", "length", "act_vocab"))
+
+  def scores(self, hidden):
+    """[B, T] float32: the scalar head at every position (read one where the caller needs it)."""
+    return (hidden.astype(jnp.float32) @ self.score[...]) + self.score_bias[...]
 
   def __call__(self, tokens, positions=None, segment_ids=None):
     return self.logits(self.hidden(tokens, positions, segment_ids))

@@ -2,7 +2,7 @@
 
 import importlib
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "reward")
 
 
 def get_stage_builder(stage: str):

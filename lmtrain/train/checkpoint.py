@@ -91,17 +91,32 @@ def restore_params(stage_dir: str, abstract_params, step=None):
   return restored["state"]["params"], step
 
 
-def parent_initializer(workdir: str, init_from, default_parent: str):
+def parent_initializer(workdir: str, init_from, default_parent: str, model_config=None,
+                       seed: int = 0):
   """`Stage.init_from_parent` for a chained stage: params from INIT_FROM (a stage directory such as
   DIR/pretrain, or a converted checkpoint), else from DIR/<default_parent>; returns them with the
-  parent's lineage entry."""
+  parent's lineage entry. Top-level params the parent lacks (a new scalar head on an LM trunk, say;
+  the parent's LM head is simply not loaded) are initialised fresh from `model_config`."""
   path = os.path.abspath(init_from or os.path.join(workdir, default_parent))
 
   def init(abstract_params):
-    if not os.path.isdir(path):
-      raise UserError(f"INIT_FROM={path}: no such stage directory (run the {default_parent} stage "
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+      raise UserError(f"INIT_FROM={path}: no checkpoints there (run the {default_parent} stage "
                       f"first, or set --gin.INIT_FROM)")
-    params, step = restore_params(path, abstract_params)
+    with ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data"),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+      latest = manager.latest_step()
+    saved = saved_params(os.path.join(path, "checkpoints"), latest) if latest is not None else {}
+    new_keys = [k for k in abstract_params if k not in saved] if model_config else []
+    loaded = {k: v for k, v in abstract_params.items() if k not in new_keys}
+    params, step = restore_params(path, loaded)
+    if new_keys:
+      from lmtrain.model import transformer
+      full_init = transformer._init_fn(model_config)
+      fresh = jax.jit(lambda rng: {k: full_init(rng)[k] for k in new_keys},
+                      out_shardings={k: jax.tree.map(lambda a: a.sharding, abstract_params[k])
+                                     for k in new_keys})(jax.random.PRNGKey(seed))
+      params = {**params, **fresh}
     parent_stage = os.path.basename(path.rstrip("/"))
     lineage_path = os.path.join(path, "lineage.json")
     if os.path.exists(lineage_path):

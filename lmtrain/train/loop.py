@@ -65,10 +65,16 @@ class Stage:
   eval_data: Callable[[int, int], Iterable] | None = None
   # (abstract params with shardings) -> (params, parent lineage dict) when starting from a parent.
   init_from_parent: Callable | None = None
+  # Keep a frozen copy of the starting params as extras["reference"] (DPO); the loss then receives
+  # `reference=` the reference model. Checkpointed with the state, sharded like the params.
+  frozen_reference: bool = False
   eval_metrics: Callable[[dict], dict] = lambda sums: {}
   # (params, mesh, rules) -> dict of further eval metrics, e.g. exact match of generated answers.
   extra_eval: Callable | None = None
   tokenizer_path: str | None = None  # recorded in lineage.json, for `lmtrain sample` and children
+  # (params, mesh, rules, stage_dir) -> summary facts, run once after the last step (e.g. the reward
+  # model's normalisation, saved beside its checkpoint).
+  finalize: Callable | None = None
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
 
 
@@ -78,8 +84,10 @@ def _state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer):
       optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
       transform_non_params=lambda _: parallel.replicated(mesh))
   rep = parallel.replicated(mesh)
+  extras = {k: param_shardings if k == "reference" else jax.tree.map(lambda _: rep, v)
+            for k, v in abstract_state.extras.items()}
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep,
-                    extras=jax.tree.map(lambda _: rep, abstract_state.extras))
+                    extras=extras)
 
 
 class _SigtermFlag:
@@ -158,8 +166,11 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
   graphdef, abstract_params, names = transformer.abstract_model(stage.model_config)
   schedule = optim.make_schedule(total_steps=cfg.train_steps)
   optimizer = optim.make_optimizer(schedule)
-  abstract_state = jax.eval_shape(
-      lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
+  def create_state(params, rng):
+    extras = {"reference": jax.tree.map(jnp.copy, params)} if stage.frozen_reference else {}
+    return TrainState.create(params, optimizer, rng, extras)
+
+  abstract_state = jax.eval_shape(create_state, abstract_params, jax.random.PRNGKey(0))
   shardings = _state_shardings(mesh, rules, abstract_state, names, optimizer)
   abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, shardings)
@@ -179,8 +190,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       else:
         init_fn = transformer._init_fn(stage.model_config)
         params = jax.jit(init_fn, out_shardings=shardings.params)(jax.random.fold_in(rng, 1))
-      state = jax.jit(lambda p: TrainState.create(p, optimizer, rng),
-                      out_shardings=shardings)(params)
+      state = jax.jit(create_state, out_shardings=shardings)(params, rng)
   if jax.process_index() == 0:
     with open(os.path.join(stage_dir, "config.gin"), "w") as f:
       f.write(config_text or gin.operative_config_str())
@@ -208,7 +218,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       for i, local in enumerate(batches):
         if i >= cfg.eval_steps:
           break
-        sums = compiled_eval(params, parallel.global_batch(local, mesh, rules))
+        sums = compiled_eval(params, state.extras, parallel.global_batch(local, mesh, rules))
         totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
     finally:
       _close(batches)
@@ -234,7 +244,8 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, parallel.replicated(mesh)),
                        donate_argnums=0).lower(state, first).compile()
-    compiled_eval = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sharding),
+    compiled_eval = jax.jit(eval_fn, in_shardings=(shardings.params, shardings.extras,
+                                                   batch_sharding),
                             out_shardings=parallel.replicated(mesh))
     compile_time = time.time() - compile_start
     summary["compile_time"] = compile_time
@@ -313,6 +324,8 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       final_eval = evaluate(state.params)
       if final_eval:
         writer.write(step, final_eval)
+      if stage.finalize is not None and step == cfg.train_steps:
+        summary.update(stage.finalize(state.params, mesh, rules, stage_dir))
     finally:
       bar.close()
       checkpointer.close()

@@ -17,6 +17,13 @@ from lmtrain.train.state import TrainState
 LossFn = Callable  # (model, batch, rng) -> (loss_sum, weight, dict of metric sums)
 
 
+def _frozen_models(graphdef, extras) -> dict:
+  """The frozen models a loss takes besides the trained one (DPO's reference)."""
+  if "reference" not in extras:
+    return {}
+  return {"reference": merge(graphdef, jax.lax.stop_gradient(extras["reference"]))}
+
+
 def split_microbatches(batch, n: int):
   """[B, ...] -> [n, B/n, ...], microbatch j taking rows j, j+n, ... so each stays spread over the
   devices that hold the batch."""
@@ -28,8 +35,9 @@ def split_microbatches(batch, n: int):
 def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbatches: int = 1):
   """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight."""
 
-  def summed_loss(params, batch, rng):
-    loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, rng)
+  def summed_loss(params, batch, rng, extras):
+    loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, rng,
+                                     **_frozen_models(graphdef, extras))
     return loss_sum, (weight, sums)
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -37,15 +45,16 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
   def step(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
     if num_microbatches == 1:
-      (loss_sum, (weight, sums)), grads = grad_fn(state.params, batch, step_rng)
+      (loss_sum, (weight, sums)), grads = grad_fn(state.params, batch, step_rng, state.extras)
     else:
       micro = split_microbatches(batch, num_microbatches)
       rngs = jax.random.split(step_rng, num_microbatches)
-      shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rngs[0])
+      shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rngs[0],
+                              state.extras)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
       def accumulate(acc, xs):
-        out = grad_fn(state.params, *xs)
+        out = grad_fn(state.params, *xs, state.extras)
         return jax.tree.map(jnp.add, acc, out), None
 
       ((loss_sum, (weight, sums)), grads), _ = jax.lax.scan(accumulate, zeros, (micro, rngs))
@@ -69,8 +78,9 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
 def make_eval_step(graphdef, loss_fn: LossFn):
   """eval_step(params, batch) -> sums (loss_sum, weight, metric sums), to be added over batches."""
 
-  def eval_step(params, batch):
-    loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, jax.random.PRNGKey(0))
+  def eval_step(params, extras, batch):
+    loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, jax.random.PRNGKey(0),
+                                     **_frozen_models(graphdef, extras))
     return {"loss_sum": loss_sum, "weight": weight, **sums}
 
   return eval_step

@@ -1,0 +1,116 @@
+"""Reward model: the SFT trunk with a new scalar head, trained on preference pairs.
+
+loss = -log sigmoid(r_chosen - r_rejected - margin), with r read at each sequence's last real token
+(its EOS). After training, the rewards of the held-out responses give a normalisation (offset, scale)
+saved beside the checkpoint, which PPO applies so its KL coefficient means the same across RMs.
+"""
+
+import dataclasses
+import json
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmtrain.data import demo, preference, sft as sft_data
+from lmtrain.errors import UserError
+from lmtrain.stages import rl
+from lmtrain.stages.sft import stage_tokenizer
+from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train.loop import LoopConfig, Stage
+
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+def sequence_scores(model, inputs, positions, segment_ids):
+  """The scalar head at each row's last real token: [B] float32."""
+  scores = model.scores(model.hidden(inputs, positions, segment_ids))
+  return rl.gather_last(scores, (segment_ids > 0).astype(jnp.float32))
+
+
+def pair_scores(model, batch):
+  both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+          for k in ("inputs", "positions", "segment_ids")}
+  scores = sequence_scores(model, both["inputs"], both["positions"], both["segment_ids"])
+  return jnp.split(scores, 2)
+
+
+def reward_loss(model, batch, rng):
+  """Summed over the pairs of the batch (the step divides by the global pair count)."""
+  del rng
+  chosen, rejected = pair_scores(model, batch)
+  loss, metrics = rl.pairwise_reward_loss(chosen, rejected, batch["margin"])
+  n = jnp.asarray(chosen.shape[0], jnp.float32)
+  return loss * n, n, {k: v * n for k, v in metrics.items()}
+
+
+def normalizer(pairs, tokenizer, template, seq_len, model_config):
+  """finalize hook: offset/scale that give the held-out responses' rewards mean 0, std 1."""
+  rows = [preference.encode_pair(p, tokenizer, template, seq_len) for p in pairs]
+
+  def run(params, mesh, rules, stage_dir):
+    from lmtrain import parallel
+    from lmtrain.model import transformer
+    graphdef, _, _ = transformer.abstract_model(model_config)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = len(rows) // shards * shards
+    batch = {k: np.stack([r[k] for r in rows[:n]]) for k in rows[0]}
+
+    def score_all(p, b):
+      return jnp.concatenate(pair_scores(transformer.merge(graphdef, p), b))
+
+    with parallel.activate(mesh, rules):
+      scores = np.asarray(jax.device_get(jax.jit(score_all)(
+          params, jax.device_put(batch, parallel.batch_sharding(mesh, rules)))))
+    norm = {"offset": float(scores.mean()), "scale": float(scores.std() + 1e-6),
+            "num_responses": int(scores.size)}
+    if jax.process_index() == 0:
+      with open(os.path.join(stage_dir, NORMALIZATION_FILE), "w") as f:
+        json.dump(norm, f, indent=2)
+    return {"reward_offset": norm["offset"], "reward_scale": norm["scale"]}
+
+  return run
+
+
+def _resolve(workdir, train_data, eval_data):
+  train = [train_data] if isinstance(train_data, str) else list(train_data or [])
+  evals = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
+  if train == ["demo"]:
+    train_path, eval_path = demo.write_preference_data(os.path.join(workdir, "data"))
+    train, evals = [train_path], ([eval_path] if evals in ([], ["demo"]) else evals)
+  if not train:
+    raise UserError("TRAIN_DATA is empty: name preference JSONL files, or 'demo'")
+  return train, evals
+
+
+@gin.configurable
+def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
+          tokenizer="auto", init_from=None, on_bad_record="raise",
+          normalization_pairs=256) -> Stage:
+  train, evals = _resolve(workdir, train_data, eval_data)
+  tok = stage_tokenizer(workdir, tokenizer)
+  rm_cfg = dataclasses.replace(model_cfg, head="scalar")
+  template = sft_data.ChatTemplate()
+
+  def batches(sources, shuffle, num_epochs, seed):
+    def make(process_index, process_count):
+      return preference.make_preference_iterator(
+          sources, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=seed,
+          process_index=process_index, process_count=process_count, shuffle=shuffle,
+          num_epochs=num_epochs, on_error=on_bad_record, template=template)
+    return make
+
+  norm_pairs = preference.load_pairs(evals or train, on_error=on_bad_record)[:normalization_pairs]
+  return Stage(
+      name="reward", model_config=rm_cfg, loss_fn=reward_loss,
+      train_data=batches(train, True, None, loop_cfg.seed),
+      eval_data=batches(evals, False, 1, 0) if evals else None,
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "sft", rm_cfg,
+                                                   loop_cfg.seed),
+      eval_metrics=lambda totals: {f"eval_{k}": totals[k] / max(totals["weight"], 1e-9)
+                                   for k in ("accuracy", "margin", "chosen_mean",
+                                             "rejected_mean")},
+      finalize=normalizer(norm_pairs, tok, template, loop_cfg.seq_len, rm_cfg),
+      tokenizer_path=tok.path)
