@@ -32,9 +32,13 @@ def _split_gin_macros(argv):
 def _parser():
   parser = argparse.ArgumentParser(prog="lmtrain", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  for stage in STAGES:
-    p = sub.add_parser(stage, help=f"run the {stage} stage (resumes from DIR/{stage})")
+  for stage in STAGES + ("pipeline",):
+    p = sub.add_parser(stage, help=f"run the {stage} stage (resumes from DIR/{stage})"
+                       if stage != "pipeline" else "run the stages in order, each resuming")
     p.add_argument("--workdir", required=True)
+    if stage == "pipeline":
+      p.add_argument("--stages", default="pretrain,sft,reward",
+                     help="comma-separated stages to chain, in order")
     p.add_argument("--gin_file", action="append", default=[])
     p.add_argument("--gin_param", action="append", default=[])
     p.add_argument("--coordinator_address", help="multi-process runs off TPU: host:port of process 0")
@@ -53,18 +57,65 @@ def _parser():
   return parser
 
 
-def run_stage(stage: str, args, macros) -> dict:
-  from lmtrain import config, parallel
-  parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
-                                        args.process_id)
-  config_text = config.setup(stage, args.gin_file, macros, args.gin_param)
+def run_stage(stage: str, args, macros, skip_unknown_macros=False) -> dict:
+  """Configures and runs one stage. Bindings scoped `STAGE/...` (e.g. `sft/LoopConfig.train_steps`)
+  apply to that stage only, so one gin file can configure a whole pipeline."""
+  import gin
+  from lmtrain import config
+  config_text = config.setup(stage, args.gin_file, macros, args.gin_param, skip_unknown_macros)
   from lmtrain.model import transformer
   from lmtrain.stages import get_stage_builder
   from lmtrain.train import loop
-  model_cfg = config.call(transformer.model_config, "model_config")
-  loop_cfg = config.call(loop.LoopConfig, "LoopConfig")
-  stage_obj = config.call(get_stage_builder(stage), stage, args.workdir, model_cfg, loop_cfg)
-  return loop.train(stage_obj, args.workdir, loop_cfg, config_text)
+  with gin.config_scope(stage):
+    model_cfg = config.call(transformer.model_config, "model_config")
+    loop_cfg = config.call(loop.LoopConfig, "LoopConfig")
+    stage_obj = config.call(get_stage_builder(stage), stage, args.workdir, model_cfg, loop_cfg)
+    return loop.train(stage_obj, args.workdir, loop_cfg, config_text)
+
+
+# What the closing table shows of each stage, besides wall time and checkpoint.
+KEY_METRICS = {
+    "pretrain": ("loss", "unigram_perplexity", "eval_perplexity"),
+    "sft": ("loss", "initial_eval_exact_match", "eval_exact_match", "eval_perplexity"),
+    "reward": ("loss", "eval_accuracy", "eval_margin", "reward_offset", "reward_scale"),
+    "dpo": ("loss", "eval_reward_accuracy", "eval_margin"),
+}
+
+
+def run_pipeline(args, macros) -> list[dict]:
+  from lmtrain import config
+  from lmtrain.errors import UserError
+  stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise UserError(f"--stages: unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
+  known = set()
+  for stage in stages:
+    known.update(config.stage_macros(stage))
+  for name in macros:
+    if name not in known:
+      import difflib
+      close = difflib.get_close_matches(name, sorted(known), n=3)
+      raise UserError(f"--gin.{name}: no stage of the pipeline defines this macro"
+                      + (f"; did you mean {', '.join(close)}?" if close else ""))
+  summaries = []
+  for stage in stages:
+    summaries.append(run_stage(stage, args, macros, skip_unknown_macros=True))
+    print_summary(summaries[-1])
+  return summaries
+
+
+def print_pipeline_table(summaries: list[dict]):
+  import jax
+  if jax.process_index() != 0:
+    return
+  print("\npipeline summary")
+  for s in summaries:
+    facts = [f"{k}={s[k]:.4g}" for k in KEY_METRICS.get(s["stage"], ("loss",))
+             if isinstance(s.get(k), (int, float))]
+    wall = s.get("wall_time", 0.0)
+    print(f"  {s['stage']:<9} steps={s.get('steps')}  {'  '.join(facts)}  wall={wall:.0f}s  "
+          f"checkpoint={s['checkpoint']}")
 
 
 def print_summary(summary: dict):
@@ -86,10 +137,17 @@ def main(argv=None):
   try:
     macros, rest = _split_gin_macros(argv)
     args = _parser().parse_args(rest)
-    if macros and args.command not in STAGES:
+    training = args.command in STAGES + ("pipeline",)
+    if macros and not training:
       raise UserError(f"--gin.{next(iter(macros))}: gin macros apply to the training stages only")
+    if training:
+      from lmtrain import parallel
+      parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                            args.process_id)
     if args.command in STAGES:
       print_summary(run_stage(args.command, args, macros))
+    elif args.command == "pipeline":
+      print_pipeline_table(run_pipeline(args, macros))
     elif args.command == "tokenizer":
       from lmtrain.data import tokenizer
       path = tokenizer.train_tokenizer(args.input, args.vocab_size, args.output)

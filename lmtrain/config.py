@@ -75,16 +75,22 @@ def gin_literal(value: str) -> str:
 
 
 def register_configurables(stage: str):
-  """Imports the modules whose configurables the gin files name (gin needs them registered)."""
+  """Imports the modules whose configurables gin files name (gin needs them registered): every
+  stage's, since one pipeline file configures them all."""
+  del stage
   import importlib
+  from lmtrain.stages import STAGES
   for module in ("lmtrain.parallel", "lmtrain.model.transformer", "lmtrain.train.loop",
-                 "lmtrain.train.optim", "lmtrain.train.checkpoint", "lmtrain.stages.pretrain",
-                 f"lmtrain.stages.{stage}"):
+                 "lmtrain.train.optim", "lmtrain.train.checkpoint",
+                 *(f"lmtrain.stages.{s}" for s in STAGES)):
     importlib.import_module(module)
 
 
-def setup(stage: str, gin_files=(), macros: dict | None = None, params=()) -> str:
-  """Parses the configuration for `stage`; returns the full config text (saved with the run)."""
+def setup(stage: str, gin_files=(), macros: dict | None = None, params=(),
+          skip_unknown_macros: bool = False) -> str:
+  """Parses the configuration for `stage`; returns the full config text (saved with the run).
+  skip_unknown_macros: ignore macros this stage does not define (the pipeline passes every
+  stage's macros to each stage; it checks that each is known to one of them)."""
   register_configurables(stage)
   gin.clear_config()
   if GIN_DIR not in gin.config._LOCATION_PREFIXES:
@@ -106,6 +112,8 @@ def setup(stage: str, gin_files=(), macros: dict | None = None, params=()) -> st
   known = _known_macros()
   bindings = []
   for name, value in (macros or {}).items():
+    if name not in known and skip_unknown_macros:
+      continue
     if name not in known:
       close = difflib.get_close_matches(name, known, n=3)
       raise UserError(f"--gin.{name}: unknown macro" +
@@ -122,6 +130,12 @@ def setup(stage: str, gin_files=(), macros: dict | None = None, params=()) -> st
     text_parts.append("# --- command line\n" + "\n".join(bindings))
   gin.finalize()
   return "\n\n".join(text_parts) + "\n"
+
+
+def stage_macros(stage: str) -> list[str]:
+  """The macros that `stage`'s base configuration defines."""
+  setup(stage)
+  return _known_macros()
 
 
 def call(fn, where: str, *args, **kwargs):

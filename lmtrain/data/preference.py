@@ -69,20 +69,25 @@ def load_pairs(sources: Sequence[str] | str, *, on_error: str = "raise") -> list
 
 
 def encode_side(turns, response: str, tokenizer, template, seq_len: int):
-  """(tokens [seq_len] right-padded, real-token count). Too long: keep the end, so the response and
-  its EOS (where the score is read) survive and the prompt loses its start."""
-  ids, _ = sft.encode_example(list(turns) + [("assistant", response)], tokenizer, template)
-  ids = ids[-seq_len:]
-  out = np.full(seq_len, tokenizer.pad_id, np.int32)
-  out[:len(ids)] = ids
-  return out, len(ids)
+  """(tokens [seq_len] right-padded, response mask [seq_len], real-token count). The mask is 1 on
+  the response tokens and their EOS. Too long: keep the end, so the response and its EOS (where a
+  reward model reads its score) survive and the prompt loses its start."""
+  ids, mask = sft.encode_example(list(turns) + [("assistant", response)], tokenizer, template)
+  ids, mask = ids[-seq_len:], mask[-seq_len:]
+  tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  response = np.zeros(seq_len, np.float32)
+  response[:len(mask)] = mask
+  return tokens, response, len(ids)
 
 
 def encode_pair(pair: Pair, tokenizer, template, seq_len: int) -> dict[str, np.ndarray]:
   row = {"margin": np.float32(pair.margin)}
   for side in ("chosen", "rejected"):
-    tokens, n = encode_side(pair.prompt_turns, getattr(pair, side), tokenizer, template, seq_len)
+    tokens, response, n = encode_side(pair.prompt_turns, getattr(pair, side), tokenizer, template,
+                                      seq_len)
     row[f"{side}_inputs"] = tokens
+    row[f"{side}_loss_mask"] = response
     row[f"{side}_segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
     row[f"{side}_positions"] = np.arange(seq_len, dtype=np.int32)
   return row
@@ -92,8 +97,9 @@ def make_preference_iterator(sources, tokenizer, *, seq_len: int, batch_size: in
                              process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                              num_epochs: int | None = None, on_error: str = "raise",
                              template=None):
-  """Per-host batches of pairs: `{side}_inputs/_segment_ids/_positions` [rows, seq_len] for side in
-  chosen, rejected, and `margin` [rows]; deterministic by seed, with get/set_state for resume."""
+  """Per-host batches of pairs: `{side}_inputs/_loss_mask/_segment_ids/_positions` [rows, seq_len]
+  for side in chosen, rejected (inputs are whole sequences, EOS included), and `margin` [rows];
+  deterministic by seed, with get/set_state for resume."""
   rows = pipeline.host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                             process_count=process_count)
   template = template or sft.ChatTemplate()

@@ -103,7 +103,8 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> M
     import difflib
     close = difflib.get_close_matches(preset, known, n=3)
     raise UserError(f"MODEL={preset!r} is not a preset; did you mean {close or known}?")
-  with gin.config_scope(f"preset_{preset}"):
+  # A scope of its own (not nested in a stage scope), so the preset bindings always apply.
+  with gin.config_scope(None), gin.config_scope(f"preset_{preset}"):
     cfg = ModelConfig()
   if overrides:
     bad = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}

@@ -2,7 +2,7 @@
 
 import importlib
 
-STAGES = ("pretrain", "sft", "reward")
+STAGES = ("pretrain", "sft", "reward", "dpo")
 
 
 def get_stage_builder(stage: str):

@@ -63,7 +63,7 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
 
     with parallel.activate(mesh, rules):
       scores = np.asarray(jax.device_get(jax.jit(score_all)(
-          params, jax.device_put(batch, parallel.batch_sharding(mesh, rules)))))
+          params, parallel.global_batch(batch, mesh, rules))))
     norm = {"offset": float(scores.mean()), "scale": float(scores.std() + 1e-6),
             "num_responses": int(scores.size)}
     if jax.process_index() == 0:

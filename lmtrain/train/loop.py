@@ -200,7 +200,6 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       ckpt_lib.write_lineage(stage_dir, stage.name, config_text, parent,
                              tokenizer=stage.tokenizer_path)
 
-  batch_sharding = parallel.batch_sharding(mesh, rules)
   step_fn = make_train_step(graphdef, stage.loss_fn, optimizer, schedule, cfg.microbatches)
   eval_fn = make_eval_step(graphdef, stage.loss_fn)
   writer = metrics_lib.MetricsWriter(stage_dir)
@@ -241,6 +240,8 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
   with mesh, parallel.activate(mesh, rules):
     first = parallel.global_batch(next(train_iter), mesh, rules)
     compile_start = time.time()
+    # Every batch leaf is split over its leading (batch) axis, whatever its rank.
+    batch_sharding = jax.tree.map(lambda x: x.sharding, first)
     compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, parallel.replicated(mesh)),
                        donate_argnums=0).lower(state, first).compile()
@@ -305,7 +306,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
         finish_pending()
         pending = (step, device_metrics)
         bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.train_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
           finish_pending()
           eval_row = evaluate(state.params)
           if eval_row:

@@ -1,0 +1,72 @@
+"""Direct preference optimisation: the SFT policy against a frozen copy of itself on preference pairs.
+
+Summed completion log-probs (response tokens and their EOS) of chosen and rejected under the policy
+and the reference give the DPO logits beta * ((pc - rc) - (pr - rr)); at initialisation policy ==
+reference, so the loss is ln 2.
+"""
+
+import os
+
+import gin
+import jax.numpy as jnp
+
+from lmtrain.data import demo, preference, sft as sft_data
+from lmtrain.errors import UserError
+from lmtrain.stages import rl
+from lmtrain.stages.sft import stage_tokenizer
+from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train.loop import LoopConfig, Stage
+
+
+def completion_logprobs(model, batch, side: str):
+  """[B] summed log-probs of the response tokens of `side` (chosen or rejected)."""
+  tokens = batch[f"{side}_inputs"]
+  logits = model(tokens[:, :-1], batch[f"{side}_positions"][:, :-1],
+                 batch[f"{side}_segment_ids"][:, :-1])
+  mask = batch[f"{side}_loss_mask"][:, 1:]
+  return rl.sequence_logprobs(logits, tokens[:, 1:], mask).sum(-1)
+
+
+def make_dpo_loss(beta: float, label_smoothing: float):
+  def dpo_loss(model, batch, rng, reference):
+    del rng
+    policy = [completion_logprobs(model, batch, s) for s in ("chosen", "rejected")]
+    ref = [completion_logprobs(reference, batch, s) for s in ("chosen", "rejected")]
+    loss, metrics = rl.dpo_loss(*policy, *ref, beta=beta, label_smoothing=label_smoothing)
+    n = jnp.asarray(policy[0].shape[0], jnp.float32)
+    return loss * n, n, {k: v * n for k, v in metrics.items()}
+  return dpo_loss
+
+
+@gin.configurable
+def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
+          tokenizer="auto", init_from=None, beta=0.1, label_smoothing=0.0,
+          on_bad_record="raise") -> Stage:
+  train = [train_data] if isinstance(train_data, str) else list(train_data or [])
+  evals = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
+  if train == ["demo"]:
+    train_path, eval_path = demo.write_preference_data(os.path.join(workdir, "data"))
+    train, evals = [train_path], ([eval_path] if evals in ([], ["demo"]) else evals)
+  if not train:
+    raise UserError("TRAIN_DATA is empty: name preference JSONL files, or 'demo'")
+  tok = stage_tokenizer(workdir, tokenizer)
+  template = sft_data.ChatTemplate()
+
+  def batches(sources, shuffle, num_epochs, seed):
+    def make(process_index, process_count):
+      return preference.make_preference_iterator(
+          sources, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=seed,
+          process_index=process_index, process_count=process_count, shuffle=shuffle,
+          num_epochs=num_epochs, on_error=on_bad_record, template=template)
+    return make
+
+  return Stage(
+      name="dpo", model_config=model_cfg, loss_fn=make_dpo_loss(beta, label_smoothing),
+      train_data=batches(train, True, None, loop_cfg.seed),
+      eval_data=batches(evals, False, 1, 0) if evals else None,
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "sft"),
+      frozen_reference=True,
+      eval_metrics=lambda totals: {f"eval_{k}": totals[k] / max(totals["weight"], 1e-9)
+                                   for k in ("reward_accuracy", "chosen_reward",
+                                             "rejected_reward", "margin")},
+      tokenizer_path=tok.path)

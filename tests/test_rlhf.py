@@ -1,0 +1,146 @@
+"""Reward model and DPO stages, and `lmtrain pipeline` end to end on the tiny preset."""
+
+import dataclasses
+import json
+import math
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmtrain.model import transformer
+from lmtrain.stages import reward
+import util
+from test_train import lmtrain
+
+TINY_ARGS = ["--gin.MODEL=tiny", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32", "--gin.LOG_EVERY=1",
+             "--gin.WARMUP_STEPS=2", "--gin.EVAL_STEPS=4"]
+
+
+def rows(workdir, stage):
+  with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_reward_is_read_at_the_last_real_token():
+  cfg = dataclasses.replace(util.TINY, head="scalar")
+  graphdef, _, _ = transformer.abstract_model(cfg)
+  model = transformer.merge(graphdef, jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, cfg.vocab_size, (3, 12)).astype(np.int32)
+  lengths = np.array([5, 12, 8])
+  segments = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
+  positions = np.broadcast_to(np.arange(12, dtype=np.int32), (3, 12))
+  scores = reward.sequence_scores(model, tokens, positions, segments)
+  changed = tokens.copy()
+  changed[0, 5:] = 7  # after row 0's last real token
+  changed[2, 8:] = 9
+  np.testing.assert_array_equal(scores, reward.sequence_scores(model, changed, positions, segments))
+  full = model.scores(model.hidden(tokens, positions, segments))
+  np.testing.assert_allclose(scores, [full[0, 4], full[1, 11], full[2, 7]], rtol=1e-6)
+  changed[0, 4] = (changed[0, 4] + 1) % cfg.vocab_size  # the last real token itself matters
+  assert float(reward.sequence_scores(model, changed, positions, segments)[0]) != float(scores[0])
+
+
+def test_reward_loss_is_the_pairwise_formula():
+  cfg = dataclasses.replace(util.TINY, head="scalar")
+  graphdef, _, _ = transformer.abstract_model(cfg)
+  model = transformer.merge(graphdef, jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(1)))
+  rng = np.random.default_rng(1)
+  batch = {"margin": np.array([0.0, 0.5, 1.0, 0.0], np.float32)}
+  for side in ("chosen", "rejected"):
+    batch[f"{side}_inputs"] = rng.integers(4, cfg.vocab_size, (4, 10)).astype(np.int32)
+    batch[f"{side}_segment_ids"] = np.ones((4, 10), np.int32)
+    batch[f"{side}_positions"] = np.broadcast_to(np.arange(10, dtype=np.int32), (4, 10))
+  loss_sum, weight, sums = reward.reward_loss(model, batch, None)
+  rc, rr = (np.asarray(reward.sequence_scores(model, batch[f"{s}_inputs"], batch[f"{s}_positions"],
+                                              batch[f"{s}_segment_ids"]))
+            for s in ("chosen", "rejected"))
+  expected = np.mean(np.log1p(np.exp(-(rc - rr - batch["margin"]))))
+  assert float(weight) == 4.0
+  assert float(loss_sum) / 4 == pytest.approx(expected, rel=1e-5)
+  assert float(sums["accuracy"]) / 4 == pytest.approx(np.mean(rc > rr))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("rlhf"))
+  lmtrain("pretrain", "--workdir", workdir, *TINY_ARGS, "--gin.TRAIN_STEPS=4",
+          "--gin.EVAL_EVERY=0")
+  return workdir
+
+
+def write_separable_pairs(path, n, seed):
+  """Chosen answers say 'yes', rejected ones 'no': a reward model must learn that rule."""
+  r = random.Random(seed)
+  words = ["apple", "river", "stone", "cloud", "table", "green", "light", "paper"]
+  with open(path, "w") as f:
+    for _ in range(n):
+      prompt = " ".join(r.sample(words, 3))
+      f.write(json.dumps({"prompt": prompt, "chosen": "yes " + r.choice(words),
+                          "rejected": "no " + r.choice(words)}) + "\n")
+
+
+@pytest.mark.slow
+def test_reward_model_ranks_held_out_pairs(pretrained, tmp_path):
+  train, held_out = str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
+  write_separable_pairs(train, 400, 0)
+  write_separable_pairs(held_out, 64, 1)
+  proc = lmtrain("reward", "--workdir", pretrained, *TINY_ARGS, "--gin.TRAIN_STEPS=40",
+                 "--gin.LEARNING_RATE=0.003", "--gin.EVAL_EVERY=0", f"--gin.TRAIN_DATA={train}",
+                 f"--gin.EVAL_DATA={held_out}", f"--gin.INIT_FROM={pretrained}/pretrain",
+                 "--gin.EVAL_STEPS=8")
+  evals = [r for r in rows(pretrained, "reward") if "eval_accuracy" in r]
+  assert evals[-1]["eval_accuracy"] > 0.9, proc.stdout[-2000:]
+  norm = json.load(open(os.path.join(pretrained, "reward", "reward_normalization.json")))
+  assert norm["scale"] > 0 and norm["num_responses"] > 0
+  lineage = json.load(open(os.path.join(pretrained, "reward", "lineage.json")))
+  assert lineage["parent"]["stage"] == "pretrain"
+  assert json.load(open(os.path.join(pretrained, "reward", "model.json")))["head"] == "scalar"
+
+
+@pytest.mark.slow
+def test_dpo_starts_at_ln2_with_a_frozen_reference(pretrained, tmp_path):
+  train = str(tmp_path / "pairs.jsonl")
+  write_separable_pairs(train, 64, 2)
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  os.symlink(os.path.join(pretrained, "tokenizer.model"), os.path.join(workdir, "tokenizer.model"))
+  lmtrain("dpo", "--workdir", workdir, *TINY_ARGS, "--gin.TRAIN_STEPS=6",
+          "--gin.LEARNING_RATE=0.003", "--gin.EVAL_EVERY=0", f"--gin.TRAIN_DATA={train}",
+          f"--gin.INIT_FROM={pretrained}/pretrain")
+  train_rows = [r for r in rows(workdir, "dpo") if "loss" in r]
+  assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert train_rows[0]["margin"] == pytest.approx(0.0, abs=1e-6)
+  assert train_rows[-1]["loss"] < math.log(2)
+  # The reference in the checkpoint is still the parent's params, bit for bit.
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "dpo", "checkpoints", "6", "state"))
+  parent = ocp.StandardCheckpointer().restore(
+      os.path.join(pretrained, "pretrain", "checkpoints", "4", "state"))
+  jax.tree.map(np.testing.assert_array_equal, state["extras"]["reference"], parent["params"])
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_resumes(tmp_path):
+  workdir = str(tmp_path)
+  args = ["pipeline", "--workdir", workdir, "--gin_file", "experiments/tiny_pipeline.gin",
+          "--stages", "pretrain,sft,reward,dpo"]
+  proc = lmtrain(*args)
+  for stage in ("pretrain", "sft", "reward", "dpo"):
+    assert os.path.exists(os.path.join(workdir, stage, "lineage.json")), stage
+  assert "pipeline summary" in proc.stdout
+  for stage in ("pretrain", "sft", "reward", "dpo"):
+    assert f"  {stage} " in proc.stdout
+  parents = {s: json.load(open(os.path.join(workdir, s, "lineage.json")))["parent"]
+             for s in ("sft", "reward", "dpo")}
+  assert parents["sft"]["stage"] == "pretrain" and parents["sft"]["step"] == 30
+  assert parents["reward"]["stage"] == "sft" and parents["dpo"]["stage"] == "sft"
+  steps = {s: max(r["step"] for r in rows(workdir, s)) for s in ("pretrain", "sft", "reward")}
+  assert steps == {"pretrain": 30, "sft": 20, "reward": 20}
+  again = lmtrain(*args)
+  assert again.stdout.count("already complete") == 4
