@@ -51,6 +51,9 @@ def _parser():
   p = sub.add_parser("sample", help="print completions from a stage's latest checkpoint")
   from lmtrain import sample
   sample.add_arguments(p)
+  p = sub.add_parser("report", help="plots and a markdown summary of a work dir's stages")
+  from lmtrain import report
+  report.add_arguments(p)
   p = sub.add_parser("bench", help="print throughput, MFU, memory and compile-time figures")
   from lmtrain import bench
   bench.add_arguments(p)
@@ -157,6 +160,9 @@ def main(argv=None):
     elif args.command == "sample":
       from lmtrain import sample
       sample.run(args)
+    elif args.command == "report":
+      from lmtrain import report
+      report.run(args)
     elif args.command == "bench":
       from lmtrain import bench
       bench.run(args)

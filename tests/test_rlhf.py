@@ -144,3 +144,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
   assert steps == {"pretrain": 30, "sft": 20, "reward": 20}
   again = lmtrain(*args)
   assert again.stdout.count("already complete") == 4
+  report = lmtrain("report", workdir)
+  assert "| pretrain |" in report.stdout and "| dpo |" in report.stdout
+  for png in ("loss.png", "sft.png", "reward.png", "dpo.png"):
+    with open(os.path.join(workdir, "report", png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", png

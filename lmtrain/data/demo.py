@@ -85,7 +85,7 @@ def is_eval(text: str) -> bool:
 
 
 def _write_jsonl(path: str, docs: list[str]):
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # per process: hosts sharing a work dir write at once
   with open(tmp, "w", encoding="utf-8") as f:
     for doc in docs:
       f.write(json.dumps({"text": doc}) + "\n")
@@ -179,7 +179,7 @@ def _write_records_if_changed(path: str, records: list[dict]):
     with open(path, "rb") as f:
       if f.read() == content:
         return  # Left alone, mtime included.
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # per process: hosts sharing a work dir write at once
   with open(tmp, "wb") as f:
     f.write(content)
   os.replace(tmp, path)

@@ -64,8 +64,10 @@ def train_tokenizer(input_files: list[str], vocab_size: int, output_path: str) -
   parent = os.path.dirname(output_path)
   if parent:
     os.makedirs(parent, exist_ok=True)
-  with open(output_path, "wb") as f:
+  tmp = f"{output_path}.{os.getpid()}.tmp"  # atomic: hosts sharing a work dir may train at once
+  with open(tmp, "wb") as f:
     f.write(model.getvalue())
+  os.replace(tmp, output_path)
   return output_path
 
 
