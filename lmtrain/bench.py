@@ -24,7 +24,7 @@ def add_arguments(p):
   p.add_argument("--seq_len", type=int, default=None, help="default: 256 (bench_tiny), else 512")
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step")
-  p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+  p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, or auto (bf16 on TPU/GPU)")
   p.add_argument("--remat", default=None, help="none | full | save_dots (default: the preset's)")
   p.add_argument("--mesh", default="{'data': 1, 'fsdp': -1, 'tensor': 1}",
                  help="mesh shape over data/fsdp/tensor")

@@ -45,7 +45,9 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   remat: str = "none"  # none | full | save_dots
-  dtype: str = "float32"  # compute dtype; parameters stay float32
+  # Compute dtype; parameters (and optimizer state) stay float32. auto: bfloat16 on TPU/GPU, float32
+  # on CPU (tests compare numbers at fp32 precision).
+  dtype: str = "auto"
   attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   # lm: next-token logits. scalar: one score per position (reward model, PPO value model), no LM head.
   head: str = "lm"
@@ -60,6 +62,8 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
+    if self.dtype == "auto":
+      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu") else jnp.float32)
     return jnp.dtype(self.dtype)
 
   def validate(self) -> "ModelConfig":
@@ -70,6 +74,8 @@ class ModelConfig:
       raise UserError(f"ModelConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in ("xla", "cudnn"):
       raise UserError(f"ModelConfig.attention_impl={self.attention_impl!r}; choose xla or cudnn")
+    if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+      raise UserError(f"ModelConfig.dtype={self.dtype!r}; choose auto, float32, bfloat16 or float16")
     if self.head not in ("lm", "scalar"):
       raise UserError(f"ModelConfig.head={self.head!r}; choose lm or scalar")
     if self.head_size % 2:

@@ -1,34 +1,187 @@
 """The math of preference learning and RLHF as small pure functions on [B, T] arrays.
 
-Masks are float arrays, 1 on real (response) tokens. Every function is jit-able and has no Python
-control flow on values.
+Conventions: arrays are [B, T] over response tokens; `mask` is a float [B, T] array, 1 on real
+tokens up to and including EOS, 0 on padding. Rows may be ragged and the mask need not be
+contiguous: padding is skipped, never treated as a zero-reward time step. Every function is jit-able
+(strings and Python bools are static options) and has no Python control flow on values. Outputs are
+0 where the mask is 0, and padding may hold anything (even inf) without leaking into a result.
 """
 
 import jax
 import jax.numpy as jnp
 
 
+def masked_sum(x, mask, axis=None, keepdims=False):
+  """Sum of x over valid tokens; `where` (not x * mask) so inf/NaN on padding cannot leak."""
+  return jnp.sum(jnp.where(mask > 0, x * mask, 0.0), axis=axis, keepdims=keepdims)
+
+
+def masked_mean(x, mask, axis=None, keepdims=False):
+  """Mean of x over valid tokens (0 when there are none)."""
+  count = jnp.sum(mask, axis=axis, keepdims=keepdims)
+  return masked_sum(x, mask, axis, keepdims) / jnp.maximum(count, 1e-8)
+
+
+def masked_var(x, mask, axis=None, keepdims=False):
+  """Population variance (no Bessel correction) of x over valid tokens."""
+  mean = masked_mean(x, mask, axis, keepdims=True)
+  return masked_mean(jnp.square(x - mean), mask, axis, keepdims)
+
+
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+  """x scaled to std 1 over valid tokens, and shifted to mean 0 unless `shift_mean` is False (then
+  the mean is kept, as for rewards whose sign carries meaning); 0 on padding."""
+  mean = masked_mean(x, mask)
+  whitened = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)
+  if not shift_mean:
+    whitened = whitened + mean
+  return jnp.where(mask > 0, whitened, 0.0)
+
+
 def last_token_index(mask):
-  """[B] index of each row's last nonzero mask position (rows are right-padded)."""
-  return jnp.maximum(jnp.sum(mask > 0, axis=-1).astype(jnp.int32) - 1, 0)
+  """[B] index of each row's last nonzero mask position (its EOS, or the last token if truncated);
+  0 for a row with no real token."""
+  positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+  return jnp.max(jnp.where(mask > 0, positions, 0), axis=-1)
 
 
 def gather_last(values, mask):
-  """values [B, T, ...] read at each row's last real token: [B, ...]."""
-  index = last_token_index(mask)
-  return jnp.take_along_axis(values, index.reshape((-1,) + (1,) * (values.ndim - 1)), axis=1)[:, 0]
+  """values [B, T, ...] read at each row's last real token: [B, ...]. Tokens after it change
+  nothing."""
+  return values[jnp.arange(values.shape[0]), last_token_index(mask)]
 
 
 def sequence_logprobs(logits, tokens, mask, temperature: float = 1.0):
   """[B, T] log-probs of `tokens` under log_softmax(logits / temperature), 0 where mask is 0.
-  logits[:, t] predicts tokens[:, t]."""
+
+  logits [B, T, V] are aligned so logits[:, t] predicts tokens[:, t]. Dividing by the sampling
+  temperature makes these the log-probs of the distribution the rollout actually sampled from.
+  """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-  return picked * mask
+  return jnp.where(mask > 0, picked, 0.0)
+
+
+def entropy(logits, mask, temperature: float = 1.0):
+  """[B, T] entropy of softmax(logits / temperature) at each valid token, 0 on padding."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.where(mask > 0, -jnp.sum(jnp.exp(logp) * logp, axis=-1), 0.0)
+
+
+def kl_penalty(logp, ref_logp, mask, kind: str = "k1"):
+  """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled by the policy.
+
+  k1 = logp - ref (unbiased, can be negative); k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - 1 -
+  (ref - logp) (Schulman's unbiased, low-variance, non-negative estimator); abs = |logp - ref|.
+  All are exactly 0 where logp == ref_logp; 0 on padding.
+  """
+  log_ratio = logp - ref_logp
+  if kind == "k1":
+    kl = log_ratio
+  elif kind == "k2":
+    kl = 0.5 * jnp.square(log_ratio)
+  elif kind == "k3":
+    kl = jnp.expm1(-log_ratio) + log_ratio  # expm1 keeps precision (and >= 0) for small ratios
+  elif kind == "abs":
+    kl = jnp.abs(log_ratio)
+  else:
+    raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2, k3 or abs")
+  return jnp.where(mask > 0, kl, 0.0)
+
+
+def per_token_rewards(score, kl, mask, kl_coef):
+  """[B, T] PPO rewards: -kl_coef * kl_t at each valid token, plus the sequence `score` [B] at the
+  last valid token; 0 on padding. Summed over t it is score - kl_coef * sum_t kl_t."""
+  last = jax.nn.one_hot(last_token_index(mask), mask.shape[-1], dtype=jnp.float32)
+  rewards = -kl_coef * kl + last * score[:, None]
+  return jnp.where(mask > 0, rewards, 0.0)
+
+
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+  """Generalised advantage estimation over valid tokens: (advantages, returns), both [B, T].
+
+  delta_t = r_t + gamma * V_next - V_t and A_t = delta_t + gamma * lam * A_next, where "next" is
+  the next valid token of the row; after the last valid token V and A are 0. Padding is skipped
+  (it carries the next token's V and A through unchanged) and gets 0. returns = A + V.
+  """
+  def step(carry, xs):
+    next_value, next_adv = carry
+    r, v, m = xs
+    valid = m > 0
+    adv = jnp.where(valid, r + gamma * next_value - v + gamma * lam * next_adv, 0.0)
+    carry = (jnp.where(valid, v, next_value), jnp.where(valid, adv, next_adv))
+    return carry, adv
+
+  zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+  xs = tuple(jnp.swapaxes(a.astype(jnp.float32), 0, 1) for a in (rewards, values, mask))
+  _, adv = jax.lax.scan(step, (zeros, zeros), xs, reverse=True)
+  advantages = jnp.swapaxes(adv, 0, 1)
+  returns = jnp.where(mask > 0, advantages + values, 0.0)
+  return advantages, returns
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2):
+  """Clipped surrogate: masked mean over tokens of max(-A * ratio, -A * clip(ratio, 1 +- eps)).
+
+  Metrics: `clipfrac`, the fraction of valid tokens where the clipped term is strictly larger
+  (there the token gives no gradient); `approx_kl`, the masked mean of (logp - old_logp)^2 / 2
+  (the k2 estimator of KL(old || new)); `ratio_mean`. With logp == old_logp (the first minibatch)
+  the ratio is exactly 1, clipfrac and approx_kl 0.
+  """
+  log_ratio = jnp.where(mask > 0, logp - old_logp, 0.0)
+  ratio = jnp.exp(log_ratio)
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+  metrics = {"clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+             "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
+             "ratio_mean": masked_mean(ratio, mask)}
+  return loss, metrics
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
+  """0.5 * masked mean of max((v - R)^2, (clip(v, old +- eps) - R)^2); metric `value_clipfrac`,
+  the fraction of valid tokens where the clipped term is strictly larger (no gradient there)."""
+  clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+  unclipped = jnp.square(values - returns)
+  clipped = jnp.square(clipped_values - returns)
+  loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
+  return loss, {"value_clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask)}
+
+
+def explained_variance(values, returns, mask):
+  """1 - Var(returns - values) / Var(returns) over valid tokens; 0 when the returns are constant
+  (nothing to explain)."""
+  var_returns = masked_var(returns, mask)
+  ratio = masked_var(returns - values, mask) / jnp.maximum(var_returns, 1e-12)
+  return jnp.where(var_returns > 0, 1.0 - ratio, 0.0)
+
+
+def kl_controller_init(init_coef: float, target=None, horizon: float = 10000.0):
+  """State of the KL coefficient controller (a dict of scalars, saved with the checkpoint).
+
+  target None gives a fixed coefficient; otherwise Ziegler et al. (2019)'s adaptive controller
+  steers the measured KL toward `target` over about `horizon` samples.
+  """
+  if target is not None and (target <= 0 or horizon <= 0):
+    raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
+  return {"kl_coef": jnp.float32(init_coef), "target": jnp.float32(target or 0.0),
+          "horizon": jnp.float32(horizon), "adaptive": jnp.bool_(target is not None)}
+
+
+def kl_controller_update(state, current_kl, n_steps):
+  """coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon (unchanged when fixed).
+
+  n_steps counts the samples (sequences) the KL was measured on, as in Ziegler et al.
+  """
+  error = jnp.clip(current_kl / jnp.where(state["adaptive"], state["target"], 1.0) - 1.0, -0.2, 0.2)
+  factor = 1.0 + jnp.where(state["adaptive"], error, 0.0) * n_steps / state["horizon"]
+  return {**state, "kl_coef": (state["kl_coef"] * factor).astype(jnp.float32)}
 
 
 def pairwise_reward_loss(r_chosen, r_rejected, margin=None):
-  """Bradley-Terry loss mean(-log sigmoid(rc - rr - margin)) and its metrics (means over pairs)."""
+  """Bradley-Terry loss mean(-log sigmoid(rc - rr - margin)) and its metrics (means over pairs):
+  `accuracy` (rc > rr; ties count 0), `margin` (rc - rr), `chosen_mean`, `rejected_mean`."""
   diff = r_chosen - r_rejected
   target = diff if margin is None else diff - margin
   loss = -jnp.mean(jax.nn.log_sigmoid(target))
@@ -37,13 +190,17 @@ def pairwise_reward_loss(r_chosen, r_rejected, margin=None):
   return loss, metrics
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
-             label_smoothing: float = 0.0):
-  """DPO on summed completion log-probs per pair [B]. Implicit rewards are beta * (policy - ref);
-  with label smoothing ls the labels are flipped with probability ls (conservative DPO). Accuracy
-  counts chosen_reward > rejected_reward, so a tie (e.g. at initialisation) counts 0."""
-  chosen_reward = beta * (policy_chosen - ref_chosen)
-  rejected_reward = beta * (policy_rejected - ref_rejected)
+def dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp,
+             beta: float = 0.1, label_smoothing: float = 0.0):
+  """DPO on summed completion log-probs per pair [B] -> (mean loss, metrics).
+
+  Implicit rewards are beta * (policy - ref) and h = chosen_reward - rejected_reward; the loss is
+  (1 - ls) * -log sigmoid(h) + ls * -log sigmoid(-h) (conservative DPO: labels flipped with
+  probability ls). `reward_accuracy` counts chosen_reward > rejected_reward, so a tie (as at
+  initialisation, where policy == reference and the loss is ln 2) counts 0.
+  """
+  chosen_reward = beta * (policy_chosen_logp - ref_chosen_logp)
+  rejected_reward = beta * (policy_rejected_logp - ref_rejected_logp)
   logits = chosen_reward - rejected_reward
   losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits)
             - label_smoothing * jax.nn.log_sigmoid(-logits))
@@ -51,3 +208,15 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
              "chosen_reward": jnp.mean(chosen_reward), "rejected_reward": jnp.mean(rejected_reward),
              "margin": jnp.mean(logits)}
   return jnp.mean(losses), metrics
+
+
+def group_advantages(scores, group_size: int, eps: float = 1e-6):
+  """GRPO advantages [B] for scores [B] in contiguous groups of `group_size` (samples of one
+  prompt): (s - group mean) / (group std + eps), population std. A group of equal scores gets
+  exactly 0 (s - mean can be a rounding error away from 0, which eps would not cancel), so it gives
+  no gradient."""
+  groups = scores.astype(jnp.float32).reshape(-1, group_size)
+  centered = groups - jnp.mean(groups, axis=-1, keepdims=True)
+  normalised = centered / (jnp.std(groups, axis=-1, keepdims=True) + eps)
+  spread = jnp.max(groups, axis=-1, keepdims=True) - jnp.min(groups, axis=-1, keepdims=True)
+  return jnp.where(spread > 0, normalised, 0.0).reshape(scores.shape)
