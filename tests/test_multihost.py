@@ -36,14 +36,6 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  from lmtrain.data import demo, tokenizer
-  d = tmp_path_factory.mktemp("tok")
-  train, _ = demo.write_pretrain_corpus(str(d / "data"))
-  return tokenizer.train_tokenizer([train], 512, str(d / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, tokenizer_path):
   workdir = str(tmp_path_factory.mktemp("two"))
   codes, outs = launch(workdir, tokenizer_path, 2)

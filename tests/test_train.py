@@ -13,7 +13,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lmtrain import parallel
 from lmtrain.model import transformer
 from lmtrain.stages.pretrain import lm_loss
 from lmtrain.train.state import TrainState
@@ -50,14 +49,6 @@ def saved_state(workdir, step):
 def steps_saved(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "pretrain", "checkpoints"))
                 if d.isdigit())
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  from lmtrain.data import demo, tokenizer
-  d = tmp_path_factory.mktemp("tok")
-  train, _ = demo.write_pretrain_corpus(str(d / "data"))
-  return tokenizer.train_tokenizer([train], 512, str(d / "tokenizer.model"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Shared test helpers: a tiny model, synthetic packed batches, sharded steps on a chosen mesh."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

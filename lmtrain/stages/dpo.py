@@ -5,15 +5,12 @@ and the reference give the DPO logits beta * ((pc - rc) - (pr - rr)); at initial
 reference, so the loss is ln 2.
 """
 
-import os
-
 import gin
 import jax.numpy as jnp
 
 from lmtrain.data import demo, preference, sft as sft_data
-from lmtrain.errors import UserError
 from lmtrain.stages import rl
-from lmtrain.stages.sft import stage_tokenizer
+from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.loop import LoopConfig, Stage
 
@@ -42,28 +39,18 @@ def make_dpo_loss(beta: float, label_smoothing: float):
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
           tokenizer="auto", init_from=None, beta=0.1, label_smoothing=0.0,
           on_bad_record="raise") -> Stage:
-  train = [train_data] if isinstance(train_data, str) else list(train_data or [])
-  evals = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
-  if train == ["demo"]:
-    train_path, eval_path = demo.write_preference_data(os.path.join(workdir, "data"))
-    train, evals = [train_path], ([eval_path] if evals in ([], ["demo"]) else evals)
-  if not train:
-    raise UserError("TRAIN_DATA is empty: name preference JSONL files, or 'demo'")
+  train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_preference_data,
+                                 "preference JSONL")
   tok = stage_tokenizer(workdir, tokenizer)
   template = sft_data.ChatTemplate()
 
-  def batches(sources, shuffle, num_epochs, seed):
-    def make(process_index, process_count):
-      return preference.make_preference_iterator(
-          sources, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=seed,
-          process_index=process_index, process_count=process_count, shuffle=shuffle,
-          num_epochs=num_epochs, on_error=on_bad_record, template=template)
-    return make
+  def batches(sources, train):
+    return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
+                        on_error=on_bad_record, template=template)
 
   return Stage(
       name="dpo", model_config=model_cfg, loss_fn=make_dpo_loss(beta, label_smoothing),
-      train_data=batches(train, True, None, loop_cfg.seed),
-      eval_data=batches(evals, False, 1, 0) if evals else None,
+      train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "sft"),
       frozen_reference=True,
       eval_metrics=lambda totals: {f"eval_{k}": totals[k] / max(totals["weight"], 1e-9)

@@ -9,6 +9,7 @@ import optax
 
 from lmtrain.data import demo, pipeline, tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
+from lmtrain.stages.common import data_factory
 from lmtrain.train.loop import LoopConfig, Stage
 
 
@@ -74,20 +75,14 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   tok = resolve_tokenizer(workdir, train, vocab_size=model_cfg.vocab_size)
   check_vocab(tok, model_cfg)
 
-  def train_iter(process_index, process_count):
-    return pipeline.make_iterator(
-        train, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=loop_cfg.seed,
-        process_index=process_index, process_count=process_count, on_error=on_bad_record)
-
-  def eval_iter(process_index, process_count):
-    return pipeline.make_iterator(
-        evals, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=0,
-        process_index=process_index, process_count=process_count, shuffle=False, num_epochs=1,
-        on_error=on_bad_record)
-
   summary = {}
   if evals and all(not s.startswith("seqio:") for s in evals + train):
     summary["unigram_perplexity"] = pipeline.unigram_perplexity(train, evals, tok)
-  return Stage(name="pretrain", model_config=model_cfg, loss_fn=lm_loss, train_data=train_iter,
-               eval_data=eval_iter if evals else None, eval_metrics=perplexity_metrics,
-               summary=summary, tokenizer_path=tok.path)
+
+  def batches(sources, train):
+    return data_factory(pipeline.make_iterator, sources, tok, loop_cfg, train=train,
+                        on_error=on_bad_record)
+
+  return Stage(name="pretrain", model_config=model_cfg, loss_fn=lm_loss,
+               train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
+               eval_metrics=perplexity_metrics, summary=summary, tokenizer_path=tok.path)

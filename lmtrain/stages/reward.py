@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmtrain.data import demo, preference, sft as sft_data
-from lmtrain.errors import UserError
 from lmtrain.stages import rl
-from lmtrain.stages.sft import stage_tokenizer
+from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.loop import LoopConfig, Stage
 
@@ -74,39 +73,24 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
   return run
 
 
-def _resolve(workdir, train_data, eval_data):
-  train = [train_data] if isinstance(train_data, str) else list(train_data or [])
-  evals = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
-  if train == ["demo"]:
-    train_path, eval_path = demo.write_preference_data(os.path.join(workdir, "data"))
-    train, evals = [train_path], ([eval_path] if evals in ([], ["demo"]) else evals)
-  if not train:
-    raise UserError("TRAIN_DATA is empty: name preference JSONL files, or 'demo'")
-  return train, evals
-
-
 @gin.configurable
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
           tokenizer="auto", init_from=None, on_bad_record="raise",
           normalization_pairs=256) -> Stage:
-  train, evals = _resolve(workdir, train_data, eval_data)
+  train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_preference_data,
+                                 "preference JSONL")
   tok = stage_tokenizer(workdir, tokenizer)
   rm_cfg = dataclasses.replace(model_cfg, head="scalar")
   template = sft_data.ChatTemplate()
 
-  def batches(sources, shuffle, num_epochs, seed):
-    def make(process_index, process_count):
-      return preference.make_preference_iterator(
-          sources, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=seed,
-          process_index=process_index, process_count=process_count, shuffle=shuffle,
-          num_epochs=num_epochs, on_error=on_bad_record, template=template)
-    return make
+  def batches(sources, train):
+    return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
+                        on_error=on_bad_record, template=template)
 
   norm_pairs = preference.load_pairs(evals or train, on_error=on_bad_record)[:normalization_pairs]
   return Stage(
       name="reward", model_config=rm_cfg, loss_fn=reward_loss,
-      train_data=batches(train, True, None, loop_cfg.seed),
-      eval_data=batches(evals, False, 1, 0) if evals else None,
+      train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "sft", rm_cfg,
                                                    loop_cfg.seed),
       eval_metrics=lambda totals: {f"eval_{k}": totals[k] / max(totals["weight"], 1e-9)

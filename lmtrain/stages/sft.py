@@ -5,38 +5,18 @@ so the step's token-weighted mean is over response tokens across the whole globa
 """
 
 import math
-import os
 
 import gin
 import jax
 import numpy as np
 
-from lmtrain.data import demo, scorers, sft as sft_data, tokenizer as tokenizer_lib
+from lmtrain.data import demo, scorers, sft as sft_data
 from lmtrain.errors import UserError
 from lmtrain.model import generate as generate_lib
+from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.stages.pretrain import lm_loss, perplexity_metrics
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.loop import LoopConfig, Stage
-
-
-def stage_tokenizer(workdir: str, tokenizer: str):
-  """A chained stage uses the run's tokenizer: DIR/tokenizer.model for 'auto', else the path."""
-  path = os.path.join(workdir, "tokenizer.model") if tokenizer == "auto" else tokenizer
-  if not os.path.exists(path):
-    raise UserError(f"TOKENIZER={tokenizer!r}: {path} does not exist; run `lmtrain pretrain` in "
-                    f"this work dir first, or set --gin.TOKENIZER to a sentencepiece model")
-  return tokenizer_lib.Tokenizer.load(path)
-
-
-def _resolve(workdir, train_data, eval_data):
-  train = [train_data] if isinstance(train_data, str) else list(train_data or [])
-  evals = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
-  if train == ["demo"]:
-    train_path, eval_path = demo.write_sft_data(os.path.join(workdir, "data"))
-    train, evals = [train_path], ([eval_path] if evals in ([], ["demo"]) else evals)
-  if not train:
-    raise UserError("TRAIN_DATA is empty: name SFT JSONL files, or 'demo'")
-  return train, evals
 
 
 def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
@@ -71,20 +51,16 @@ def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
           tokenizer="auto", init_from=None, template=None, pack=True, on_bad_record="raise",
           scorer="exact_match", eval_examples=64, eval_max_new_tokens=16) -> Stage:
-  train, evals = _resolve(workdir, train_data, eval_data)
+  train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_sft_data, "SFT JSONL")
   tok = stage_tokenizer(workdir, tokenizer)
   if tok.vocab_size > model_cfg.vocab_size:
     raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size "
                     f"is {model_cfg.vocab_size}")
   template = template or sft_data.ChatTemplate()
 
-  def batches(sources, shuffle, num_epochs, seed):
-    def make(process_index, process_count):
-      return sft_data.make_sft_iterator(
-          sources, tok, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size, seed=seed,
-          process_index=process_index, process_count=process_count, shuffle=shuffle,
-          num_epochs=num_epochs, pack=pack, on_error=on_bad_record, template=template)
-    return make
+  def batches(sources, train):
+    return data_factory(sft_data.make_sft_iterator, sources, tok, loop_cfg, train=train,
+                        pack=pack, on_error=on_bad_record, template=template)
 
   extra_eval = None
   if evals:
@@ -95,7 +71,6 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
                                eval_max_new_tokens)
   return Stage(
       name="sft", model_config=model_cfg, loss_fn=lm_loss,
-      train_data=batches(train, True, None, loop_cfg.seed),
-      eval_data=batches(evals, False, 1, 0) if evals else None,
+      train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "pretrain"),
       eval_metrics=perplexity_metrics, extra_eval=extra_eval, tokenizer_path=tok.path)
