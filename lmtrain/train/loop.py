@@ -166,6 +166,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
   graphdef, abstract_params, names = transformer.abstract_model(stage.model_config)
   schedule = optim.make_schedule(total_steps=cfg.train_steps)
   optimizer = optim.make_optimizer(schedule)
+
   def create_state(params, rng):
     extras = {"reference": jax.tree.map(jnp.copy, params)} if stage.frozen_reference else {}
     return TrainState.create(params, optimizer, rng, extras)
