@@ -51,6 +51,8 @@ def _parser():
   p = sub.add_parser("sample", help="print completions from a stage's latest checkpoint")
   from lmtrain import sample
   sample.add_arguments(p)
+  from lmtrain import convert
+  convert.add_arguments(sub)
   p = sub.add_parser("report", help="plots and a markdown summary of a work dir's stages")
   from lmtrain import report
   report.add_arguments(p)
@@ -160,6 +162,9 @@ def main(argv=None):
     elif args.command == "sample":
       from lmtrain import sample
       sample.run(args)
+    elif args.command == "convert":
+      from lmtrain import convert
+      convert.run(args)
     elif args.command == "report":
       from lmtrain import report
       report.run(args)

@@ -1,0 +1,521 @@
+"""`lmtrain convert`: LLaMA-family checkpoints between Hugging Face `transformers` and lmtrain.
+
+    lmtrain convert from-hf --input HF_DIR --output CKPT_DIR
+    lmtrain convert to-hf --checkpoint DIR/STAGE --output HF_DIR
+
+from-hf reads `config.json` (LlamaForCausalLM, or MistralForCausalLM without biases) and safetensors
+weights (`model.safetensors`, or shards listed in `model.safetensors.index.json`) with the numpy API,
+one tensor at a time; it never unpickles, so a `.bin`/`.pt` model is refused. It writes a stage-like
+directory that `INIT_FROM` (and `lmtrain sample`, and to-hf) accepts:
+
+    CKPT_DIR/checkpoints/0/state   orbax; {"params": ...} at float32, lmtrain's parameter dtype
+    CKPT_DIR/model.json            the ModelConfig, as a training run writes it
+    CKPT_DIR/model.gin             `model_config.overrides` giving any MODEL preset this shape
+    CKPT_DIR/lineage.json          stage "from_hf", with the source directory and files
+    CKPT_DIR/tokenizer.model       copied when the source has one
+
+Peak memory is the float32 output plus one source tensor (and the page cache of the memory-mapped
+source): each parameter kind is stacked over layers into its [layers, ...] array as it is read.
+
+to-hf takes the model shape from DIR/STAGE/model.json (written by every run, read by `lmtrain sample`)
+and the tokenizer from lineage.json (or DIR/tokenizer.model); it writes `config.json`, safetensors
+shards (float32 by default, exact; or --dtype bfloat16/float16) with their index when there are
+several, `tokenizer.model` and a `tokenizer_config.json` that `AutoTokenizer` loads with the model's
+own special ids (lmtrain's: pad 0, eos 1, bos 2, unk 3). It holds the float32 params in host memory
+plus one shard. Scalar-head (reward/value) checkpoints are not exported.
+
+Weight mapping (HF Linear weights are [out, in]; L layers, N heads, K kv heads, H head size):
+
+    model.embed_tokens.weight [V, D]                      embed [V, D]
+    model.layers.i.self_attn.q_proj.weight [N*H, D]        layers.attn.q[i] [D, N, H]  (transpose)
+    model.layers.i.self_attn.k_proj.weight [K*H, D]        layers.attn.k[i] [D, K, H]  (transpose)
+    model.layers.i.self_attn.v_proj.weight [K*H, D]        layers.attn.v[i] [D, K, H]  (transpose)
+    model.layers.i.self_attn.o_proj.weight [D, N*H]        layers.attn.o[i] [N, H, D]  (transpose)
+    model.layers.i.mlp.gate_proj.weight [M, D]             layers.mlp.gate[i] [D, M]   (transpose)
+    model.layers.i.mlp.up_proj.weight [M, D]               layers.mlp.up[i] [D, M]     (transpose)
+    model.layers.i.mlp.down_proj.weight [D, M]             layers.mlp.down[i] [M, D]   (transpose)
+    model.layers.i.input_layernorm.weight [D]              layers.attn_norm.scale[i] [D]
+    model.layers.i.post_attention_layernorm.weight [D]     layers.mlp_norm.scale[i] [D]
+    model.norm.weight [D]                                  final_norm.scale [D]
+    lm_head.weight [V, D] (untied only)                    lm_head [D, V]              (transpose)
+
+RoPE needs no permutation of q/k: lmtrain rotates the pairs (i, i + H/2) with frequencies
+theta^(-i/(H/2)), exactly HF's rotate_half, the layout HF's LLaMA checkpoints are stored in.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from lmtrain.errors import UserError
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tensors some exports carry that hold no weights: recomputed from the config.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One HF tensor kind and where it lives in lmtrain's params."""
+  hf: str  # name; "{i}" stands for the layer index
+  path: tuple[str, ...]  # keys in lmtrain's pure-dict params
+  transpose: bool  # HF [out, in] vs lmtrain [in, ...]
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.hf
+
+
+_LAYER = "model.layers.{i}."
+TENSORS = (
+    _Tensor("model.embed_tokens.weight", ("embed",), False),
+    _Tensor(_LAYER + "self_attn.q_proj.weight", ("layers", "attn", "q"), True),
+    _Tensor(_LAYER + "self_attn.k_proj.weight", ("layers", "attn", "k"), True),
+    _Tensor(_LAYER + "self_attn.v_proj.weight", ("layers", "attn", "v"), True),
+    _Tensor(_LAYER + "self_attn.o_proj.weight", ("layers", "attn", "o"), True),
+    _Tensor(_LAYER + "mlp.gate_proj.weight", ("layers", "mlp", "gate"), True),
+    _Tensor(_LAYER + "mlp.up_proj.weight", ("layers", "mlp", "up"), True),
+    _Tensor(_LAYER + "mlp.down_proj.weight", ("layers", "mlp", "down"), True),
+    _Tensor(_LAYER + "input_layernorm.weight", ("layers", "attn_norm", "scale"), False),
+    _Tensor(_LAYER + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), False),
+    _Tensor("model.norm.weight", ("final_norm", "scale"), False),
+    _Tensor("lm_head.weight", ("lm_head",), True),
+)
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _tensors(cfg) -> list[tuple[_Tensor, tuple[int, ...], tuple[int, ...]]]:
+  """(tensor kind, HF shape, lmtrain shape of one layer's slice) for the kinds `cfg` has."""
+  from lmtrain.model import transformer
+  _, abstract, _ = transformer.abstract_model(cfg)
+  out = []
+  for t in TENSORS:
+    if t.path[0] == "lm_head" and cfg.tie_embeddings:
+      continue
+    shape = tuple(_get(abstract, t.path).shape)
+    lm_shape = shape[1:] if t.per_layer else shape
+    if t.transpose:
+      # The input axis is lmtrain's first for q/k/v/gate/up/down/lm_head (the rest flatten into HF's
+      # out axis) and its last for o ([N, H, D] flattens its leading axes into HF's in axis).
+      split = len(lm_shape) - 1 if t.path[-1] == "o" else 1
+      hf_shape = (math.prod(lm_shape[split:]), math.prod(lm_shape[:split]))
+    else:
+      hf_shape = lm_shape
+    out.append((t, hf_shape, lm_shape))
+  return out
+
+
+def _to_lmtrain(w: np.ndarray, t: _Tensor, lm_shape) -> np.ndarray:
+  return (w.T if t.transpose else w).reshape(lm_shape)
+
+
+def _to_hf(w: np.ndarray, t: _Tensor, hf_shape) -> np.ndarray:
+  if t.transpose:
+    return np.ascontiguousarray(w.reshape(hf_shape[::-1]).T)
+  return w.reshape(hf_shape)
+
+
+# ----------------------------------------------------------------------------------------- from-hf
+
+
+def model_config_from_hf(hf: dict, where: str):
+  """The ModelConfig of an HF LLaMA-family config.json, refusing what lmtrain's model cannot run."""
+  from lmtrain.model import transformer
+  arch = (hf.get("architectures") or [None])[0]
+  if arch not in ARCHITECTURES:
+    raise UserError(f"{where}: architecture {arch!r} is not supported; lmtrain converts "
+                    f"{' and '.join(ARCHITECTURES)}")
+
+  def need(key):
+    if hf.get(key) is None:
+      raise UserError(f"{where}: '{key}' is missing")
+    return hf[key]
+
+  if hf.get("hidden_act", "silu") != "silu":
+    raise UserError(f"{where}: hidden_act={hf['hidden_act']!r}; lmtrain's MLP is SwiGLU (silu)")
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      raise UserError(f"{where}: {key}=true; lmtrain's layers have no biases")
+  # transformers 5 folds rope_theta and rope_scaling into rope_parameters; older files have both.
+  rope = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or rope
+  rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+  if rope_type != "default":
+    raise UserError(f"{where}: rope scaling {rope_type!r} is not supported; lmtrain's rotary "
+                    f"embedding is unscaled")
+  if hf.get("sliding_window"):
+    print(f"note: {where}: sliding_window={hf['sliding_window']} is ignored; lmtrain attends over "
+          f"the whole context (the same for sequences up to that length)", file=sys.stderr)
+  d, heads = need("hidden_size"), need("num_attention_heads")
+  head_dim = hf.get("head_dim") or d // heads
+  try:
+    return transformer.ModelConfig(
+        vocab_size=need("vocab_size"), d_model=d, num_layers=need("num_hidden_layers"),
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=None if head_dim * heads == d else head_dim, mlp_dim=need("intermediate_size"),
+        rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False))).validate()
+  except UserError as e:
+    raise UserError(f"{where}: {e}") from None
+
+
+def _weight_files(input_dir: str) -> dict[str, str]:
+  """Tensor name -> safetensors file path, checking every file the index names exists."""
+  index = os.path.join(input_dir, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"{index}: not a safetensors index ({e})") from None
+    for name in sorted(set(weight_map.values())):
+      if not os.path.exists(os.path.join(input_dir, name)):
+        raise UserError(f"{index} names {name}, which is missing from {input_dir}")
+    return {tensor: os.path.join(input_dir, name) for tensor, name in weight_map.items()}
+  single = os.path.join(input_dir, SINGLE_FILE)
+  if os.path.exists(single):
+    with _open_safetensors(single) as f:
+      return {name: single for name in f.keys()}
+  pickled = sorted(n for n in os.listdir(input_dir) if n.endswith((".bin", ".pt", ".pth")))
+  if pickled:
+    raise UserError(f"{input_dir}: only PyTorch pickle weights ({pickled[0]}); lmtrain reads "
+                    f"safetensors only: re-save with save_pretrained(safe_serialization=True)")
+  raise UserError(f"{input_dir}: no {SINGLE_FILE} or {INDEX_FILE} there")
+
+
+def _open_safetensors(path: str):
+  from safetensors import SafetensorError, safe_open
+  try:
+    return safe_open(path, framework="np")
+  except SafetensorError as e:
+    raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def from_hf(input_dir: str, output_dir: str):
+  """Converts an HF model directory into an lmtrain checkpoint directory; returns its ModelConfig."""
+  import jax
+  from lmtrain.train import checkpoint as ckpt_lib
+  input_dir, output_dir = os.path.abspath(input_dir), os.path.abspath(output_dir)
+  config_path = os.path.join(input_dir, "config.json")
+  if not os.path.exists(config_path):
+    raise UserError(f"--input {input_dir}: no config.json there")
+  with open(config_path) as f:
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{config_path}: not JSON ({e})") from None
+  cfg = model_config_from_hf(hf, config_path)
+  arch = hf["architectures"][0]
+  files = _weight_files(input_dir)
+  if os.path.exists(os.path.join(output_dir, "checkpoints")):
+    raise UserError(f"--output {output_dir}: already holds checkpoints/; choose a new directory")
+
+  biases = sorted(n for n in files if n.endswith(".bias"))
+  if biases:
+    raise UserError(f"{files[biases[0]]}: tensor {biases[0]}: lmtrain's layers have no biases")
+  plan = _tensors(cfg)
+  expected = {t.hf.format(i=i) for t, _, _ in plan
+              for i in (range(cfg.num_layers) if t.per_layer else [None])}
+  missing = sorted(expected - set(files))
+  if missing:
+    raise UserError(f"{input_dir}: tensor {missing[0]} is missing"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  # Some exports save the tied LM head too: it is the embedding, so it is not read.
+  unknown = sorted(n for n in set(files) - expected - {"lm_head.weight"}
+                   if not n.endswith(IGNORED_SUFFIXES))
+  if unknown:
+    raise UserError(f"{files[unknown[0]]}: unexpected tensor {unknown[0]} for {arch}")
+
+  # Host-memory jax arrays: orbax saves them without the extra copy it makes of numpy arrays, and on
+  # an accelerator host they stay off the accelerator.
+  host = jax.local_devices(backend="cpu")[0]
+  params = {}
+  with contextlib.ExitStack() as stack:
+    handles = {}
+
+    def read(name, hf_shape):
+      path = files[name]
+      if path not in handles:
+        handles[path] = stack.enter_context(_open_safetensors(path))
+      # Shape first, from the header: a mismatch is reported before reading the data.
+      shape = tuple(handles[path].get_slice(name).get_shape())
+      if shape != tuple(hf_shape):
+        raise UserError(f"{path}: tensor {name} has shape {list(shape)}, config.json implies "
+                        f"{list(hf_shape)}")
+      return handles[path].get_tensor(name)
+
+    for t, hf_shape, lm_shape in plan:
+      if t.per_layer:
+        stacked = np.empty((cfg.num_layers, *lm_shape), np.float32)
+        for i in range(cfg.num_layers):
+          stacked[i] = _to_lmtrain(read(t.hf.format(i=i), hf_shape), t, lm_shape)
+      else:
+        stacked = _to_lmtrain(read(t.hf, hf_shape), t, lm_shape).astype(np.float32)
+      _set(params, t.path, jax.device_put(stacked, host))
+      del stacked
+
+  os.makedirs(output_dir, exist_ok=True)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(output_dir, "checkpoints"), async_save=False)
+  checkpointer.save(0, {"step": np.zeros((), np.int32), "params": params})
+  checkpointer.close()
+
+  tokenizer = None
+  source_tokenizer = os.path.join(input_dir, "tokenizer.model")
+  if os.path.exists(source_tokenizer):
+    tokenizer = os.path.join(output_dir, "tokenizer.model")
+    shutil.copyfile(source_tokenizer, tokenizer)
+    _note_special_ids(tokenizer)
+  gin_text = _model_gin(cfg, input_dir, output_dir)
+  with open(os.path.join(output_dir, "model.gin"), "w") as f:
+    f.write(gin_text)
+  with open(os.path.join(output_dir, "model.json"), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=2)
+  lineage = ckpt_lib.write_lineage(output_dir, "from_hf", gin_text, tokenizer=tokenizer)
+  lineage["source"] = {"path": input_dir, "architecture": arch,
+                       "files": sorted({os.path.basename(p) for p in files.values()})}
+  with open(os.path.join(output_dir, "lineage.json"), "w") as f:
+    json.dump(lineage, f, indent=2)
+  return cfg
+
+
+def _note_special_ids(path: str):
+  """lmtrain's stages need pad/eos/bos/unk at 0/1/2/3 (LLaMA's own tokenizers differ): say so now."""
+  from lmtrain.data import tokenizer as tokenizer_lib
+  special = _special_tokens(path)
+  ids = tuple(special[role][0] if role in special else -1 for role in ("pad", "eos", "bos", "unk"))
+  wanted = (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID, tokenizer_lib.BOS_ID, tokenizer_lib.UNK_ID)
+  if ids != wanted:
+    print(f"note: {path}: special ids (pad, eos, bos, unk) are {ids}, lmtrain's stages expect "
+          f"{wanted} and will refuse this tokenizer", file=sys.stderr)
+
+
+def _model_gin(cfg, input_dir: str, output_dir: str) -> str:
+  fields = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
+  overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
+  body = ",\n".join(f"    {k!r}: {v!r}" for k, v in overrides.items())
+  return (f"# Converted from {input_dir}.\n"
+          f"# Start a stage from it: --gin_file {output_dir}/model.gin --gin.INIT_FROM={output_dir}\n"
+          f"# (these overrides give any MODEL preset this shape; the preset still sets remat/dtype).\n"
+          f"model_config.overrides = {{\n{body},\n}}\n")
+
+
+# ------------------------------------------------------------------------------------------- to-hf
+
+
+def _load_stage(stage_dir: str):
+  """(ModelConfig, tokenizer path or None) of a stage directory."""
+  from lmtrain.model import transformer
+  model_json = os.path.join(stage_dir, "model.json")
+  if not os.path.exists(model_json):
+    raise UserError(f"--checkpoint {stage_dir}: model.json is missing; is this a stage directory "
+                    f"written by lmtrain?")
+  with open(model_json) as f:
+    cfg = transformer.ModelConfig(**json.load(f))
+  tokenizer = None
+  lineage_json = os.path.join(stage_dir, "lineage.json")
+  if os.path.exists(lineage_json):
+    with open(lineage_json) as f:
+      tokenizer = json.load(f).get("tokenizer")
+  tokenizer = tokenizer or os.path.join(os.path.dirname(stage_dir), "tokenizer.model")
+  return cfg, tokenizer if os.path.exists(tokenizer) else None
+
+
+def _hf_config(cfg, special: dict, dtype: str, max_positions: int) -> dict:
+  return {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.kv_heads,
+      "head_dim": cfg.head_size,
+      "hidden_act": "silu",
+      "max_position_embeddings": max_positions,
+      "rms_norm_eps": cfg.norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": None,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "attention_bias": False,
+      "mlp_bias": False,
+      **{f"{role}_token_id": special[role][0] if role in special else None
+         for role in ("bos", "eos", "pad")},
+      "torch_dtype": dtype,
+  }
+
+
+def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str = "float32",
+          max_shard_bytes: int = 5 * 2**30, max_positions: int = 4096) -> list[str]:
+  """Writes the LM checkpoint in `stage_dir` as an HF LlamaForCausalLM directory; returns its files."""
+  import jax
+  from safetensors.numpy import save_file
+
+  from lmtrain.model import transformer
+  from lmtrain.train import checkpoint as ckpt_lib
+  stage_dir, output_dir = os.path.abspath(stage_dir.rstrip("/")), os.path.abspath(output_dir)
+  cfg, tokenizer = _load_stage(stage_dir)
+  if cfg.head != "lm":
+    raise UserError(f"--checkpoint {stage_dir}: a {cfg.head}-head model (reward/value); only "
+                    f"language models export to HF")
+  if os.path.exists(os.path.join(output_dir, "config.json")):
+    raise UserError(f"--output {output_dir}: already holds config.json; choose a new directory")
+  np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
+  if np_dtype is None:
+    import ml_dtypes
+    np_dtype = ml_dtypes.bfloat16
+
+  _, abstract, _ = transformer.abstract_model(cfg)
+  host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), abstract)
+  params, _ = ckpt_lib.restore_params(stage_dir, abstract, step)
+
+  # Shard plan first (sizes come from the shapes), so file names can say "-of-N".
+  items = []
+  for t, hf_shape, _ in _tensors(cfg):
+    for i in range(cfg.num_layers) if t.per_layer else [None]:
+      items.append((t, i, hf_shape))
+  items.sort(key=lambda item: (item[1] is not None, item[1] or 0))  # embeddings, then layer by layer
+  itemsize = np.dtype(np_dtype).itemsize
+  shards, size = [[]], 0
+  for item in items:
+    nbytes = math.prod(item[2]) * itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(item)
+    size += nbytes
+
+  os.makedirs(output_dir, exist_ok=True)
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  weight_map, total = {}, 0
+  for name, shard in zip(names, shards):
+    tensors = {}
+    for t, i, hf_shape in shard:
+      stacked = _get(params, t.path)
+      w = np.asarray(stacked[i] if t.per_layer else stacked)
+      hf_name = t.hf.format(i=i)
+      tensors[hf_name] = _to_hf(w, t, hf_shape).astype(np_dtype)
+      weight_map[hf_name] = name
+      total += tensors[hf_name].nbytes
+    save_file(tensors, os.path.join(output_dir, name), metadata={"format": "pt"})
+  written = list(names)
+  if len(shards) > 1:
+    with open(os.path.join(output_dir, INDEX_FILE), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    written.append(INDEX_FILE)
+
+  special = _special_tokens(tokenizer)
+  with open(os.path.join(output_dir, "config.json"), "w") as f:
+    json.dump(_hf_config(cfg, special, dtype, max_positions), f, indent=2)
+  written.append("config.json")
+  if tokenizer:
+    written.extend(_write_tokenizer(tokenizer, special, output_dir))
+  else:
+    print(f"note: no tokenizer found for {stage_dir}; wrote the model only", file=sys.stderr)
+  return written
+
+
+def _special_tokens(path: str | None) -> dict[str, tuple[int, str]]:
+  """{"bos"|"eos"|"pad"|"unk": (id, piece)} of a sentencepiece model; lmtrain's ids without one."""
+  from lmtrain.data import tokenizer as tokenizer_lib
+  if path is None:
+    return {"bos": (tokenizer_lib.BOS_ID, "<s>"), "eos": (tokenizer_lib.EOS_ID, "</s>"),
+            "pad": (tokenizer_lib.PAD_ID, "<pad>"), "unk": (tokenizer_lib.UNK_ID, "<unk>")}
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor()
+  try:
+    sp.Load(path)
+  except (OSError, RuntimeError) as e:
+    raise UserError(f"{path}: not a sentencepiece model ({e})") from None
+  ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
+  return {role: (i, sp.id_to_piece(i)) for role, i in ids.items() if i >= 0}  # -1: none
+
+
+def _write_tokenizer(path: str, special: dict, output_dir: str) -> list[str]:
+  """tokenizer.model, and a tokenizer_config.json naming its special tokens. The generic fast class
+  builds its tokenizer from the sentencepiece model's own settings (unigram, byte fallback, no
+  normalisation), so it encodes as sentencepiece does; transformers 5's LlamaTokenizer assumes a
+  BPE model and would not."""
+  shutil.copyfile(path, os.path.join(output_dir, "tokenizer.model"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast",
+            **{f"{role}_token": piece for role, (_, piece) in special.items()},
+            "add_bos_token": True,  # lmtrain's prompts start with BOS
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False}
+  with open(os.path.join(output_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return ["tokenizer.model", "tokenizer_config.json"]
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(subparsers):
+  """Adds `convert from-hf` and `convert to-hf` to the CLI's subcommands."""
+  p = subparsers.add_parser("convert", help="convert LLaMA-family checkpoints to/from HF")
+  sub = p.add_subparsers(dest="direction", required=True)
+  q = sub.add_parser("from-hf", help="an HF model directory (safetensors) -> an lmtrain checkpoint")
+  q.add_argument("--input", required=True, help="HF model directory (config.json, safetensors)")
+  q.add_argument("--output", required=True, help="new directory for the checkpoint (INIT_FROM)")
+  q = sub.add_parser("to-hf", help="an lmtrain stage's checkpoint -> an HF LlamaForCausalLM directory")
+  q.add_argument("--checkpoint", required=True, help="a stage directory, e.g. runs/demo/sft")
+  q.add_argument("--output", required=True, help="new directory for the HF model")
+  q.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  q.add_argument("--dtype", choices=DTYPES, default="float32",
+                 help="weight dtype in the safetensors files (float32 is exact)")
+  q.add_argument("--max_shard_gb", type=float, default=5.0, help="largest safetensors shard")
+  q.add_argument("--max_position_embeddings", type=int, default=4096,
+                 help="config.json's context length (lmtrain's RoPE sets no limit)")
+
+
+def run(args):
+  if args.direction == "from-hf":
+    cfg = from_hf(args.input, args.output)
+    print(f"wrote {args.output}: {cfg.num_layers} layers, d_model {cfg.d_model}, vocab "
+          f"{cfg.vocab_size} ({cfg.param_count():,} parameters)")
+  else:
+    files = to_hf(args.checkpoint, args.output, step=args.step, dtype=args.dtype,
+                  max_shard_bytes=int(args.max_shard_gb * 2**30),
+                  max_positions=args.max_position_embeddings)
+    print(f"wrote {args.output}: {', '.join(files)}")
+
+
+def main(argv=None):
+  """`python -m lmtrain.convert from-hf|to-hf ...`, the same as `lmtrain convert ...`."""
+  parser = argparse.ArgumentParser(prog="lmtrain")
+  add_arguments(parser.add_subparsers(dest="command", required=True))
+  args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+  try:
+    run(args)
+  except UserError as e:
+    print(f"lmtrain: error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+  main()
