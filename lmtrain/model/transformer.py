@@ -358,8 +358,7 @@ def split_params(model):
   graphdef, state = nnx.split(model)
   names = jax.tree.map(lambda v: tuple(v.out_sharding), state,
                        is_leaf=lambda v: isinstance(v, nnx.Variable))
-  names = nnx.State(names).to_pure_dict() if not isinstance(names, dict) else names
-  return graphdef, state.to_pure_dict(), names
+  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(names)
 
 
 def merge(graphdef, params):
@@ -370,5 +369,5 @@ def merge(graphdef, params):
 @functools.lru_cache(maxsize=None)
 def _init_fn(cfg: ModelConfig):
   def init(rng):
-    return nnx.split(Transformer(cfg, nnx.Rngs(params=rng)))[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=rng)))[1])
   return init

@@ -64,7 +64,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss_sum / denom,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "weight": weight,
         **{k: v / denom for k, v in sums.items()},
