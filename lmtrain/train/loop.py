@@ -90,6 +90,9 @@ def _state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer):
                     extras=extras)
 
 
+SIGNAL_SYNC_EVERY = 10  # steps between the hosts' SIGTERM agreements in multi-process runs
+
+
 class _SigtermFlag:
   """Records SIGTERM so the loop can save at the next step boundary instead of dying mid-write."""
 
@@ -112,16 +115,20 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
   def should_stop(self, step: int) -> bool:
-    stop = self.raised
     try:  # JAX's own preemption notice on TPU, agreed on by all hosts at the same step
       from jax.experimental import multihost_utils
-      stop = stop or multihost_utils.reached_preemption_sync_point(step)
+      if multihost_utils.reached_preemption_sync_point(step):
+        return True
     except Exception:  # no preemption service outside managed TPU runs
       pass
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
-    return stop
+    if jax.process_count() == 1:
+      return self.raised
+    # Hosts must stop at the same step, so they agree on their flags; only every few steps, as the
+    # collective waits for the step in flight and would otherwise stall dispatch every step.
+    if step % SIGNAL_SYNC_EVERY:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.array(self.raised)).any())
 
 
 def _close(iterator):
