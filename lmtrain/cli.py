@@ -37,7 +37,7 @@ def _parser():
                        if stage != "pipeline" else "run the stages in order, each resuming")
     p.add_argument("--workdir", required=True)
     if stage == "pipeline":
-      p.add_argument("--stages", default="pretrain,sft,reward",
+      p.add_argument("--stages", default="pretrain,sft,reward,ppo",
                      help="comma-separated stages to chain, in order")
     p.add_argument("--gin_file", action="append", default=[])
     p.add_argument("--gin_param", action="append", default=[])
@@ -84,6 +84,8 @@ KEY_METRICS = {
     "sft": ("loss", "initial_eval_exact_match", "eval_exact_match", "eval_perplexity"),
     "reward": ("loss", "eval_accuracy", "eval_margin", "reward_offset", "reward_scale"),
     "dpo": ("loss", "eval_reward_accuracy", "eval_margin"),
+    "ppo": ("initial_eval_task_score", "eval_task_score", "eval_reward_mean", "kl", "kl_bound"),
+    "grpo": ("initial_eval_task_score", "eval_task_score", "reward_mean", "kl", "kl_bound"),
 }
 
 

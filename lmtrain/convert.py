@@ -3,9 +3,10 @@
     lmtrain convert from-hf --input HF_DIR --output CKPT_DIR
     lmtrain convert to-hf --checkpoint DIR/STAGE --output HF_DIR
 
-from-hf reads `config.json` (LlamaForCausalLM, or MistralForCausalLM without biases) and safetensors
-weights (`model.safetensors`, or shards listed in `model.safetensors.index.json`) with the numpy API,
-one tensor at a time; it never unpickles, so a `.bin`/`.pt` model is refused. It writes a stage-like
+from-hf reads `config.json` (LlamaForCausalLM, MistralForCausalLM without biases, or a one-label
+LlamaForSequenceClassification, which becomes a scalar-head reward model) and safetensors weights
+(`model.safetensors`, or shards listed in `model.safetensors.index.json`) with the numpy API, one
+tensor at a time; it never unpickles, so a `.bin`/`.pt` model is refused. It writes a stage-like
 directory that `INIT_FROM` (and `lmtrain sample`, and to-hf) accepts:
 
     CKPT_DIR/checkpoints/0/state   orbax; {"params": ...} at float32, lmtrain's parameter dtype
@@ -20,9 +21,20 @@ source): each parameter kind is stacked over layers into its [layers, ...] array
 to-hf takes the model shape from DIR/STAGE/model.json (written by every run, read by `lmtrain sample`)
 and the tokenizer from lineage.json (or DIR/tokenizer.model); it writes `config.json`, safetensors
 shards (float32 by default, exact; or --dtype bfloat16/float16) with their index when there are
-several, `tokenizer.model` and a `tokenizer_config.json` that `AutoTokenizer` loads with the model's
-own special ids (lmtrain's: pad 0, eos 1, bos 2, unk 3). It holds the float32 params in host memory
-plus one shard. Scalar-head (reward/value) checkpoints are not exported.
+several, `tokenizer.model` and a `tokenizer_config.json` that `AutoTokenizer` loads with the
+tokenizer's own special ids (lmtrain's: pad 0, eos 1, bos 2, unk 3; LLaMA's: unk 0, bos 1, eos
+2, and unk again as pad). It holds the float32 params in host memory plus one shard.
+
+A scalar-head (reward or value) checkpoint exports as LlamaForSequenceClassification with one label:
+its `score` Linear is lmtrain's head weight, and config.json's pad_token_id makes HF read the score
+at the last non-pad token, where lmtrain's reward stage reads it. HF's score layer has no bias, so
+lmtrain's scalar bias goes into config.json as "lmtrain_score_bias" (the pairwise reward loss leaves
+it at its initial 0; a note says when it is not), and reward_normalization.json is copied alongside.
+from-hf reads that key back (0 without it), so the round trip is exact.
+
+RoPE scaling maps between HF's `rope_scaling` (or transformers 5's `rope_parameters`) {"rope_type":
+"linear", "factor"} or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+"original_max_position_embeddings"} and ModelConfig's rope_scaling* fields; other types are refused.
 
 Weight mapping (HF Linear weights are [out, in]; L layers, N heads, K kv heads, H head size):
 
@@ -38,6 +50,7 @@ Weight mapping (HF Linear weights are [out, in]; L layers, N heads, K kv heads, 
     model.layers.i.post_attention_layernorm.weight [D]     layers.mlp_norm.scale[i] [D]
     model.norm.weight [D]                                  final_norm.scale [D]
     lm_head.weight [V, D] (untied only)                    lm_head [D, V]              (transpose)
+    score.weight [1, D] (sequence classifier)              score [D]; score_bias []: config.json
 
 RoPE needs no permutation of q/k: lmtrain rotates the pairs (i, i + H/2) with frequencies
 theta^(-i/(H/2)), exactly HF's rotate_half, the layout HF's LLaMA checkpoints are stored in.
@@ -56,7 +69,13 @@ import numpy as np
 
 from lmtrain.errors import UserError
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SEQUENCE_CLASSIFIER = "LlamaForSequenceClassification"
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", SEQUENCE_CLASSIFIER)
+# In the config.json of an exported reward model: the scalar head's bias, which HF's score lacks.
+SCORE_BIAS_KEY = "lmtrain_score_bias"
+# Written beside a reward checkpoint by lmtrain/stages/reward.py; exported with it.
+NORMALIZATION_FILE = "reward_normalization.json"
+ROPE_SCALINGS = ("linear", "llama3")  # HF rope types lmtrain runs, besides the default
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Tensors some exports carry that hold no weights: recomputed from the config.
@@ -90,6 +109,7 @@ TENSORS = (
     _Tensor(_LAYER + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), False),
     _Tensor("model.norm.weight", ("final_norm", "scale"), False),
     _Tensor("lm_head.weight", ("lm_head",), True),
+    _Tensor("score.weight", ("score",), False),
 )
 
 
@@ -111,11 +131,13 @@ def _tensors(cfg) -> list[tuple[_Tensor, tuple[int, ...], tuple[int, ...]]]:
   _, abstract, _ = transformer.abstract_model(cfg)
   out = []
   for t in TENSORS:
-    if t.path[0] == "lm_head" and cfg.tie_embeddings:
+    if t.path[0] not in abstract:  # lm_head when tied or under a scalar head; score on an LM
       continue
     shape = tuple(_get(abstract, t.path).shape)
     lm_shape = shape[1:] if t.per_layer else shape
-    if t.transpose:
+    if t.path == ("score",):
+      hf_shape = (1, *lm_shape)  # a Linear to one label
+    elif t.transpose:
       # The input axis is lmtrain's first for q/k/v/gate/up/down/lm_head (the rest flatten into HF's
       # out axis) and its last for o ([N, H, D] flattens its leading axes into HF's in axis).
       split = len(lm_shape) - 1 if t.path[-1] == "o" else 1
@@ -157,13 +179,16 @@ def model_config_from_hf(hf: dict, where: str):
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
       raise UserError(f"{where}: {key}=true; lmtrain's layers have no biases")
+  head = "lm"
+  if arch == SEQUENCE_CLASSIFIER:
+    labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+    if labels != 1:
+      raise UserError(f"{where}: {arch} with {labels} labels; lmtrain's scalar head (a reward "
+                      f"model) converts num_labels=1 only")
+    head = "scalar"
   # transformers 5 folds rope_theta and rope_scaling into rope_parameters; older files have both.
   rope = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or rope
-  rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
-  if rope_type != "default":
-    raise UserError(f"{where}: rope scaling {rope_type!r} is not supported; lmtrain's rotary "
-                    f"embedding is unscaled")
+  rope_fields = _rope_scaling_from_hf(hf.get("rope_scaling") or rope, hf, where)
   if hf.get("sliding_window"):
     print(f"note: {where}: sliding_window={hf['sliding_window']} is ignored; lmtrain attends over "
           f"the whole context (the same for sequences up to that length)", file=sys.stderr)
@@ -176,9 +201,50 @@ def model_config_from_hf(hf: dict, where: str):
         head_dim=None if head_dim * heads == d else head_dim, mlp_dim=need("intermediate_size"),
         rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False))).validate()
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head=head,
+        **rope_fields).validate()
   except UserError as e:
     raise UserError(f"{where}: {e}") from None
+
+
+def _rope_scaling_from_hf(scaling: dict, hf: dict, where: str) -> dict:
+  """ModelConfig's rope_scaling* fields for HF's rope scaling dict ({} when unscaled)."""
+  rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+  if rope_type not in ("default", *ROPE_SCALINGS):
+    raise UserError(f"{where}: rope scaling {rope_type!r} is not supported; lmtrain runs default, "
+                    f"{' and '.join(ROPE_SCALINGS)}")
+  partial = scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
+  if partial != 1.0:
+    raise UserError(f"{where}: partial_rotary_factor={partial}; lmtrain rotates the whole head")
+  if rope_type == "default":
+    return {}
+
+  def number(key, fallback=None):
+    value = scaling.get(key, fallback)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise UserError(f"{where}: {rope_type} rope scaling needs a number '{key}', got {value!r}")
+    return value
+
+  fields = {"rope_scaling": rope_type, "rope_scaling_factor": float(number("factor"))}
+  if rope_type == "llama3":
+    # transformers falls back to max_position_embeddings for the original context length.
+    fields.update(
+        rope_low_freq_factor=float(number("low_freq_factor")),
+        rope_high_freq_factor=float(number("high_freq_factor")),
+        rope_original_max_len=int(number("original_max_position_embeddings",
+                                         hf.get("max_position_embeddings"))))
+  return fields
+
+
+def _rope_scaling_to_hf(cfg) -> dict | None:
+  """HF's rope_scaling dict for a ModelConfig (None when unscaled)."""
+  if cfg.rope_scaling == "none":
+    return None
+  out = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
+  if cfg.rope_scaling == "llama3":
+    out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_position_embeddings=cfg.rope_original_max_len)
+  return out
 
 
 def _weight_files(input_dir: str) -> dict[str, str]:
@@ -275,6 +341,11 @@ def from_hf(input_dir: str, output_dir: str):
         stacked = _to_lmtrain(read(t.hf, hf_shape), t, lm_shape).astype(np.float32)
       _set(params, t.path, jax.device_put(stacked, host))
       del stacked
+  if cfg.head == "scalar":
+    bias = hf.get(SCORE_BIAS_KEY, 0.0)
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+      raise UserError(f"{config_path}: {SCORE_BIAS_KEY} must be a number, got {bias!r}")
+    params["score_bias"] = jax.device_put(np.asarray(bias, np.float32), host)
 
   os.makedirs(output_dir, exist_ok=True)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(output_dir, "checkpoints"), async_save=False)
@@ -287,6 +358,9 @@ def from_hf(input_dir: str, output_dir: str):
     tokenizer = os.path.join(output_dir, "tokenizer.model")
     shutil.copyfile(source_tokenizer, tokenizer)
     _note_special_ids(tokenizer)
+  if cfg.head == "scalar" and os.path.exists(os.path.join(input_dir, NORMALIZATION_FILE)):
+    shutil.copyfile(os.path.join(input_dir, NORMALIZATION_FILE),
+                    os.path.join(output_dir, NORMALIZATION_FILE))
   gin_text = _model_gin(cfg, input_dir, output_dir)
   with open(os.path.join(output_dir, "model.gin"), "w") as f:
     f.write(gin_text)
@@ -301,19 +375,25 @@ def from_hf(input_dir: str, output_dir: str):
 
 
 def _note_special_ids(path: str):
-  """lmtrain's stages need pad/eos/bos/unk at 0/1/2/3 (LLaMA's own tokenizers differ): say so now."""
+  """Says what lmtrain makes of an imported tokenizer's special ids (LLaMA's have no pad piece)."""
   from lmtrain.data import tokenizer as tokenizer_lib
-  special = _special_tokens(path)
-  ids = tuple(special[role][0] if role in special else -1 for role in ("pad", "eos", "bos", "unk"))
-  wanted = (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID, tokenizer_lib.BOS_ID, tokenizer_lib.UNK_ID)
-  if ids != wanted:
-    print(f"note: {path}: special ids (pad, eos, bos, unk) are {ids}, lmtrain's stages expect "
-          f"{wanted} and will refuse this tokenizer", file=sys.stderr)
+  try:
+    tok = tokenizer_lib.Tokenizer.load(path)
+  except UserError as e:
+    print(f"note: {e}; lmtrain's stages will refuse this tokenizer", file=sys.stderr)
+    return
+  if tok.pad_id == tok.unk_id:
+    print(f"note: {path} has no pad piece; lmtrain pads with its unk id {tok.unk_id} (padding is "
+          f"always masked); eos {tok.eos_id}, bos {tok.bos_id}", file=sys.stderr)
 
 
 def _model_gin(cfg, input_dir: str, output_dir: str) -> str:
-  fields = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-            "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
+  fields = ["vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings", "rope_scaling"]
+  if cfg.rope_scaling != "none":
+    fields.append("rope_scaling_factor")
+  if cfg.rope_scaling == "llama3":
+    fields.extend(["rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"])
   overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
   body = ",\n".join(f"    {k!r}: {v!r}" for k, v in overrides.items())
   return (f"# Converted from {input_dir}.\n"
@@ -343,9 +423,11 @@ def _load_stage(stage_dir: str):
   return cfg, tokenizer if os.path.exists(tokenizer) else None
 
 
-def _hf_config(cfg, special: dict, dtype: str, max_positions: int) -> dict:
+def _hf_config(cfg, special: dict, dtype: str, max_positions: int, score_bias: float) -> dict:
+  classifier = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                SCORE_BIAS_KEY: score_bias} if cfg.head == "scalar" else {}
   return {
-      "architectures": ["LlamaForCausalLM"],
+      "architectures": [SEQUENCE_CLASSIFIER if cfg.head == "scalar" else "LlamaForCausalLM"],
       "model_type": "llama",
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model,
@@ -358,19 +440,21 @@ def _hf_config(cfg, special: dict, dtype: str, max_positions: int) -> dict:
       "max_position_embeddings": max_positions,
       "rms_norm_eps": cfg.norm_eps,
       "rope_theta": cfg.rope_theta,
-      "rope_scaling": None,
+      "rope_scaling": _rope_scaling_to_hf(cfg),
       "tie_word_embeddings": cfg.tie_embeddings,
       "attention_bias": False,
       "mlp_bias": False,
       **{f"{role}_token_id": special[role][0] if role in special else None
          for role in ("bos", "eos", "pad")},
       "torch_dtype": dtype,
+      **classifier,
   }
 
 
 def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str = "float32",
           max_shard_bytes: int = 5 * 2**30, max_positions: int = 4096) -> list[str]:
-  """Writes the LM checkpoint in `stage_dir` as an HF LlamaForCausalLM directory; returns its files."""
+  """Writes the checkpoint in `stage_dir` as an HF directory, LlamaForCausalLM or (scalar head)
+  LlamaForSequenceClassification; returns the names of the files written."""
   import jax
   from safetensors.numpy import save_file
 
@@ -378,9 +462,6 @@ def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str =
   from lmtrain.train import checkpoint as ckpt_lib
   stage_dir, output_dir = os.path.abspath(stage_dir.rstrip("/")), os.path.abspath(output_dir)
   cfg, tokenizer = _load_stage(stage_dir)
-  if cfg.head != "lm":
-    raise UserError(f"--checkpoint {stage_dir}: a {cfg.head}-head model (reward/value); only "
-                    f"language models export to HF")
   if os.path.exists(os.path.join(output_dir, "config.json")):
     raise UserError(f"--output {output_dir}: already holds config.json; choose a new directory")
   np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
@@ -429,9 +510,19 @@ def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str =
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     written.append(INDEX_FILE)
 
+  score_bias = 0.0
+  if cfg.head == "scalar":
+    score_bias = float(np.asarray(params["score_bias"]))
+    if score_bias:
+      print(f"note: HF's score layer has no bias: add config.json's {SCORE_BIAS_KEY} "
+            f"({score_bias:g}) to its logits to get lmtrain's rewards", file=sys.stderr)
+    normalization = os.path.join(stage_dir, NORMALIZATION_FILE)
+    if os.path.exists(normalization):
+      shutil.copyfile(normalization, os.path.join(output_dir, NORMALIZATION_FILE))
+      written.append(NORMALIZATION_FILE)
   special = _special_tokens(tokenizer)
   with open(os.path.join(output_dir, "config.json"), "w") as f:
-    json.dump(_hf_config(cfg, special, dtype, max_positions), f, indent=2)
+    json.dump(_hf_config(cfg, special, dtype, max_positions, score_bias), f, indent=2)
   written.append("config.json")
   if tokenizer:
     written.extend(_write_tokenizer(tokenizer, special, output_dir))
@@ -441,19 +532,15 @@ def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str =
 
 
 def _special_tokens(path: str | None) -> dict[str, tuple[int, str]]:
-  """{"bos"|"eos"|"pad"|"unk": (id, piece)} of a sentencepiece model; lmtrain's ids without one."""
+  """{"bos"|"eos"|"pad"|"unk": (id, piece)} as lmtrain's Tokenizer reads them from a sentencepiece
+  model (pad: unk when it has no pad piece); lmtrain's own ids without one."""
   from lmtrain.data import tokenizer as tokenizer_lib
   if path is None:
     return {"bos": (tokenizer_lib.BOS_ID, "<s>"), "eos": (tokenizer_lib.EOS_ID, "</s>"),
             "pad": (tokenizer_lib.PAD_ID, "<pad>"), "unk": (tokenizer_lib.UNK_ID, "<unk>")}
-  import sentencepiece as spm
-  sp = spm.SentencePieceProcessor()
-  try:
-    sp.Load(path)
-  except (OSError, RuntimeError) as e:
-    raise UserError(f"{path}: not a sentencepiece model ({e})") from None
-  ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
-  return {role: (i, sp.id_to_piece(i)) for role, i in ids.items() if i >= 0}  # -1: none
+  tok = tokenizer_lib.Tokenizer.load(path)
+  ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "unk": tok.unk_id}
+  return {role: (i, tok.id_to_piece(i)) for role, i in ids.items()}
 
 
 def _write_tokenizer(path: str, special: dict, output_dir: str) -> list[str]:
@@ -482,7 +569,8 @@ def add_arguments(subparsers):
   q = sub.add_parser("from-hf", help="an HF model directory (safetensors) -> an lmtrain checkpoint")
   q.add_argument("--input", required=True, help="HF model directory (config.json, safetensors)")
   q.add_argument("--output", required=True, help="new directory for the checkpoint (INIT_FROM)")
-  q = sub.add_parser("to-hf", help="an lmtrain stage's checkpoint -> an HF LlamaForCausalLM directory")
+  q = sub.add_parser("to-hf", help="an lmtrain stage's checkpoint -> an HF LlamaForCausalLM "
+                     "(reward model: LlamaForSequenceClassification) directory")
   q.add_argument("--checkpoint", required=True, help="a stage directory, e.g. runs/demo/sft")
   q.add_argument("--output", required=True, help="new directory for the HF model")
   q.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

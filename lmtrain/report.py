@@ -2,14 +2,17 @@
 
 Reads DIR/<stage>/metrics.jsonl, lineage.json and checkpoints/ of every stage directory, and writes
 loss.png, one figure of each stage's own metrics (sft.png, reward.png, ppo.png, dpo.png),
-throughput.png and summary.md to OUT (default DIR/report). Nothing here touches JAX.
+throughput.png and summary.md to OUT (default DIR/report). DIR and OUT may be buckets (gs://...).
+Nothing here touches JAX.
 """
 
+import io
 import json
 import math
 import os
 from typing import NamedTuple
 
+from lmtrain import fileio
 from lmtrain.errors import UserError
 
 # Chain order among stages with no lineage linking them (and among siblings of one parent).
@@ -68,60 +71,58 @@ def write_report(workdir: str, output: str | None = None) -> tuple[dict, str]:
   stages = load_workdir(workdir)
   summaries = summarize(stages)
   out_dir = output or os.path.join(workdir, "report")
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   figures = write_figures(stages, out_dir)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(summary_markdown(workdir, summaries, figures))
+  fileio.write_text(os.path.join(out_dir, "summary.md"),
+                    summary_markdown(workdir, summaries, figures))
   return summaries, out_dir
 
 
 def load_metrics(path: str) -> list[dict]:
   """The rows of a metrics.jsonl; a bad line is a UserError naming FILE:LINE."""
   rows = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-      rows.append(row)
+  for number, line in enumerate(fileio.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    rows.append(row)
   return rows
 
 
 def _read_json(path: str):
   """A small JSON file's content, or None when it does not exist."""
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  try:
+    return json.loads(fileio.read_text(path))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def _checkpoint_steps(stage_dir: str) -> list[int]:
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  if not fileio.isdir(ckpt_dir):
     return []
   # Orbax names finished saves by step; in-progress ones carry a tmp suffix and are skipped.
-  return sorted(int(name) for name in os.listdir(ckpt_dir)
-                if name.isdigit() and os.path.isdir(os.path.join(ckpt_dir, name)))
+  return sorted(int(name) for name in fileio.listdir(ckpt_dir)
+                if name.isdigit() and fileio.isdir(os.path.join(ckpt_dir, name)))
 
 
 def load_workdir(workdir: str) -> dict[str, dict]:
   """Every stage directory of `workdir` (one with a metrics.jsonl), in chain order, as
   name -> {kind, rows, lineage, checkpoints, normalization}."""
-  if not os.path.isdir(workdir):
+  if not fileio.isdir(workdir):
     raise UserError(f"{workdir}: no such work dir")
   stages = {}
-  for name in sorted(os.listdir(workdir)):
+  for name in sorted(fileio.listdir(workdir)):
     stage_dir = os.path.join(workdir, name)
     metrics_path = os.path.join(stage_dir, "metrics.jsonl")
-    if not os.path.isfile(metrics_path):
+    if not fileio.isfile(metrics_path):
       continue
     lineage = _read_json(os.path.join(stage_dir, "lineage.json"))
     if lineage is not None and not isinstance(lineage, dict):
@@ -293,7 +294,9 @@ def _save_figure(path: str, panels: list[tuple[str, list[_Line]]]):
     ax.legend(handles=handles, fontsize="small")
   for ax in axes[len(panels):]:
     ax.set_visible(False)
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  fileio.write_bytes(path, png.getvalue())
 
 
 def write_figures(stages: dict[str, dict], out_dir: str) -> list[str]:

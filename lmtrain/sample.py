@@ -4,11 +4,11 @@ The model shape comes from DIR/STAGE/model.json and the tokenizer from its linea
 an SFT (or later) checkpoint go through the chat template the model was tuned with.
 """
 
-import json
 import os
 
 import jax
 
+from lmtrain import fileio
 from lmtrain.errors import UserError
 
 PLAIN_STAGES = ("pretrain",)  # stages whose models take raw text rather than chat turns
@@ -35,13 +35,11 @@ def load_stage(stage_dir: str):
   model_json = os.path.join(stage_dir, "model.json")
   lineage_json = os.path.join(stage_dir, "lineage.json")
   for path in (model_json, lineage_json):
-    if not os.path.exists(path):
+    if not fileio.exists(path):
       raise UserError(f"--checkpoint {stage_dir}: {os.path.basename(path)} is missing; is this a "
                       f"stage directory written by lmtrain?")
-  with open(model_json) as f:
-    cfg = transformer.ModelConfig(**json.load(f))
-  with open(lineage_json) as f:
-    lineage = json.load(f)
+  cfg = transformer.ModelConfig(**fileio.read_json(model_json))
+  lineage = fileio.read_json(lineage_json)
   tok_path = lineage.get("tokenizer") or os.path.join(os.path.dirname(stage_dir), "tokenizer.model")
   return cfg, tokenizer_lib.Tokenizer.load(tok_path), lineage
 
@@ -63,7 +61,7 @@ def run(args):
   from lmtrain.model import generate as generate_lib
   from lmtrain.model import transformer
   from lmtrain.train import checkpoint as ckpt_lib
-  stage_dir = os.path.abspath(args.checkpoint.rstrip("/"))
+  stage_dir = fileio.absolute(args.checkpoint.rstrip("/"))
   cfg, tok, lineage = load_stage(stage_dir)
   texts = _prompts(args)
   chat = args.chat == "yes" or (args.chat == "auto" and lineage["stage"] not in PLAIN_STAGES)

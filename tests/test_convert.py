@@ -1,6 +1,9 @@
-"""`lmtrain convert`: HF <-> lmtrain round trip, golden logits against transformers, bad inputs."""
+"""`lmtrain convert`: HF <-> lmtrain round trip, golden logits against transformers (causal LM,
+reward model as sequence classifier, Llama 3.1 RoPE scaling), LLaMA tokenizers' ids, bad inputs."""
 
+import argparse
 import dataclasses
+import io
 import json
 import os
 
@@ -8,17 +11,20 @@ import jax
 import numpy as np
 import optax
 import pytest
+import sentencepiece as spm
 import torch
 import transformers
 
-from lmtrain import config, convert
+from lmtrain import config, convert, sample
+from lmtrain.data import pipeline, preference, sft as sft_data
 from lmtrain.data import tokenizer as tokenizer_lib
+from lmtrain.model import generate as generate_lib
 from lmtrain.errors import UserError
 from lmtrain.model import transformer
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train import optim
 from lmtrain.train.state import TrainState
-from tests.util import TINY, init_params
+from util import TINY, init_params
 
 LENGTHS = (12, 7, 3)  # ragged batch, right-padded to the first
 
@@ -46,22 +52,33 @@ def _lmtrain_logits(cfg):
   return logits
 
 
+def _lmtrain_scores(cfg, params, tokens, lengths):
+  """[B] scalar-head scores at each row's last real token, as the reward stage reads them."""
+  graphdef, _, _ = transformer.abstract_model(cfg)
+  seg = (np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+  pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  model = transformer.merge(graphdef, params)
+  scores = jax.jit(lambda t, p, s: model.scores(model.hidden(t, p, s)))(tokens, pos, seg)
+  scores = np.asarray(scores)
+  return scores[np.arange(len(lengths)), np.asarray(lengths) - 1]
+
+
 def _hf_logits(model, tokens, lengths):
   mask = torch.tensor(np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None])
   with torch.no_grad():
     return model(input_ids=torch.tensor(tokens), attention_mask=mask.long()).logits.numpy()
 
 
-def _ragged_tokens(vocab, seed=0):
+def _ragged_tokens(vocab, seed=0, lengths=LENGTHS):
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, vocab, (len(LENGTHS), max(LENGTHS))).astype(np.int32)
-  for b, n in enumerate(LENGTHS):
+  tokens = rng.integers(4, vocab, (len(lengths), max(lengths))).astype(np.int32)
+  for b, n in enumerate(lengths):
     tokens[b, n:] = 0
   return tokens
 
 
-def _assert_same_on_real_tokens(ours, theirs, tol=1e-4):
-  for b, n in enumerate(LENGTHS):
+def _assert_same_on_real_tokens(ours, theirs, tol=1e-4, lengths=LENGTHS):
+  for b, n in enumerate(lengths):
     np.testing.assert_allclose(ours[b, :n], theirs[b, :n], atol=tol, rtol=0)
 
 
@@ -74,14 +91,19 @@ def _greedy(step_logits, prompt, new_tokens):
   return buf[0, len(prompt):].tolist()
 
 
-def _hf_model(tied, seed=0):
+def _hf_model(tied, seed=0, classifier=False, rope_scaling=None):
+  """A tiny random LlamaForCausalLM, or LlamaForSequenceClassification with one label."""
   torch.manual_seed(seed)
+  extra = {"num_labels": 1} if classifier else {}
+  if rope_scaling:
+    extra["rope_scaling"] = rope_scaling
   hf_config = transformers.LlamaConfig(
       vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-5,
       tie_word_embeddings=tied, initializer_range=0.2, bos_token_id=2, eos_token_id=1,
-      pad_token_id=0, attn_implementation="eager")
-  model = transformers.LlamaForCausalLM(hf_config).float().eval()
+      pad_token_id=0, attn_implementation="eager", **extra)
+  cls = transformers.LlamaForSequenceClassification if classifier else transformers.LlamaForCausalLM
+  model = cls(hf_config).float().eval()
   with torch.no_grad():  # norms away from 1, so a swapped or dropped norm shows in the logits
     for name, p in model.named_parameters():
       if "norm" in name:
@@ -122,7 +144,7 @@ def test_from_hf_matches_transformers_logits_and_greedy(hf_dirs, tmp_path, tied)
   assert ours_greedy == theirs_greedy
 
 
-def _write_stage(stage_dir, cfg, params, tokenizer_path):
+def _write_stage(stage_dir, cfg, params, tokenizer_path, stage="sft"):
   """A stage directory as the training loop leaves it: a whole TrainState, model.json, lineage."""
   optimizer = optim.make_optimizer(optax.constant_schedule(1e-3))
   state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
@@ -131,7 +153,7 @@ def _write_stage(stage_dir, cfg, params, tokenizer_path):
   checkpointer.close()
   with open(os.path.join(stage_dir, "model.json"), "w") as f:
     json.dump(dataclasses.asdict(cfg), f)
-  ckpt_lib.write_lineage(stage_dir, "sft", "", tokenizer=tokenizer_path)
+  ckpt_lib.write_lineage(stage_dir, stage, "", tokenizer=tokenizer_path)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -278,12 +300,18 @@ def test_truncated_safetensors(hf_dirs, tmp_path):
   assert "model.safetensors: not a readable safetensors file" in _one_line_error(d, tmp_path)
 
 
-def test_refuses_llama3_rope_scaling_and_biases(hf_dirs, tmp_path):
-  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+def test_refuses_unknown_rope_scaling_classifier_labels_and_biases(hf_dirs, tmp_path):
+  scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
   d = _copy_hf(hf_dirs[False], str(tmp_path / "rope"),
                lambda hf: hf.update(rope_parameters={"rope_theta": 5e5, **scaling}))
-  assert "rope scaling 'llama3' is not supported" in _one_line_error(d, tmp_path)
+  assert "rope scaling 'yarn' is not supported" in _one_line_error(d, tmp_path)
+  d = _copy_hf(hf_dirs[False], str(tmp_path / "rope3"), lambda hf: hf.update(
+      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}))
+  assert "needs a number 'high_freq_factor'" in _one_line_error(d, tmp_path)
+  d = _copy_hf(hf_dirs[False], str(tmp_path / "labels"), lambda hf: hf.update(
+      architectures=["LlamaForSequenceClassification"], id2label={"0": "NEG", "1": "POS"}))
+  message = _one_line_error(d, tmp_path)
+  assert "2 labels" in message and "num_labels=1" in message and "config.json" in message
   d = _copy_hf(hf_dirs[False], str(tmp_path / "bias"), lambda hf: hf.update(attention_bias=True))
   assert "attention_bias=true" in _one_line_error(d, tmp_path)
 
@@ -296,3 +324,258 @@ def test_cli_reports_one_line_and_exit_1(hf_dirs, tmp_path, capsys):
   assert e.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("lmtrain: error: ") and "GPT2LMHeadModel" in err[0]
+
+
+# ------------------------------------------------------------------- reward model <-> classifier
+
+
+def _hf_scores(model, tokens, lengths):
+  mask = torch.tensor(np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None])
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens), attention_mask=mask.long()).logits
+  return out[:, 0].numpy()
+
+
+def test_from_hf_sequence_classifier_matches_transformers_scores(tmp_path):
+  hf_dir = str(tmp_path / "hf_rm")
+  _hf_model(False, seed=5, classifier=True).save_pretrained(hf_dir, safe_serialization=True)
+  out = str(tmp_path / "ckpt")
+  cfg = convert.from_hf(hf_dir, out)
+  assert cfg.head == "scalar"
+  params = _restore(out, cfg)
+  assert "lm_head" not in params and params["score"].shape == (64,)
+  assert params["score_bias"] == 0.0
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+      hf_dir, attn_implementation="eager").float().eval()
+  # Right-padded with HF's pad id, so HF reads the last real token as lmtrain does.
+  tokens = _ragged_tokens(cfg.vocab_size, seed=2)
+  ours, theirs = _lmtrain_scores(cfg, params, tokens, LENGTHS), _hf_scores(hf, tokens, LENGTHS)
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+  assert np.abs(theirs).max() > 1e-2  # not trivially zero
+
+
+def test_reward_checkpoint_exports_as_sequence_classifier(tmp_path, tokenizer_path, capsys):
+  cfg = dataclasses.replace(TINY, vocab_size=512, head="scalar")
+  params = init_params(cfg, seed=4)
+  params["score_bias"] = jax.numpy.asarray(0.25, jax.numpy.float32)
+  stage = str(tmp_path / "run" / "reward")
+  _write_stage(stage, cfg, params, tokenizer_path, stage="reward")
+  norm = {"offset": 0.5, "scale": 2.0, "num_responses": 8}
+  with open(os.path.join(stage, convert.NORMALIZATION_FILE), "w") as f:
+    json.dump(norm, f)
+
+  hf_dir = str(tmp_path / "hf")
+  files = convert.to_hf(stage, hf_dir)
+  assert convert.NORMALIZATION_FILE in files
+  with open(os.path.join(hf_dir, convert.NORMALIZATION_FILE)) as f:
+    assert json.load(f) == norm
+  notes = [line for line in capsys.readouterr().err.splitlines() if convert.SCORE_BIAS_KEY in line]
+  assert len(notes) == 1 and "0.25" in notes[0]
+
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+      hf_dir, attn_implementation="eager").eval()
+  assert isinstance(hf, transformers.LlamaForSequenceClassification)
+  assert hf.num_labels == 1 and hf.score.bias is None
+  tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  assert hf.config.pad_token_id == tok.pad_id and hf.config.eos_token_id == tok.eos_id
+  bias = getattr(hf.config, convert.SCORE_BIAS_KEY)
+  assert bias == 0.25
+  tokens = _ragged_tokens(cfg.vocab_size, seed=3)
+  tokens[:, 0] = tok.bos_id
+  ours = _lmtrain_scores(cfg, params, tokens, LENGTHS)
+  np.testing.assert_allclose(ours, _hf_scores(hf, tokens, LENGTHS) + bias, atol=1e-4, rtol=0)
+
+  # And back: the head, its bias and the normalisation come through unchanged.
+  back = str(tmp_path / "back")
+  cfg_back = convert.from_hf(hf_dir, back)
+  assert cfg_back.head == "scalar"
+  restored, original = _restore(back, cfg_back), jax.tree.map(np.asarray, params)
+  assert jax.tree.structure(restored) == jax.tree.structure(original)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(original)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+  assert os.path.exists(os.path.join(back, convert.NORMALIZATION_FILE))
+
+
+# ---------------------------------------------------------------------------- RoPE scaling
+
+
+# Original context 32 with high/low frequency factors 4/1: of the 8 frequencies of a 16-wide head
+# (wavelengths 6.3, 20, 63, ...) the first is kept, the second blended and the rest divided by 4.
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LONG = (40, 33, 21)  # past the original context, where scaling changes the logits
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 2.5}],
+                         ids=["llama3", "linear"])
+def test_rope_scaling_matches_transformers_and_round_trips(tmp_path, scaling):
+  hf_dir = str(tmp_path / "hf")
+  _hf_model(False, seed=6, rope_scaling=dict(scaling)).save_pretrained(
+      hf_dir, safe_serialization=True)
+  out = str(tmp_path / "ckpt")
+  cfg = convert.from_hf(hf_dir, out)
+  assert (cfg.rope_scaling, cfg.rope_scaling_factor) == (scaling["rope_type"], scaling["factor"])
+  if scaling["rope_type"] == "llama3":
+    assert (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len) == (
+        1.0, 4.0, 32)
+  with open(os.path.join(out, "model.gin")) as f:
+    assert "'rope_scaling': " + repr(scaling["rope_type"]) in f.read()
+  params = _restore(out, cfg)
+  hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
+  hf = hf.float().eval()
+  tokens = _ragged_tokens(cfg.vocab_size, seed=4, lengths=LONG)
+  ours = _lmtrain_logits(cfg)(params, tokens, LONG)
+  theirs = _hf_logits(hf, tokens, LONG)
+  _assert_same_on_real_tokens(ours, theirs, lengths=LONG)
+  unscaled = _lmtrain_logits(dataclasses.replace(cfg, rope_scaling="none"))(params, tokens, LONG)
+  assert np.abs(unscaled[0, :40] - theirs[0, :40]).max() > 1e-2  # the scaling does matter here
+
+  if scaling["rope_type"] == "llama3":
+    # The KV-cache path (generation) rotates with the same frequencies: greedy up to position 39.
+    graphdef, _, _ = transformer.abstract_model(cfg)
+    prompt = tokens[0, :30]
+    got = generate_lib.generate(graphdef, params, prompt[None], np.array([30], np.int32),
+                                jax.random.PRNGKey(0), max_new_tokens=10, greedy=True, eos_id=-1)
+    expected = _greedy(lambda buf, n: _hf_logits(hf, buf[:, :n], [n]), prompt.tolist(), 10)
+    assert np.asarray(got.tokens[0]).tolist() == expected
+
+  # lmtrain -> HF writes the same rope_scaling, and transformers computes the same logits.
+  hf_back = str(tmp_path / "hf_back")
+  convert.to_hf(out, hf_back)
+  with open(os.path.join(hf_back, "config.json")) as f:
+    written = json.load(f)["rope_scaling"]
+  assert written == {k: v for k, v in scaling.items()}
+  hf2 = transformers.LlamaForCausalLM.from_pretrained(hf_back, attn_implementation="eager").eval()
+  _assert_same_on_real_tokens(ours, _hf_logits(hf2, tokens, LONG), lengths=LONG)
+
+
+def test_rope_frequencies_bands():
+  cfg = dataclasses.replace(
+      TINY, rope_scaling="llama3", rope_scaling_factor=4.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_len=32)
+  base = np.asarray(transformer.rope_frequencies(dataclasses.replace(cfg, rope_scaling="none")))
+  scaled = np.asarray(transformer.rope_frequencies(cfg))
+  wavelength = 2 * np.pi / base
+  assert wavelength[0] < 8 and 8 < wavelength[1] < 32 and (wavelength[2:] > 32).all()
+  assert scaled[0] == base[0]
+  np.testing.assert_allclose(scaled[2:], base[2:] / 4, rtol=1e-6)
+  s = (32 / wavelength[1] - 1) / 3
+  np.testing.assert_allclose(scaled[1], base[1] * (s + (1 - s) / 4), rtol=1e-6)
+  with pytest.raises(UserError, match="rope_scaling='yarn'"):
+    dataclasses.replace(TINY, rope_scaling="yarn").validate()
+
+
+# ------------------------------------------------------------- LLaMA tokenizers' special ids
+
+
+def _train_spm(path, **ids):
+  lines = [f"the quick brown fox jumps over the lazy dog {i} times, then it rests"
+           for i in range(50)]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=model, vocab_size=100, model_type="unigram",
+      hard_vocab_limit=False, num_threads=1, minloglevel=2, **ids)
+  with open(path, "wb") as f:
+    f.write(model.getvalue())
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer_path(tmp_path_factory):
+  """A sentencepiece model with LLaMA's special ids: unk 0, bos 1, eos 2, no pad."""
+  return _train_spm(tmp_path_factory.mktemp("llama_tok") / "tokenizer.model",
+                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+
+
+def test_tokenizer_takes_llama_special_ids(llama_tokenizer_path, tmp_path):
+  tok = tokenizer_lib.Tokenizer.load(llama_tokenizer_path)
+  assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
+  text = "the lazy fox rests"
+  ids = tok.encode(text)
+  assert ids and not {0, 1, 2} & set(ids)
+  assert tok.decode(ids + [tok.pad_id] * 3) == text
+  assert pipeline.document_ids(tok, text).tolist() == [1, *ids, 2]
+
+  # SFT: [BOS] prompt, the response closed by this tokenizer's EOS, which carries loss.
+  ids, mask = sft_data.encode_example([("user", "the dog"), ("assistant", "the fox")], tok)
+  assert ids[0] == 1 and ids[-1] == 2 and mask[-1] == 1.0 and (ids[:-1] != 2).all()
+  prompt = sft_data.encode_prompt([("user", "the dog")], tok)
+  assert prompt[0] == 1 and ids[:len(prompt)].tolist() == prompt.tolist()
+  tokens, _, n = preference.encode_side([("user", "the dog")], "the fox", tok, None, 64)
+  assert tokens[n - 1] == 2 and (tokens[n:] == tok.pad_id).all()
+
+  # Pad must differ from EOS, and BOS/EOS must exist.
+  no_eos = _train_spm(tmp_path / "no_eos.model", unk_id=0, bos_id=1, eos_id=-1, pad_id=-1)
+  with pytest.raises(UserError, match="no EOS piece") as e:
+    tokenizer_lib.Tokenizer.load(no_eos)
+  assert "\n" not in str(e.value)
+
+
+def _always_eos_hf_model(eos_id):
+  """A tiny LlamaForCausalLM whose greedy next token is always `eos_id`: the layers add nothing,
+  every embedding has a large positive first component, and only `eos_id`'s head row reads it."""
+  model = _hf_model(False, seed=7)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith(("o_proj.weight", "down_proj.weight")):
+        p.zero_()
+    model.model.embed_tokens.weight[:, 0] = 5.0
+    model.model.norm.weight.fill_(1.0)
+    model.lm_head.weight.zero_()
+    model.lm_head.weight[eos_id, 0] = 1.0
+  return model
+
+
+def test_llama_tokenizer_through_convert_and_sample(llama_tokenizer_path, tmp_path, capsys,
+                                                    monkeypatch):
+  hf_dir = str(tmp_path / "hf")
+  _always_eos_hf_model(eos_id=2).save_pretrained(hf_dir, safe_serialization=True)
+  with open(llama_tokenizer_path, "rb") as f, open(os.path.join(hf_dir, "tokenizer.model"),
+                                                  "wb") as g:
+    g.write(f.read())
+  ckpt = str(tmp_path / "ckpt")
+  convert.from_hf(hf_dir, ckpt)
+  assert "no pad piece; lmtrain pads with its unk id 0" in capsys.readouterr().err
+
+  # Generation stops at this tokenizer's EOS (2), pads with its pad (0), prompts start with BOS (1).
+  seen = {}
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    sampler = real(*args, **kwargs)
+
+    def run(params, prompts, lengths, rng):
+      seen["prompts"] = np.asarray(prompts)
+      seen["out"] = jax.device_get(sampler(params, prompts, lengths, rng))
+      return seen["out"]
+
+    return run
+
+  real = generate_lib.make_generate
+  monkeypatch.setattr(generate_lib, "make_generate", spy)
+  sample.run(argparse.Namespace(
+      checkpoint=ckpt, prompt=["the dog"], prompts_file=None, max_new_tokens=5, temperature=1.0,
+      top_k=0, top_p=1.0, greedy=True, seed=0, chat="yes"))
+  assert (seen["eos_id"], seen["pad_id"]) == (2, 0)
+  assert (seen["prompts"][:, 0] == 1).all()
+  out = seen["out"]
+  assert out.done.all() and (out.lengths == 1).all() and (out.tokens[:, 0] == 2).all()
+  assert (out.tokens[:, 1:] == 0).all()
+
+  # to-hf carries the same ids into config.json and tokenizer_config.json.
+  hf_back = str(tmp_path / "hf_back")
+  convert.to_hf(ckpt, hf_back)
+  with open(os.path.join(hf_back, "config.json")) as f:
+    hf_config = json.load(f)
+  assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (
+      1, 2, 0)
+  with open(os.path.join(hf_back, "tokenizer_config.json")) as f:
+    tok_config = json.load(f)
+  assert (tok_config["bos_token"], tok_config["eos_token"], tok_config["unk_token"],
+          tok_config["pad_token"]) == ("<s>", "</s>", "<unk>", "<unk>")
+  hf_tok = transformers.AutoTokenizer.from_pretrained(hf_back)
+  ours = tokenizer_lib.Tokenizer.load(llama_tokenizer_path)
+  assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.bos_token_id, hf_tok.unk_token_id) == (
+      0, 2, 1, 0)
+  text = "the lazy dog"
+  assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)

@@ -128,23 +128,27 @@ def test_dpo_starts_at_ln2_with_a_frozen_reference(pretrained, tmp_path):
 def test_pipeline_runs_every_stage_and_resumes(tmp_path):
   workdir = str(tmp_path)
   args = ["pipeline", "--workdir", workdir, "--gin_file", "experiments/tiny_pipeline.gin",
-          "--stages", "pretrain,sft,reward,dpo"]
+          "--stages", "pretrain,sft,reward,ppo,dpo"]
   proc = lmtrain(*args)
-  for stage in ("pretrain", "sft", "reward", "dpo"):
+  for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
     assert os.path.exists(os.path.join(workdir, stage, "lineage.json")), stage
   assert "pipeline summary" in proc.stdout
-  for stage in ("pretrain", "sft", "reward", "dpo"):
+  for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
     assert f"  {stage} " in proc.stdout
+  assert "eval_task_score=" in proc.stdout and "kl_bound=4" in proc.stdout
   parents = {s: json.load(open(os.path.join(workdir, s, "lineage.json")))["parent"]
-             for s in ("sft", "reward", "dpo")}
+             for s in ("sft", "reward", "ppo", "dpo")}
   assert parents["sft"]["stage"] == "pretrain" and parents["sft"]["step"] == 30
   assert parents["reward"]["stage"] == "sft" and parents["dpo"]["stage"] == "sft"
-  steps = {s: max(r["step"] for r in rows(workdir, s)) for s in ("pretrain", "sft", "reward")}
-  assert steps == {"pretrain": 30, "sft": 20, "reward": 20}
+  assert parents["ppo"]["stage"] == "sft" and parents["ppo"]["reward_model"]["stage"] == "reward"
+  steps = {s: max(r["step"] for r in rows(workdir, s))
+           for s in ("pretrain", "sft", "reward", "ppo")}
+  assert steps == {"pretrain": 30, "sft": 20, "reward": 20, "ppo": 6}
   again = lmtrain(*args)
-  assert again.stdout.count("already complete") == 4
+  assert again.stdout.count("already complete") == 5
   report = lmtrain("report", workdir)
   assert "| pretrain |" in report.stdout and "| dpo |" in report.stdout
-  for png in ("loss.png", "sft.png", "reward.png", "dpo.png"):
+  assert "| ppo |" in report.stdout
+  for png in ("loss.png", "sft.png", "reward.png", "ppo.png", "dpo.png"):
     with open(os.path.join(workdir, "report", png), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png

@@ -1,7 +1,10 @@
 """SentencePiece tokenizer: training, loading, and the seqio vocabulary view.
 
-Special ids are fixed so every stage agrees on them; pad != eos because RLHF reads the reward at the
-EOS position and masks padding separately.
+`train_tokenizer` gives lmtrain's own models the special ids pad 0, eos 1, bos 2, unk 3. A loaded
+`Tokenizer` takes its ids from the model itself, so an imported one works too: LLaMA's
+sentencepiece models have unk 0, bos 1, eos 2 and no pad piece, and pad with unk instead. Every
+stage reads the ids from the run's Tokenizer (never the constants below); pad != eos because RLHF
+reads the reward at the EOS position and masks padding separately.
 """
 
 import io
@@ -9,9 +12,11 @@ import os
 
 import sentencepiece as spm
 
+from lmtrain import fileio
 from lmtrain.data import formats
 from lmtrain.errors import UserError
 
+# The special ids `train_tokenizer` gives a model.
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
@@ -61,6 +66,9 @@ def train_tokenizer(input_files: list[str], vocab_size: int, output_path: str) -
     )
   except RuntimeError as e:
     raise UserError(f"tokenizer training failed (vocab_size={vocab_size}): {e}") from e
+  if fileio.is_remote(output_path):  # a bucket (gs://...): one object write, atomic by itself
+    fileio.write_bytes(output_path, model.getvalue())
+    return output_path
   parent = os.path.dirname(output_path)
   if parent:
     os.makedirs(parent, exist_ok=True)
@@ -72,28 +80,36 @@ def train_tokenizer(input_files: list[str], vocab_size: int, output_path: str) -
 
 
 class Tokenizer:
-  """A loaded sentencepiece model with the fixed special ids."""
+  """A loaded sentencepiece model with its special ids (pad_id, eos_id, bos_id, unk_id).
 
-  pad_id = PAD_ID
-  eos_id = EOS_ID
-  bos_id = BOS_ID
-  unk_id = UNK_ID
+  pad_id is the model's pad piece, or unk where it has none (LLaMA's): padding is masked out
+  everywhere, so its id only has to differ from EOS.
+  """
 
   def __init__(self, processor: spm.SentencePieceProcessor, path: str):
     self._sp = processor
     self.path = path
-    ids = (processor.pad_id(), processor.eos_id(), processor.bos_id(), processor.unk_id())
-    if ids != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
-      raise UserError(f"{path}: special ids (pad, eos, bos, unk) are {ids}, expected "
-                      f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}; train it with `lmtrain tokenizer`")
+    self.unk_id = processor.unk_id()
+    self.bos_id = processor.bos_id()
+    self.eos_id = processor.eos_id()
+    self.pad_id = processor.pad_id() if processor.pad_id() >= 0 else self.unk_id
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise UserError(f"{path}: the model has no {'BOS' if self.bos_id < 0 else 'EOS'} piece; "
+                      f"lmtrain needs both (train one with `lmtrain tokenizer`)")
+    if self.pad_id == self.eos_id:
+      raise UserError(f"{path}: pad and EOS share id {self.eos_id}; lmtrain needs them different "
+                      f"(padding is masked, EOS is where a reward is read)")
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
       raise UserError(f"{path}: tokenizer model not found")
     processor = spm.SentencePieceProcessor()
     try:
-      processor.Load(path)
+      if fileio.is_remote(path):  # sentencepiece opens local files only
+        processor.LoadFromSerializedProto(fileio.read_bytes(path))
+      else:
+        processor.Load(path)
     except (OSError, RuntimeError) as e:
       raise UserError(f"{path}: not a sentencepiece model ({e})") from e
     return cls(processor, path)
@@ -106,14 +122,17 @@ class Tokenizer:
     """Token ids of `text`, without BOS/EOS."""
     return self._sp.encode(text)
 
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(i)
+
   def decode(self, ids) -> str:
-    """Text of `ids`; padding is dropped, EOS does not stop decoding."""
-    return self._sp.decode([int(i) for i in ids if int(i) != PAD_ID])
+    """Text of `ids`; padding (pad_id) is dropped, EOS does not stop decoding."""
+    return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
 
 def seqio_vocabulary(path: str):
   """The model at `path` as a `seqio.SentencePieceVocabulary` (imports seqio only when called)."""
   import seqio  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):  # seqio reads through tf.io.gfile, which takes gs:// too
     raise UserError(f"{path}: tokenizer model not found")
   return seqio.SentencePieceVocabulary(path)

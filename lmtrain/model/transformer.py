@@ -1,9 +1,10 @@
 """Decoder-only transformer of the LLaMA family in Flax NNX.
 
-RMSNorm, rotary position embeddings (half-rotated layout), SwiGLU MLP, grouped-query attention, tied or
-untied embeddings, no biases. The blocks are stacked on a leading `layers` axis and run with
-`lax.scan`, so compile time does not grow with depth. Every parameter names its logical axes; the
-activations at block boundaries get sharding constraints (no-ops without a mesh).
+RMSNorm, rotary position embeddings (half-rotated layout; optionally with linear or Llama 3.1-style
+frequency scaling), SwiGLU MLP, grouped-query attention, tied or untied embeddings, no biases. The
+blocks are stacked on a leading `layers` axis and run with `lax.scan`, so compile time does not grow
+with depth. Every parameter names its logical axes; the activations at block boundaries get sharding
+constraints (no-ops without a mesh).
 
 For generation, `init_cache` and `hidden_cached` keep per-layer keys/values stacked on the same `layers`
 axis, scanned alongside the layer parameters (see lmtrain/model/generate.py).
@@ -24,6 +25,8 @@ from lmtrain.errors import UserError
 # Variables get their sharding from our own rules (lmtrain.parallel), not at creation.
 nnx.use_eager_sharding(False)
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -42,6 +45,13 @@ class ModelConfig:
   head_dim: int | None = None  # None: d_model // num_heads
   mlp_dim: int = 1536
   rope_theta: float = 10000.0
+  # RoPE frequency scaling (see rope_frequencies): none | linear (every frequency / factor) | llama3
+  # (Llama 3.1: low frequencies / factor, high ones kept, a smooth ramp between the two bands).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are scaled
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+  rope_original_max_len: int = 8192  # llama3: the context length the model was pre-trained with
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   remat: str = "none"  # none | full | save_dots
@@ -80,6 +90,19 @@ class ModelConfig:
       raise UserError(f"ModelConfig.head={self.head!r}; choose lm or scalar")
     if self.head_size % 2:
       raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise UserError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; choose one of "
+                      f"{', '.join(ROPE_SCALINGS)}")
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise UserError(f"ModelConfig.rope_scaling_factor={self.rope_scaling_factor} must be "
+                      f"positive")
+    if self.rope_scaling == "llama3" and not (
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        and self.rope_original_max_len > 0):
+      raise UserError(f"ModelConfig: llama3 rope scaling needs 0 < rope_low_freq_factor "
+                      f"({self.rope_low_freq_factor}) < rope_high_freq_factor "
+                      f"({self.rope_high_freq_factor}) and rope_original_max_len "
+                      f"({self.rope_original_max_len}) > 0")
     return self
 
   def param_count(self) -> int:
@@ -123,7 +146,8 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> M
 # Logical axes of the KV cache (Transformer.init_cache).
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
 
-PRESET_NAMES = ("tiny", "small", "125m", "1b", "llama2_7b", "llama3_8b", "bench_tiny", "bench_small")
+PRESET_NAMES = ("tiny", "small", "125m", "1b", "llama2_7b", "llama3_8b", "llama3_1_8b",
+                "bench_tiny", "bench_small")
 
 
 def _dense_init(fan_in: int, scale: float = 1.0):
@@ -155,10 +179,35 @@ class RMSNorm(nnx.Module):
     return (normed * self.scale[...]).astype(x.dtype)
 
 
-def rotary(x, positions, theta: float):
-  """Rotary embedding, half-rotated layout: pairs are (i, i + head_dim/2). x: [B, T, N, H]."""
-  half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope_frequencies(cfg: ModelConfig):
+  """[head_size / 2] float32 rotation frequencies (radians per position) of the pairs (i, i + H/2).
+
+  Unscaled: theta^(-i / (H/2)). "linear" divides every one by the factor (positions interpolated).
+  "llama3" (Llama 3.1) divides those whose wavelength 2 pi / f exceeds original_max_len /
+  low_freq_factor by the factor, keeps those whose wavelength is under original_max_len /
+  high_freq_factor, and blends the two in between with the weight
+  s = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
+  f * (s + (1 - s) / factor).
+  """
+  half = cfg.head_size // 2
+  freqs = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_scaling == "linear":
+    return freqs / cfg.rope_scaling_factor
+  if cfg.rope_scaling == "llama3":
+    factor, original = cfg.rope_scaling_factor, cfg.rope_original_max_len
+    wavelength = 2 * math.pi / freqs
+    smooth = ((original / wavelength - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    blended = freqs * (smooth + (1 - smooth) / factor)
+    return jnp.where(wavelength < original / cfg.rope_high_freq_factor, freqs,
+                     jnp.where(wavelength > original / cfg.rope_low_freq_factor, freqs / factor,
+                               blended))
+  return freqs
+
+
+def rotary(x, positions, freqs):
+  """Rotary embedding, half-rotated layout: pairs are (i, i + head_dim/2). x: [B, T, N, H]; freqs
+  [H/2] from rope_frequencies."""
   angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, half]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -195,7 +244,8 @@ class Attention(nnx.Module):
     v = dense(x, self.v[...].astype(dt))
     q = parallel.constrain(q, ("batch", "length", "act_heads", None))
     k = parallel.constrain(k, ("batch", "length", "act_kv_heads", None))
-    return rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta), v
+    freqs = rope_frequencies(cfg)
+    return rotary(q, positions, freqs), rotary(k, positions, freqs), v
 
   def attend(self, q, k, v, mask):
     cfg, dt = self.cfg, self.cfg.compute_dtype

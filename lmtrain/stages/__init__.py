@@ -2,7 +2,7 @@
 
 import importlib
 
-STAGES = ("pretrain", "sft", "reward", "dpo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 
 def get_stage_builder(stage: str):

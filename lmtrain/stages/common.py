@@ -3,17 +3,19 @@ per-host data iterators for the loop."""
 
 import os
 
+from lmtrain import fileio
 from lmtrain.data import tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
 
 
 def resolve_sources(workdir: str, train_data, eval_data, write_demo, what: str):
   """(train files, eval files). `'demo'` means the embedded data that `write_demo(DIR/data)` writes,
-  whose held-out split is the eval data unless EVAL_DATA names other files."""
+  whose held-out split is the eval data unless EVAL_DATA names other files. The readers take local
+  files, so for a bucket work dir (gs://...) the demo data goes to a local directory instead."""
   train = [train_data] if isinstance(train_data, str) else list(train_data or [])
   evals = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
   if train == ["demo"]:
-    train_path, eval_path = write_demo(os.path.join(workdir, "data"))
+    train_path, eval_path = write_demo(fileio.local_dir(workdir, "data"))
     train, evals = [train_path], ([eval_path] if evals in ([], ["demo"]) else evals)
   if not train:
     raise UserError(f"TRAIN_DATA is empty: name {what} files, or 'demo'")
@@ -23,7 +25,7 @@ def resolve_sources(workdir: str, train_data, eval_data, write_demo, what: str):
 def stage_tokenizer(workdir: str, tokenizer: str):
   """A chained stage uses the run's tokenizer: DIR/tokenizer.model for 'auto', else the path."""
   path = os.path.join(workdir, "tokenizer.model") if tokenizer == "auto" else tokenizer
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise UserError(f"TOKENIZER={tokenizer!r}: {path} does not exist; run `lmtrain pretrain` in "
                     f"this work dir first, or set --gin.TOKENIZER to a sentencepiece model")
   return tokenizer_lib.Tokenizer.load(path)

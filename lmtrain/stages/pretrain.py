@@ -7,6 +7,7 @@ import gin
 import jax.numpy as jnp
 import optax
 
+from lmtrain import fileio
 from lmtrain.data import demo, pipeline, tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
 from lmtrain.stages.common import data_factory
@@ -34,13 +35,14 @@ def _as_list(sources):
 
 
 def resolve_text_data(workdir: str, train_data, eval_data):
-  """`'demo'` means the embedded corpus (written under DIR/data); anything else passes through."""
+  """`'demo'` means the embedded corpus (written under DIR/data, or a local directory for a bucket
+  work dir); anything else passes through."""
   train, evals = _as_list(train_data), _as_list(eval_data)
   if not train:
     raise UserError("TRAIN_DATA is empty: name text/JSONL/array_record files, a 'seqio:TASK', "
                     "or 'demo'")
   if train == ["demo"]:
-    train_path, eval_path = demo.write_pretrain_corpus(os.path.join(workdir, "data"))
+    train_path, eval_path = demo.write_pretrain_corpus(fileio.local_dir(workdir, "data"))
     train = [train_path]
     evals = [eval_path] if evals in ([], ["demo"]) else evals
   return train, evals
@@ -52,7 +54,7 @@ def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab
   if tokenizer != "auto":
     return tokenizer_lib.Tokenizer.load(tokenizer)
   path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     files = [s for s in train_sources if not s.startswith("seqio:")]
     if not files:
       raise UserError("TOKENIZER='auto' needs text files to train on; with a seqio source set "

@@ -6,7 +6,6 @@ saved beside the checkpoint, which PPO applies so its KL coefficient means the s
 """
 
 import dataclasses
-import json
 import os
 
 import gin
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmtrain import fileio
 from lmtrain.data import demo, preference, sft as sft_data
 from lmtrain.stages import rl
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
@@ -66,8 +66,7 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
     norm = {"offset": float(scores.mean()), "scale": float(scores.std() + 1e-6),
             "num_responses": int(scores.size)}
     if jax.process_index() == 0:
-      with open(os.path.join(stage_dir, NORMALIZATION_FILE), "w") as f:
-        json.dump(norm, f, indent=2)
+      fileio.write_json(os.path.join(stage_dir, NORMALIZATION_FILE), norm)
     return {"reward_offset": norm["offset"], "reward_scale": norm["scale"]}
 
   return run

@@ -26,7 +26,8 @@ def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
   prompts = [sft_data.encode_prompt(ex.prompt_turns, tokenizer, template) for ex in examples]
   compiled = {}
 
-  def run(params, mesh, rules):
+  def run(params, mesh, rules, extras=None):
+    del extras  # the SFT eval needs only the policy
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = math.ceil(len(prompts) / shards) * shards
     padded = prompts + [prompts[0]] * (batch - len(prompts))  # fill the mesh; scored once only

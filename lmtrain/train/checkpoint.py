@@ -7,7 +7,6 @@ current mesh's shardings reshards a checkpoint written on another mesh.
 
 import datetime
 import hashlib
-import json
 import logging
 import os
 
@@ -18,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import lmtrain
+from lmtrain import fileio
 from lmtrain.errors import UserError
 
 
@@ -26,7 +26,7 @@ class Checkpointer:
   """Saves and restores `DIR/<stage>/checkpoints/<step>/` with retention and async writes."""
 
   def __init__(self, directory, keep_last=3, keep_every=None, async_save=True):
-    self.directory = os.path.abspath(directory)
+    self.directory = fileio.absolute(directory)  # a local path or a bucket URL (gs://...)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last, keep_period=keep_every, create=True,
         enable_async_checkpointing=async_save)
@@ -62,7 +62,7 @@ class Checkpointer:
 
   def _has_data_state(self, step) -> bool:
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    return os.path.exists(os.path.join(self.directory, str(step), "data", name))
+    return fileio.exists(os.path.join(self.directory, str(step), "data", name))
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -76,19 +76,27 @@ def restore_params(stage_dir: str, abstract_params, step=None):
   """Params only from another stage's checkpoint (the parent of a chained stage), resharded onto
   the shardings in `abstract_params`. Shape and vocab mismatches are reported by name."""
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  if not fileio.isdir(ckpt_dir):
     raise UserError(f"INIT_FROM={stage_dir}: no checkpoints/ directory there")
   with ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise UserError(f"INIT_FROM={stage_dir}: no finished checkpoint there")
-    check_compatible(saved_params(ckpt_dir, step), abstract_params, stage_dir)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    saved = saved_params(ckpt_dir, step)
+    # A PPO/GRPO checkpoint trains {"policy", "value"}: one model's params are its policy.
+    role = POLICY if POLICY in saved and POLICY not in abstract_params else None
+    wanted = {role: abstract_params} if role else abstract_params
+    check_compatible(saved[role] if role else saved, abstract_params, stage_dir)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args},
+        item={"params": wanted}, restore_args={"params": restore_args},
         partial_restore=True)))
-  return restored["state"]["params"], step
+  params = restored["state"]["params"]
+  return (params[role] if role else params), step
+
+
+POLICY = "policy"
 
 
 def parent_initializer(workdir: str, init_from, default_parent: str, model_config=None,
@@ -97,16 +105,18 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
   DIR/pretrain, or a converted checkpoint), else from DIR/<default_parent>; returns them with the
   parent's lineage entry. Top-level params the parent lacks (a new scalar head on an LM trunk, say;
   the parent's LM head is simply not loaded) are initialised fresh from `model_config`."""
-  path = os.path.abspath(init_from or os.path.join(workdir, default_parent))
+  path = fileio.absolute(init_from or os.path.join(workdir, default_parent))
 
   def init(abstract_params):
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
+    if not fileio.isdir(os.path.join(path, "checkpoints")):
       raise UserError(f"INIT_FROM={path}: no checkpoints there (run the {default_parent} stage "
                       f"first, or set --gin.INIT_FROM)")
     with ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data"),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
       latest = manager.latest_step()
     saved = saved_params(os.path.join(path, "checkpoints"), latest) if latest is not None else {}
+    if POLICY in saved and POLICY not in abstract_params:
+      saved = saved[POLICY]
     new_keys = [k for k in abstract_params if k not in saved] if model_config else []
     loaded = {k: v for k, v in abstract_params.items() if k not in new_keys}
     params, step = restore_params(path, loaded)
@@ -119,9 +129,8 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
       params = {**params, **fresh}
     parent_stage = os.path.basename(path.rstrip("/"))
     lineage_path = os.path.join(path, "lineage.json")
-    if os.path.exists(lineage_path):
-      with open(lineage_path) as f:
-        parent_stage = json.load(f).get("stage", parent_stage)
+    if fileio.exists(lineage_path):
+      parent_stage = fileio.read_json(lineage_path).get("stage", parent_stage)
     return params, {"stage": parent_stage, "path": path, "step": int(step)}
 
   return init
@@ -160,11 +169,10 @@ def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None, tok
   lineage = {
       "stage": stage,
       "parent": parent,
-      "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
+      "tokenizer": fileio.absolute(tokenizer) if tokenizer else None,
       "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
       "lmtrain_version": lmtrain.__version__,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
-  with open(os.path.join(stage_dir, "lineage.json"), "w") as f:
-    json.dump(lineage, f, indent=2)
+  fileio.write_json(os.path.join(stage_dir, "lineage.json"), lineage)
   return lineage

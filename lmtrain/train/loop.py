@@ -6,7 +6,6 @@ evaluate, checkpoint, log and watch for NaNs and SIGTERM until `train_steps`.
 """
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from lmtrain import parallel
+from lmtrain import fileio, parallel
 from lmtrain.errors import DivergedError, UserError
 from lmtrain.model import transformer
 from lmtrain.train import checkpoint as ckpt_lib
@@ -76,16 +75,54 @@ class Stage:
   # model's normalisation, saved beside its checkpoint).
   finalize: Callable | None = None
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
+  # Stages that load several models or run their own step (PPO, GRPO) override these:
+  # () -> (abstract tree, logical names) of what the stage starts from (init_from_parent fills
+  # it); default: one model_config model.
+  abstract_params: Callable | None = None
+  # (starting tree) -> (trained params, extras), traced; default: the tree is the params, and
+  # extras {"reference": a copy} if frozen_reference.
+  split_loaded: Callable | None = None
+  # (names of the starting tree) -> (names of the params, names of the extras: a tuple per leaf,
+  # () for a replicated scalar).
+  split_names: Callable | None = None
+  updates_per_step: int = 1  # optimizer updates per loop step (PPO minibatches x epochs)
+  # (StepContext) -> object with compile(state, first_batch) -> step(state, batch) ->
+  # (state, metrics). Default: the shared make_train_step over loss_fn.
+  make_step: Callable | None = None
+  tokens_per_step: int | None = None  # default batch_size x seq_len
+  flops_per_token: float | None = None  # default the model's training FLOPs per token
+  # Train metrics whose mean over the last SUMMARY_WINDOW steps goes into the summary (PPO's kl).
+  summary_keys: tuple = ()
 
 
-def _state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer):
+SUMMARY_WINDOW = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What a stage's own step builder gets from the loop."""
+  mesh: Any
+  rules: Any
+  shardings: Any  # TrainState of NamedShardings
+  optimizer: Any
+  schedule: Any
+  cfg: LoopConfig
+
+
+def _state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer,
+                     extras_names=None):
+  """NamedShardings of a TrainState: params (and their optimizer moments) by their logical names;
+  extras by `extras_names`, or the reference like the params and anything else replicated."""
   param_shardings = parallel.tree_shardings(mesh, abstract_state.params, names, rules)
   opt_shardings = optax.tree_map_params(
       optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
       transform_non_params=lambda _: parallel.replicated(mesh))
   rep = parallel.replicated(mesh)
-  extras = {k: param_shardings if k == "reference" else jax.tree.map(lambda _: rep, v)
-            for k, v in abstract_state.extras.items()}
+  if extras_names is not None:
+    extras = parallel.tree_shardings(mesh, abstract_state.extras, extras_names, rules)
+  else:
+    extras = {k: param_shardings if k == "reference" else jax.tree.map(lambda _: rep, v)
+              for k, v in abstract_state.extras.items()}
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep,
                     extras=extras)
 
@@ -141,13 +178,14 @@ def _close(iterator):
 def _make_stage_dir(workdir: str, stage: str) -> str:
   stage_dir = os.path.join(workdir, stage)
   try:
-    os.makedirs(stage_dir, exist_ok=True)
+    fileio.makedirs(stage_dir)
     probe = os.path.join(stage_dir, ".write_test")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
+    fileio.write_text(probe, "")
+    fileio.remove(probe)
   except OSError as e:
     raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
+  except fileio.StorageError as e:  # a bucket: missing, no permission, no credentials, no client
+    raise UserError(f"--workdir {workdir}: cannot write there ({e.reason})") from None
   return stage_dir
 
 
@@ -170,18 +208,28 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     raise UserError(f"BATCH_SIZE={cfg.batch_size} (per microbatch {cfg.batch_size // cfg.microbatches})"
                     f" is not divisible by the data x fsdp mesh size {n_batch_shards}")
 
-  graphdef, abstract_params, names = transformer.abstract_model(stage.model_config)
-  schedule = optim.make_schedule(total_steps=cfg.train_steps)
+  graphdef, abstract_loaded, loaded_names = transformer.abstract_model(stage.model_config)
+  if stage.abstract_params is not None:
+    abstract_loaded, loaded_names = stage.abstract_params()
+  param_names, extras_names = loaded_names, None
+  if stage.split_names is not None:
+    param_names, extras_names = stage.split_names(loaded_names)
+  schedule = optim.make_schedule(total_steps=cfg.train_steps * stage.updates_per_step)
   optimizer = optim.make_optimizer(schedule)
 
-  def create_state(params, rng):
-    extras = {"reference": jax.tree.map(jnp.copy, params)} if stage.frozen_reference else {}
+  def create_state(loaded, rng):
+    if stage.split_loaded is not None:
+      params, extras = stage.split_loaded(loaded)
+    else:
+      params = loaded
+      extras = {"reference": jax.tree.map(jnp.copy, params)} if stage.frozen_reference else {}
     return TrainState.create(params, optimizer, rng, extras)
 
-  abstract_state = jax.eval_shape(create_state, abstract_params, jax.random.PRNGKey(0))
-  shardings = _state_shardings(mesh, rules, abstract_state, names, optimizer)
-  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, shardings)
+  abstract_state = jax.eval_shape(create_state, abstract_loaded, jax.random.PRNGKey(0))
+  shardings = _state_shardings(mesh, rules, abstract_state, param_names, optimizer, extras_names)
+  sharded = lambda tree, shards: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shards)
+  abstract_sharded = sharded(abstract_state, shardings)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
   train_iter = stage.train_data(jax.process_index(), jax.process_count())
@@ -193,48 +241,45 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       resumed_from = int(state.step)
     else:
       resumed_from = None
+      loaded_shardings = parallel.tree_shardings(mesh, abstract_loaded, loaded_names, rules)
       if stage.init_from_parent is not None:
-        params, parent = stage.init_from_parent(abstract_sharded.params)
+        loaded, parent = stage.init_from_parent(sharded(abstract_loaded, loaded_shardings))
       else:
         init_fn = transformer._init_fn(stage.model_config)
-        params = jax.jit(init_fn, out_shardings=shardings.params)(jax.random.fold_in(rng, 1))
-      state = jax.jit(create_state, out_shardings=shardings)(params, rng)
+        loaded = jax.jit(init_fn, out_shardings=loaded_shardings)(jax.random.fold_in(rng, 1))
+      state = jax.jit(create_state, out_shardings=shardings)(loaded, rng)
   if jax.process_index() == 0:
-    with open(os.path.join(stage_dir, "config.gin"), "w") as f:
-      f.write(config_text or gin.operative_config_str())
-    with open(os.path.join(stage_dir, "model.json"), "w") as f:
-      json.dump(dataclasses.asdict(stage.model_config), f, indent=2)
+    fileio.write_text(os.path.join(stage_dir, "config.gin"),
+                      config_text or gin.operative_config_str())
+    fileio.write_json(os.path.join(stage_dir, "model.json"), dataclasses.asdict(stage.model_config))
     if resumed_from is None:
       ckpt_lib.write_lineage(stage_dir, stage.name, config_text, parent,
                              tokenizer=stage.tokenizer_path)
 
-  step_fn = make_train_step(graphdef, stage.loss_fn, optimizer, schedule, cfg.microbatches)
-  eval_fn = make_eval_step(graphdef, stage.loss_fn)
   writer = metrics_lib.MetricsWriter(stage_dir)
-  flops_per_token = stage.model_config.flops_per_token(cfg.seq_len)
+  flops_per_token = stage.flops_per_token or stage.model_config.flops_per_token(cfg.seq_len)
   peak, peak_source = metrics_lib.peak_flops_per_device()
-  tokens_per_step = cfg.batch_size * cfg.seq_len
+  tokens_per_step = stage.tokens_per_step or cfg.batch_size * cfg.seq_len
   summary = {"stage": stage.name, "checkpoint": checkpointer.directory, **stage.summary}
 
   def evaluate(params) -> dict:
-    if stage.eval_data is None:
-      return {}
-    totals = {}
-    batches = stage.eval_data(jax.process_index(), jax.process_count())
-    try:
-      for i, local in enumerate(batches):
-        if i >= cfg.eval_steps:
-          break
-        sums = compiled_eval(params, state.extras, parallel.global_batch(local, mesh, rules))
-        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
-    finally:
-      _close(batches)
-    if not totals:
-      return {}
-    eval_loss = totals["loss_sum"] / max(totals["weight"], 1e-9)
-    out = {"eval_loss": eval_loss, **stage.eval_metrics(totals)}
-    if stage.extra_eval is not None:
-      out.update(stage.extra_eval(params, mesh, rules))
+    out = {}
+    if stage.eval_data is not None:
+      totals = {}
+      batches = stage.eval_data(jax.process_index(), jax.process_count())
+      try:
+        for i, local in enumerate(batches):
+          if i >= cfg.eval_steps:
+            break
+          sums = compiled_eval(params, state.extras, parallel.global_batch(local, mesh, rules))
+          totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+      finally:
+        _close(batches)
+      if totals:
+        out = {"eval_loss": totals["loss_sum"] / max(totals["weight"], 1e-9),
+               **stage.eval_metrics(totals)}
+    if stage.extra_eval is not None and (out or stage.eval_data is None):
+      out.update(stage.extra_eval(params, mesh, rules, extras=state.extras))
     return out
 
   step = int(state.step)
@@ -250,12 +295,18 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     compile_start = time.time()
     # Every batch leaf is split over its leading (batch) axis, whatever its rank.
     batch_sharding = jax.tree.map(lambda x: x.sharding, first)
-    compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, parallel.replicated(mesh)),
-                       donate_argnums=0).lower(state, first).compile()
-    compiled_eval = jax.jit(eval_fn, in_shardings=(shardings.params, shardings.extras,
-                                                   batch_sharding),
-                            out_shardings=parallel.replicated(mesh))
+    if stage.make_step is not None:
+      compiled = stage.make_step(StepContext(mesh, rules, shardings, optimizer, schedule,
+                                             cfg)).compile(state, first)
+    else:
+      step_fn = make_train_step(graphdef, stage.loss_fn, optimizer, schedule, cfg.microbatches)
+      compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, parallel.replicated(mesh)),
+                         donate_argnums=0).lower(state, first).compile()
+    if stage.eval_data is not None:
+      compiled_eval = jax.jit(make_eval_step(graphdef, stage.loss_fn),
+                              in_shardings=(shardings.params, shardings.extras, batch_sharding),
+                              out_shardings=parallel.replicated(mesh))
     compile_time = time.time() - compile_start
     summary["compile_time"] = compile_time
 
@@ -266,6 +317,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     batch = first
     interval_start, interval_steps = time.time(), 0
     last_metrics = {}
+    recent = []  # the last SUMMARY_WINDOW steps' metrics
 
     def finish_pending():
       nonlocal pending, interval_start, interval_steps, last_metrics
@@ -280,6 +332,8 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
             f"step {last_saved if last_saved is not None else 'none'} in {checkpointer.directory}")
       interval_steps += 1
       last_metrics = values
+      recent.append(values)
+      del recent[:-SUMMARY_WINDOW]
       if done_step % cfg.log_every == 0 or done_step == cfg.train_steps:
         elapsed = time.time() - interval_start
         step_time = elapsed / max(interval_steps, 1)
@@ -341,6 +395,8 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       writer.close()
       _close(train_iter)
 
+  summary.update({k: float(np.mean([r[k] for r in recent])) for k in stage.summary_keys
+                  if recent and all(k in r for r in recent)})
   summary.update(steps=step, loss=last_metrics.get("loss"), wall_time=time.time() - wall_start,
                  peak_flops_source=peak_source, **final_eval)
   return summary

@@ -1,4 +1,9 @@
-"""Metrics: metrics.jsonl and TensorBoard from process 0; throughput and MFU accounting."""
+"""Metrics: metrics.jsonl and TensorBoard from process 0; throughput and MFU accounting.
+
+In a bucket work dir (gs://...) metrics.jsonl is rewritten whole every `SYNC_SECS` and at close (a
+bucket object cannot be appended to), and tensorboardX writes the event file there itself, through
+google-cloud-storage, re-uploading it at each of its flushes (every `TB_FLUSH_SECS`) and at close.
+"""
 
 import functools
 import json
@@ -9,6 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lmtrain import fileio
 
 # Peak dense bf16 FLOP/s per chip, from the vendors' published figures.
 PEAK_FLOPS = {
@@ -24,6 +31,9 @@ PEAK_FLOPS = {
     "NVIDIA A100": 312e12,
     "NVIDIA B200": 2250e12,
 }
+
+SYNC_SECS = 30.0  # metrics.jsonl uploads to a bucket at most this often (and at close)
+TB_FLUSH_SECS = 60  # TensorBoard event flushes (each re-uploads the event file to a bucket)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,16 +77,15 @@ class MetricsWriter:
     self.active = jax.process_index() == 0
     self._jsonl = self._tb = None
     if self.active:
-      self._jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")
+      self._jsonl = fileio.AppendFile(os.path.join(stage_dir, "metrics.jsonl"), SYNC_SECS)
       from tensorboardX import SummaryWriter  # tensorboardX imports torch-free; keep it lazy anyway
-      self._tb = SummaryWriter(os.path.join(stage_dir, "tb"))
+      self._tb = SummaryWriter(os.path.join(stage_dir, "tb"), flush_secs=TB_FLUSH_SECS)
 
   def write(self, step: int, metrics: dict):
     if not self.active:
       return
     row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))
@@ -95,5 +104,4 @@ def _plain(v):
 
 
 def read_metrics(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]

@@ -1,0 +1,258 @@
+"""PPO and GRPO: the rollout layout, the update's exactness properties, sharding invariance, and
+that both actually raise a rule-based score with bounded KL."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmtrain import parallel
+from lmtrain.model import generate as generate_lib
+from lmtrain.model import transformer
+from lmtrain.stages import ppo, rl
+from lmtrain.train import optim
+from lmtrain.train.loop import _state_shardings
+from lmtrain.train.state import TrainState
+import util
+
+POLICY = transformer.ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, mlp_dim=64)
+VALUE = dataclasses.replace(POLICY, head="scalar")
+EOS, PAD = 1, 0
+PROMPT_LEN, NEW = 8, 6
+
+
+def setup(cfg: ppo.PPOConfig, lr=1e-3, seed=0, weight_decay=0.0):
+  """(graphdefs, optimizer, schedule, state) with policy == reference and value == reward."""
+  pgd, _, _ = transformer.abstract_model(POLICY)
+  vgd, _, _ = transformer.abstract_model(VALUE)
+  policy = util.init_params(POLICY, seed)
+  value = util.init_params(VALUE, seed + 1)
+  schedule = optax.constant_schedule(lr)
+  optimizer = optim.make_optimizer(schedule, weight_decay=weight_decay, clip_norm=1.0)
+  params = {"policy": policy} if cfg.grpo else {"policy": policy, "value": value}
+  extras = {"reference": jax.tree.map(jnp.copy, policy), "reward": jax.tree.map(jnp.copy, value),
+            "kl_ctl": rl.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)}
+  state = TrainState.create(params, optimizer, jax.random.PRNGKey(seed), extras)
+  return (pgd, None if cfg.grpo else vgd, vgd), optimizer, schedule, state
+
+
+def prompts(batch, seed=0, vocab=POLICY.vocab_size):
+  """Left-padded prompts of ragged lengths (2..PROMPT_LEN) and the lengths."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(2, PROMPT_LEN + 1, batch).astype(np.int32)
+  out = np.full((batch, PROMPT_LEN), PAD, np.int32)
+  for i, n in enumerate(lengths):
+    out[i, PROMPT_LEN - n:] = rng.integers(4, vocab, n)
+  return out, lengths
+
+
+def make_rollout(graphdefs, cfg, state, prompt, length, seed=5):
+  pgd, _, rgd = graphdefs
+  data = ppo.rollout(pgd, rgd, cfg, state.params["policy"], state.extras["reward"],
+                     jnp.asarray(prompt), jnp.asarray(length), jax.random.PRNGKey(seed),
+                     eos_id=EOS, pad_id=PAD)
+  return {**data, "prompt": jnp.asarray(prompt), "prompt_length": jnp.asarray(length)}
+
+
+def run_update(graphdefs, cfg, optimizer, schedule, state, data, score):
+  pgd, vgd, _ = graphdefs
+  fn = jax.jit(functools.partial(ppo.update, pgd, vgd, cfg, optimizer, schedule))
+  return fn(state, data, score)
+
+
+def test_sequences_put_the_response_right_after_the_prompt():
+  prompt = np.array([[0, 0, 7, 8], [5, 6, 7, 8]], np.int32)
+  tokens, positions, segments = ppo.sequences(
+      jnp.asarray(prompt), jnp.array([2, 4]), jnp.array([[9, 1, 0], [9, 9, 9]]),
+      jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32))
+  np.testing.assert_array_equal(tokens, [[0, 0, 7, 8, 9, 1, 0], [5, 6, 7, 8, 9, 9, 9]])
+  np.testing.assert_array_equal(positions, [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]])
+  np.testing.assert_array_equal(segments, [[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+
+
+def test_rollout_log_probs_and_reward_match_the_unpadded_sequences():
+  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, temperature=0.7)
+  graphdefs, _, _, state = setup(cfg)
+  prompt, length = prompts(6)
+  data = make_rollout(graphdefs, cfg, state, prompt, length)
+  old = ppo.evaluate_roles(graphdefs[0], graphdefs[1], cfg, state.params, state.extras, data)
+  policy = transformer.merge(graphdefs[0], state.params["policy"])
+  reward = transformer.merge(graphdefs[2], state.extras["reward"])
+  gen = generate_lib.generate(graphdefs[0], state.params["policy"], jnp.asarray(prompt),
+                              jnp.asarray(length), jax.random.PRNGKey(5), max_new_tokens=NEW,
+                              temperature=0.7, eos_id=EOS, pad_id=PAD, left_padded=True)
+  np.testing.assert_array_equal(gen.tokens, data["response"])
+  for i in range(6):
+    n = int(data["mask"][i].sum())
+    seq = np.concatenate([prompt[i, PROMPT_LEN - length[i]:], np.asarray(data["response"][i, :n])])
+    logits = policy(jnp.asarray(seq[None, :-1]))[0] / 0.7
+    want = jax.nn.log_softmax(logits)[np.arange(len(seq) - 1), seq[1:]][-n:]
+    np.testing.assert_allclose(old["logp"][i, :n], want, rtol=1e-5, atol=1e-5)
+    # the sampler's own log-probs (KV cache) agree with the recomputed ones
+    np.testing.assert_allclose(gen.logprobs[i, :n], want, rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(old["logp"][i, n:]) == 0)
+    score = reward.scores(reward.hidden(jnp.asarray(seq[None])))[0, -1]
+    assert float(data["rm_score"][i]) == pytest.approx(float(score), rel=1e-5, abs=1e-5)
+  # the value model starts as the reward model: its value before the first response token is
+  # the reward model's score of the prompt
+  assert old["values"].shape == (6, NEW)
+
+
+def test_first_minibatch_is_exact_and_frozen_roles_stay_bit_identical():
+  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
+                      kl_coef=0.1)
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
+  data = make_rollout(graphdefs, cfg, state, *prompts(8))
+  before = jax.tree.map(np.asarray, state.extras)
+  policy_before = jax.tree.map(np.asarray, state.params["policy"])
+  new_state, metrics, per_mb = run_update(graphdefs, cfg, optimizer, schedule, state, data,
+                                          data["rm_score"])
+  # policy == reference: the KL is exactly 0; the first minibatch sees the rollout's own policy
+  assert float(metrics["kl"]) == 0.0
+  assert float(per_mb["ratio_mean"][0]) == 1.0
+  assert float(per_mb["approx_kl"][0]) == 0.0
+  assert float(per_mb["clipfrac"][0]) == 0.0
+  assert float(per_mb["approx_kl"][-1]) > 0  # later minibatches see an updated policy
+  jax.tree.map(np.testing.assert_array_equal, before["reference"], new_state.extras["reference"])
+  jax.tree.map(np.testing.assert_array_equal, before["reward"], new_state.extras["reward"])
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), policy_before,
+                         new_state.params["policy"])
+  assert any(jax.tree.leaves(changed))
+  assert int(new_state.step) == 1
+  # a second iteration now measures a positive KL to the unchanged reference
+  data2 = make_rollout(graphdefs, cfg, new_state, *prompts(8, seed=1))
+  _, metrics2, _ = run_update(graphdefs, cfg, optimizer, schedule, new_state, data2,
+                              data2["rm_score"])
+  assert float(metrics2["kl"]) != 0.0
+
+
+def test_missing_eos_penalty_and_reward_sum():
+  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, missing_eos_penalty=-2.5,
+                      epochs=1, num_minibatches=1, kl_coef=0.0)
+  graphdefs, optimizer, schedule, state = setup(cfg)
+  data = make_rollout(graphdefs, cfg, state, *prompts(8))
+  data["done"] = jnp.array([True, False] * 4)
+  score = jnp.arange(8, dtype=jnp.float32)
+  _, metrics, _ = run_update(graphdefs, cfg, optimizer, schedule, state, data, score)
+  assert float(metrics["reward_mean"]) == pytest.approx(np.mean(np.arange(8) - 2.5 * (np.arange(8) % 2)))
+  assert float(metrics["eos_fraction"]) == 0.5
+
+
+def test_ptx_coefficient_zero_reproduces_plain_ppo():
+  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=1, num_minibatches=2)
+  graphdefs, optimizer, schedule, state = setup(cfg)
+  data = make_rollout(graphdefs, cfg, state, *prompts(8))
+  lm = util.packed_batch(batch_size=8, seq_len=16, vocab=POLICY.vocab_size)
+  with_ptx = {**data, **{f"ptx_{k}": jnp.asarray(v) for k, v in lm.items()}}
+  plain, plain_metrics, _ = run_update(graphdefs, cfg, optimizer, schedule, state, data,
+                                       data["rm_score"])
+  zero, zero_metrics, _ = run_update(graphdefs, cfg, optimizer, schedule, state, with_ptx,
+                                     data["rm_score"])
+  jax.tree.map(np.testing.assert_array_equal, plain.params, zero.params)
+  assert float(plain_metrics["loss"]) == float(zero_metrics["loss"])
+  mixed, mixed_metrics, _ = run_update(graphdefs, dataclasses.replace(cfg, ptx_coef=1.0),
+                                       optimizer, schedule, state, with_ptx, data["rm_score"])
+  assert float(mixed_metrics["ptx_loss"]) > 0
+  assert not np.array_equal(np.asarray(mixed.params["policy"]["embed"]),
+                            np.asarray(plain.params["policy"]["embed"]))
+
+
+def test_grpo_groups_of_equal_scores_give_zero_gradient():
+  cfg = ppo.PPOConfig(algorithm="grpo", group_size=4, prompt_len=PROMPT_LEN, max_new_tokens=NEW,
+                      epochs=1, num_minibatches=2, kl_coef=0.0).validate()
+  graphdefs, optimizer, schedule, state = setup(cfg)
+  prompt, length = prompts(2)
+  data = make_rollout(graphdefs, cfg, state, np.repeat(prompt, 4, 0), np.repeat(length, 4, 0))
+  data["done"] = jnp.ones(8, bool)
+  equal = jnp.array([0.3] * 4 + [0.9] * 4)
+  _, metrics, per_mb = run_update(graphdefs, cfg, optimizer, schedule, state, data, equal)
+  np.testing.assert_array_equal(per_mb["grad_norm"], 0.0)
+  assert float(metrics["advantages_mean"]) == 0.0
+  spread = jnp.array([0.0, 1.0, 0.0, 1.0, 0.2, 0.2, 0.2, 0.2])
+  _, metrics, per_mb = run_update(graphdefs, cfg, optimizer, schedule, state, data, spread)
+  assert float(per_mb["grad_norm"][0]) > 0
+  assert "value_loss" not in metrics
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm):
+  cfg = ppo.PPOConfig(algorithm=algorithm, group_size=2 if algorithm == "grpo" else 1,
+                      prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2)
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
+  data = make_rollout(graphdefs, cfg, state, *prompts(8))
+  score = data["rm_score"]
+  results = []
+  for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    mesh, rules = util.mesh_of(shape), parallel.axis_rules()
+    names = {"policy": transformer.abstract_model(POLICY)[2]}
+    if not cfg.grpo:
+      names["value"] = transformer.abstract_model(VALUE)[2]
+    extras_names = {"reference": names["policy"], "reward": transformer.abstract_model(VALUE)[2],
+                    "kl_ctl": {k: () for k in state.extras["kl_ctl"]}}
+    shardings = _state_shardings(mesh, rules, state, names, optimizer, extras_names)
+    rows = jax.tree.map(lambda x: parallel.batch_sharding(mesh, rules, x.ndim), data)
+    with mesh, parallel.activate(mesh, rules):
+      fn = jax.jit(functools.partial(ppo.update, graphdefs[0], graphdefs[1], cfg, optimizer,
+                                     schedule),
+                   in_shardings=(shardings, rows, parallel.replicated(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh),
+                                  parallel.replicated(mesh)))
+      new_state, metrics, _ = fn(jax.device_put(state, shardings), jax.device_put(data, rows),
+                                 score)
+    results.append((jax.tree.map(np.asarray, new_state.params),
+                    {k: float(v) for k, v in metrics.items()}))
+  (p1, m1), (p8, m8) = results
+  for key in m1:
+    assert m8[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
+
+
+# --- learning: a rule-based score rises, KL stays bounded, a larger KL coefficient keeps it lower
+
+
+TARGET = 7  # the score is the fraction of response tokens equal to TARGET
+
+
+def train_on_rule(cfg, kl_coef, iterations, lr=3e-3, batch=32):
+  cfg = dataclasses.replace(cfg, kl_coef=kl_coef)
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=lr, seed=3)
+  pgd, vgd, _ = graphdefs
+  group = cfg.group_size if cfg.grpo else 1
+
+  @jax.jit
+  def iteration(state, prompt, length):
+    data = ppo.rollout(pgd, None, cfg, state.params["policy"], None, prompt, length,
+                       jax.random.fold_in(state.rng, 0), eos_id=EOS, pad_id=PAD)
+    data.update(prompt=prompt, prompt_length=length)
+    hits = jnp.sum((data["response"] == TARGET) * data["mask"], axis=1)
+    score = hits / jnp.maximum(jnp.sum(data["mask"], axis=1), 1)
+    new_state, metrics, _ = ppo.update(pgd, vgd, cfg, optimizer, schedule, state, data, score)
+    return new_state, {**metrics, "score": jnp.mean(score)}
+
+  history = []
+  for i in range(iterations):
+    prompt, length = prompts(batch // group, seed=100 + i)
+    state, metrics = iteration(state, jnp.asarray(np.repeat(prompt, group, 0)),
+                               jnp.asarray(np.repeat(length, group, 0)))
+    history.append({k: float(v) for k, v in metrics.items()})
+  return history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,lr,low_kl", [("ppo", 3e-3, 0.05), ("grpo", 1e-3, 0.01)])
+def test_rl_raises_a_rule_based_score_with_bounded_kl(algorithm, lr, low_kl):
+  cfg = ppo.PPOConfig(algorithm=algorithm, group_size=8 if algorithm == "grpo" else 1,
+                      prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
+                      missing_eos_penalty=0.0, vf_coef=0.5)
+  low = train_on_rule(cfg, kl_coef=low_kl, iterations=30, lr=lr)
+  start = np.mean([h["score"] for h in low[:3]])  # about 1/48: TARGET is one token of 48
+  gained = [i for i, h in enumerate(low) if h["score"] >= start + 0.2]
+  assert gained, [round(h["score"], 2) for h in low]
+  assert low[gained[0]]["kl"] < 8.0, (gained[0], low[gained[0]])
+  high = train_on_rule(cfg, kl_coef=0.5, iterations=30, lr=lr)
+  assert np.mean([h["kl"] for h in high[-3:]]) < np.mean([h["kl"] for h in low[-3:]])

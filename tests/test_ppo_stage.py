@@ -1,0 +1,154 @@
+"""`lmtrain ppo` and `lmtrain grpo` through the command line: roles loaded from their parents, every
+PPO metric logged, the KL controller and frozen roles in the checkpoint, bit-exact resume, errors."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from lmtrain.model import transformer
+from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train.state import TrainState
+import util
+from test_train import lmtrain
+
+# The tiny preset (gin_configs/models/tiny.gin), built directly for the parents' checkpoints.
+TINY = transformer.ModelConfig(vocab_size=512, d_model=64, num_layers=2, num_heads=4,
+                               num_kv_heads=2, mlp_dim=128, tie_embeddings=False)
+PPO_METRICS = ("reward_mean", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clipfrac",
+               "approx_kl", "explained_variance", "response_length", "task_score", "loss",
+               "grad_norm", "learning_rate", "tokens_per_sec", "mfu")
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory, tokenizer_path):
+  """DIR/sft (an LM) and DIR/reward (a scalar head, with its normalisation) as a chain leaves
+  them, with random tiny params, and the run's tokenizer."""
+  root = str(tmp_path_factory.mktemp("parents"))
+  shutil.copy(tokenizer_path, os.path.join(root, "tokenizer.model"))
+  for stage, head, seed in (("sft", "lm", 0), ("reward", "scalar", 1)):
+    import dataclasses
+    params = util.init_params(dataclasses.replace(TINY, head=head), seed)
+    state = TrainState.create(params, optax.sgd(0.1), jax.random.PRNGKey(0))
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(root, stage, "checkpoints"))
+    checkpointer.save(3, state)
+    checkpointer.close()
+    with open(os.path.join(root, stage, "lineage.json"), "w") as f:
+      json.dump({"stage": stage}, f)
+  with open(os.path.join(root, "reward", "reward_normalization.json"), "w") as f:
+    json.dump({"offset": 0.5, "scale": 2.0, "num_responses": 8}, f)
+  return root
+
+
+def ppo_args(parents, *extra):
+  return ["--gin.MODEL=tiny", "--gin.BATCH_SIZE=8", "--gin.LOG_EVERY=1", "--gin.PROMPT_LEN=48",
+          "--gin.MAX_NEW_TOKENS=6", "--gin.EVAL_EVERY=0", "--gin.PPO_EPOCHS=2",
+          "--gin.NUM_MINIBATCHES=2", "--gin.LEARNING_RATE=0.003",
+          f"--gin.TOKENIZER={parents}/tokenizer.model", f"--gin.INIT_FROM={parents}/sft",
+          "--gin_param=ppo.build.eval_examples=8", *extra]
+
+
+def rows(workdir, stage):
+  with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore(path):
+  return ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+
+
+@pytest.mark.slow
+def test_ppo_logs_every_metric_keeps_roles_frozen_and_resumes_bit_exactly(parents, tmp_path):
+  args = ppo_args(parents, f"--gin.REWARD_FROM={parents}/reward", "--gin.TRAIN_STEPS=4",
+                  "--gin.KL_TARGET=0.5")
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  proc = lmtrain("ppo", "--workdir", straight, *args)
+  lmtrain("ppo", "--workdir", split, *args, "--gin_param=LoopConfig.stop_after=2")
+  assert sorted(os.listdir(os.path.join(split, "ppo", "checkpoints"))) == ["2"]
+  lmtrain("ppo", "--workdir", split, *args)
+
+  train = [r for r in rows(straight, "ppo") if "loss" in r]
+  assert [r["step"] for r in train] == [1, 2, 3, 4]
+  for key in PPO_METRICS:
+    assert all(key in r for r in train), key
+  # policy == reference at the start: exactly no KL in the first rollout's measurement
+  assert train[0]["kl"] == 0.0
+  # the adaptive controller (target 0.5, horizon 10000, 8 rollouts a step) follows the measured KL
+  for before, after in zip(train, train[1:]):
+    error = np.clip(before["kl"] / 0.5 - 1, -0.2, 0.2)
+    assert after["kl_coef"] == pytest.approx(before["kl_coef"] * (1 + error * 8 / 10000),
+                                             rel=1e-6)
+  assert train[-1]["kl_coef"] != train[0]["kl_coef"]
+  evals = [r for r in rows(straight, "ppo") if "eval_task_score" in r]
+  assert evals[0]["step"] == 0 and evals[-1]["step"] == 4  # the SFT policy's score, then PPO's
+  assert "initial_eval_task_score" in proc.stdout and "kl_bound" in proc.stdout
+
+  resumed = [r for r in rows(split, "ppo") if "loss" in r]
+  for a, b in zip(train[2:], [r for r in resumed if r["step"] > 2]):
+    for key in ("loss", "kl", "kl_coef", "reward_mean", "task_score", "grad_norm"):
+      assert a[key] == b[key], (key, a, b)
+  end_a = restore(os.path.join(straight, "ppo", "checkpoints", "4"))
+  end_b = restore(os.path.join(split, "ppo", "checkpoints", "4"))
+  jax.tree.map(np.testing.assert_array_equal, end_a, end_b)
+
+  # reference == the SFT params, reward == the reward model, bit for bit, after training
+  sft = restore(os.path.join(parents, "sft", "checkpoints", "3"))
+  rm = restore(os.path.join(parents, "reward", "checkpoints", "3"))
+  jax.tree.map(np.testing.assert_array_equal, end_a["extras"]["reference"], sft["params"])
+  jax.tree.map(np.testing.assert_array_equal, end_a["extras"]["reward"], rm["params"])
+  assert set(end_a["params"]) == {"policy", "value"}
+  assert set(end_a["extras"]["kl_ctl"]) == {"kl_coef", "target", "horizon", "adaptive"}
+  lineage = json.load(open(os.path.join(straight, "ppo", "lineage.json")))
+  assert lineage["parent"]["stage"] == "sft"
+  assert lineage["parent"]["reward_model"]["stage"] == "reward"
+  assert lineage["parent"]["value_model"]["path"] == os.path.join(parents, "reward")
+  # the PPO checkpoint serves as one model: its policy (sample, convert, INIT_FROM)
+  policy, step = ckpt_lib.restore_params(os.path.join(straight, "ppo"),
+                                         transformer.abstract_model(TINY)[1])
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, policy, end_a["params"]["policy"])
+  out = lmtrain("sample", "--checkpoint", os.path.join(straight, "ppo"), "--prompt",
+                "What is 1 + 2?", "--greedy", "--max_new_tokens", "4")
+  assert "What is 1 + 2?" in out.stdout
+
+
+@pytest.mark.slow
+def test_grpo_with_a_scorer_as_reward_has_no_critic(parents, tmp_path):
+  workdir = str(tmp_path / "grpo")
+  lmtrain("grpo", "--workdir", workdir, *ppo_args(parents, "--gin.TRAIN_STEPS=2",
+                                                  "--gin.GROUP_SIZE=4", "--gin.REWARD=scorer"),
+          "--gin_param=grpo.build.eval_examples=8")
+  train = [r for r in rows(workdir, "grpo") if "loss" in r]
+  assert len(train) == 2
+  assert all("task_score" in r and "kl_loss" in r and "value_loss" not in r for r in train)
+  # with the scorer as reward, the reward is the task score (no response ends without EOS here
+  # or gets the penalty: both are logged)
+  r = train[0]
+  assert r["reward_mean"] == pytest.approx(r["task_score"] + (1 - r["eos_fraction"]) * -1.0,
+                                           abs=1e-6)
+  state = restore(os.path.join(workdir, "grpo", "checkpoints", "2"))
+  assert set(state["params"]) == {"policy"} and "reward" not in state["extras"]
+
+
+def test_ppo_errors_are_one_line(parents, tmp_path):
+  bad_prompts = tmp_path / "prompts.jsonl"
+  bad_prompts.write_text(json.dumps({"prompt": "no answer here"}) + "\n")
+  cases = [
+      (["--gin.REWARD=oracle"], "REWARD='oracle'"),
+      ([f"--gin.REWARD_FROM={tmp_path}/nowhere"], "nowhere: no checkpoints there"),
+      ([f"--gin.TRAIN_DATA={bad_prompts}", f"--gin.REWARD_FROM={parents}/reward"],
+       'record has no "task" field'),
+      (["--gin.NUM_MINIBATCHES=3", f"--gin.REWARD_FROM={parents}/reward"],
+       "does not divide into NUM_MINIBATCHES=3"),
+  ]
+  for extra, message in cases:
+    proc = lmtrain("ppo", "--workdir", str(tmp_path / "run"), *ppo_args(parents, *extra),
+                   check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmtrain: error: ") and message in last, last
