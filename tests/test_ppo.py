@@ -196,7 +196,7 @@ def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm):
                     "kl_ctl": {k: () for k in state.extras["kl_ctl"]}}
     shardings = _state_shardings(mesh, rules, state, names, optimizer, extras_names)
     rows = jax.tree.map(lambda x: parallel.batch_sharding(mesh, rules, x.ndim), data)
-    with mesh, parallel.activate(mesh, rules):
+    with parallel.activate(mesh, rules):
       fn = jax.jit(functools.partial(ppo.update, graphdefs[0], graphdefs[1], cfg, optimizer,
                                      schedule),
                    in_shardings=(shardings, rows, parallel.replicated(mesh)),
