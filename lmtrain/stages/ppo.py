@@ -9,12 +9,13 @@ resumed run continues exactly.
 
 One iteration (one loop step) on a batch of prompts:
   1. rollout, jitted: sample a response to each prompt with the KV cache (truncated after its first
-     EOS), then run the policy, the reference and the value model over the whole sequences, and the
-     reward model at each response's last real token; the log-probs are of logits / temperature.
+     EOS) and read the reward model at each response's last real token.
   2. host: decode the responses and score them with the prompts' scorer (`task_score`; the reward
      itself when REWARD = 'scorer'). A response without EOS gets MISSING_EOS_PENALTY added.
-  3. update, jitted: PPO: per-token rewards -kl_coef * kl_t plus the score at the last token, GAE,
-     masked whitening, then PPO_EPOCHS epochs over NUM_MINIBATCHES shuffled minibatches of the
+  3. update, jitted: the policy's and reference's log-probs (of logits / temperature) and the value
+     model's values over the whole sequences, minibatch by minibatch; PPO: per-token rewards
+     -kl_coef * kl_t plus the score at the last token, GAE, masked whitening, then PPO_EPOCHS
+     epochs over NUM_MINIBATCHES shuffled minibatches of the
      clipped policy loss + vf_coef * clipped value loss (- entropy bonus, + ptx_coef * LM loss on
      PTX_DATA); the adaptive KL controller updates from the measured KL.
      GRPO: GROUP_SIZE samples per prompt, every token of a response gets its group-normalised score
