@@ -152,3 +152,23 @@ def test_ppo_errors_are_one_line(parents, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("lmtrain: error: ") and message in last, last
+
+
+@pytest.mark.slow
+def test_ppo_with_a_scorer_as_reward_starts_its_critic_from_the_sft_trunk(parents, tmp_path):
+  workdir = str(tmp_path / "ppo-scorer")
+  lmtrain("ppo", "--workdir", workdir, *ppo_args(parents, "--gin.TRAIN_STEPS=1",
+                                                 "--gin.REWARD=scorer", "--gin.LEARNING_RATE=0"))
+  r = [r for r in rows(workdir, "ppo") if "loss" in r][0]
+  assert r["reward_mean"] == pytest.approx(r["task_score"] + (1 - r["eos_fraction"]) * -1.0,
+                                           abs=1e-6)
+  lineage = json.load(open(os.path.join(workdir, "ppo", "lineage.json")))
+  assert lineage["parent"]["value_model"]["stage"] == "sft"
+  assert "reward_model" not in lineage["parent"]
+  state = restore(os.path.join(workdir, "ppo", "checkpoints", "1"))
+  sft = restore(os.path.join(parents, "sft", "checkpoints", "3"))
+  assert "reward" not in state["extras"] and "lm_head" not in state["params"]["value"]
+  assert state["params"]["value"]["score"].shape == (TINY.d_model,)
+  # learning rate 0: the critic's trunk is still exactly the SFT trunk
+  jax.tree.map(np.testing.assert_array_equal, state["params"]["value"]["layers"],
+               sft["params"]["layers"])
