@@ -256,3 +256,17 @@ def test_rl_raises_a_rule_based_score_with_bounded_kl(algorithm, lr, low_kl):
   assert low[gained[0]]["kl"] < 8.0, (gained[0], low[gained[0]])
   high = train_on_rule(cfg, kl_coef=0.5, iterations=30, lr=lr)
   assert np.mean([h["kl"] for h in high[-3:]]) < np.mean([h["kl"] for h in low[-3:]])
+
+
+def test_response_scorer_reads_masked_tokens_up_to_eos(tokenizer_path):
+  from lmtrain.data import scorers, tokenizer as tokenizer_lib
+  tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  ids = tok.encode("127")
+  n = len(ids)
+  tokens = np.array([ids + [tok.eos_id, 9, 9], ids + [9, tok.eos_id, 9]])
+  mask = np.array([[1] * (n + 1) + [0, 0], [1] * (n + 2) + [0]])
+  scorer = scorers.ResponseScorer("exact_match", [{"answer": "0"}, {"answer": "127"}], tok)
+  assert scorer.texts(tokens, mask)[0] == "127"
+  # row 0 answers record 1 (right), row 1 has an extra token before its EOS (wrong)
+  np.testing.assert_array_equal(scorer(tokens, mask, [1, 1]), [1.0, 0.0])
+  np.testing.assert_array_equal(scorer(tokens, mask, [0, 1]), [0.0, 0.0])

@@ -72,7 +72,7 @@ def make_prompt_iterator(sources, tokenizer, *, prompt_len: int, batch_size: int
                             process_index=process_index, process_count=process_count)
   if group_size < 1 or rows % group_size:
     raise UserError(f"BATCH_SIZE={batch_size} ({rows} per host) is not a multiple of "
-                    f"GRPO_GROUP_SIZE={group_size}")
+                    f"GROUP_SIZE={group_size}")
   encoded = encode_prompts(load_prompts(sources, on_error=on_error), tokenizer, prompt_len,
                            template)
   mine = encoded[process_index::process_count]

@@ -5,7 +5,9 @@ prompt record with the fields a scorer reads, e.g. "answer" and "task".
 """
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from lmtrain.errors import UserError
 
@@ -66,3 +68,23 @@ def get_scorer(name: str) -> Scorer:
   if name not in SCORERS:
     raise UserError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}")
   return SCORERS[name]
+
+
+class ResponseScorer:
+  """Decodes generated rows (their masked tokens, EOS dropped) and scores each with the scorer
+  `name` against the record of its prompt: PPO/GRPO rewards and task scores, SFT eval."""
+
+  def __init__(self, name: str, records: Sequence[dict[str, Any]], tokenizer):
+    self.scorer = get_scorer(name)
+    self.records = list(records)
+    self.tokenizer = tokenizer
+
+  def texts(self, tokens, mask) -> list[str]:
+    eos = self.tokenizer.eos_id
+    return [self.tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m and t != eos])
+            for row, row_mask in zip(tokens, mask)]
+
+  def __call__(self, tokens, mask, index) -> np.ndarray:
+    """[B] float32 scores of rows tokens [B, N] (mask [B, N]) answering records `index` [B]."""
+    return np.asarray([self.scorer(text, self.records[int(i)])
+                       for text, i in zip(self.texts(tokens, mask), index)], np.float32)

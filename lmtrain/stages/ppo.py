@@ -85,7 +85,7 @@ class PPOConfig:
     if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
       raise UserError(f"KL_ESTIMATOR={self.kl_estimator!r}: choose k1, k2, k3 or abs")
     if self.grpo and self.group_size < 2:
-      raise UserError(f"GRPO_GROUP_SIZE={self.group_size}: GRPO needs at least 2 samples per prompt")
+      raise UserError(f"GROUP_SIZE={self.group_size}: GRPO needs at least 2 samples per prompt")
     if self.epochs < 1 or self.num_minibatches < 1:
       raise UserError(f"PPO_EPOCHS={self.epochs} and NUM_MINIBATCHES={self.num_minibatches} "
                       "must be positive")
@@ -328,26 +328,6 @@ def update(policy_graphdef, value_graphdef, cfg: PPOConfig, optimizer, schedule,
 # Host-side scoring.
 
 
-class HostScorer:
-  """Decodes rollouts and scores them with a rule-based scorer against their prompt records."""
-
-  def __init__(self, scorer_name, examples, tokenizer):
-    self.scorer = scorers.get_scorer(scorer_name)
-    self.records = [ex.record for ex in examples]
-    self.tokenizer = tokenizer
-
-  def texts(self, response, mask):
-    eos = self.tokenizer.eos_id
-    return [self.tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m and t != eos])
-            for row, row_mask in zip(response, mask)]
-
-  def __call__(self, response, mask, index) -> np.ndarray:
-    """[B] float32 scores of the responses to prompts `index` (host numpy arrays)."""
-    texts = self.texts(response, mask)
-    return np.asarray([self.scorer(text, self.records[int(i)])
-                       for text, i in zip(texts, index)], np.float32)
-
-
 def check_scorer(scorer_name, examples, sources):
   """Fails early, naming the data, when the prompt records lack what the scorer reads."""
   scorer = scorers.get_scorer(scorer_name)
@@ -528,8 +508,10 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
     check_scorer(scorer, train_examples, train)
     if eval_list:
       check_scorer(scorer, eval_list, evals)
-  train_scorer = HostScorer(scorer, train_examples, tok) if scorer else None
-  eval_scorer = HostScorer(scorer, eval_list, tok) if scorer else None
+  train_scorer = (scorers.ResponseScorer(scorer, [ex.record for ex in train_examples], tok)
+                  if scorer else None)
+  eval_scorer = (scorers.ResponseScorer(scorer, [ex.record for ex in eval_list], tok)
+                 if scorer else None)
 
   policy_cfg = model_cfg
   value_cfg = dataclasses.replace(model_cfg, head="scalar")

@@ -22,7 +22,7 @@ from lmtrain.train.loop import LoopConfig, Stage
 def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
                 max_new_tokens: int, name: str = "exact_match"):
   """extra_eval: greedy answers to held-out prompts, scored against their reference answers."""
-  scorer = scorers.get_scorer(scorer_name)
+  scorer = scorers.ResponseScorer(scorer_name, [ex.record for ex in examples], tokenizer)
   prompts = [sft_data.encode_prompt(ex.prompt_turns, tokenizer, template) for ex in examples]
   compiled = {}
 
@@ -38,12 +38,9 @@ def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
           mesh, rules, model_cfg, batch, ids.shape[1], max_new_tokens=max_new_tokens,
           greedy=True, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     out = compiled[key](params, ids, lengths, jax.random.PRNGKey(0))
+    n = len(examples)
     tokens, mask = np.asarray(jax.device_get(out.tokens)), np.asarray(jax.device_get(out.mask))
-    scores = []
-    for i, ex in enumerate(examples):
-      ids_i = [int(t) for t, m in zip(tokens[i], mask[i]) if m and t != tokenizer.eos_id]
-      scores.append(scorer(tokenizer.decode(ids_i), ex.record))
-    return {f"eval_{name}": float(np.mean(scores))}
+    return {f"eval_{name}": float(np.mean(scorer(tokens[:n], mask[:n], np.arange(n))))}
 
   return run
 
