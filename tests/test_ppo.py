@@ -96,11 +96,12 @@ def test_rollout_log_probs_and_reward_match_the_unpadded_sequences():
     # the sampler's own log-probs (KV cache) agree with the recomputed ones
     np.testing.assert_allclose(gen.logprobs[i, :n], want, rtol=1e-4, atol=1e-4)
     assert np.all(np.asarray(old["logp"][i, n:]) == 0)
-    score = reward.scores(reward.hidden(jnp.asarray(seq[None])))[0, -1]
-    assert float(data["rm_score"][i]) == pytest.approx(float(score), rel=1e-5, abs=1e-5)
-  # the value model starts as the reward model: its value before the first response token is
-  # the reward model's score of the prompt
-  assert old["values"].shape == (6, NEW)
+    scores = reward.scores(reward.hidden(jnp.asarray(seq[None])))[0]
+    assert float(data["rm_score"][i]) == pytest.approx(float(scores[-1]), rel=1e-5, abs=1e-5)
+    # the value model starts as the reward model: the value before each response token is the
+    # reward model's score of the sequence up to that token
+    np.testing.assert_allclose(old["values"][i, :n], scores[-n - 1:-1], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(old["values"][i, n:]) == 0)
 
 
 def test_first_minibatch_is_exact_and_frozen_roles_stay_bit_identical():
@@ -270,3 +271,35 @@ def test_response_scorer_reads_masked_tokens_up_to_eos(tokenizer_path):
   # row 0 answers record 1 (right), row 1 has an extra token before its EOS (wrong)
   np.testing.assert_array_equal(scorer(tokens, mask, [1, 1]), [1.0, 0.0])
   np.testing.assert_array_equal(scorer(tokens, mask, [0, 1]), [0.0, 0.0])
+
+
+def test_prompt_batches_and_zipped_iterator_state_round_trip(tokenizer_path, tmp_path):
+  import json
+  from lmtrain.data import prompts as prompts_lib, tokenizer as tokenizer_lib
+  tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                          for i in range(20)))
+
+  def make(seed, group_size=1):
+    return prompts_lib.make_prompt_iterator([str(path)], tok, prompt_len=48, batch_size=4,
+                                            seed=seed, group_size=group_size)
+
+  grouped = next(make(0, group_size=2))
+  assert grouped["prompt"].shape == (4, 48)
+  np.testing.assert_array_equal(grouped["index"][0::2], grouped["index"][1::2])
+  np.testing.assert_array_equal(grouped["prompt"][0], grouped["prompt"][1])
+  n = int(grouped["prompt_length"][0])
+  assert 2 < n < 48 and np.all(grouped["prompt"][0, :48 - n] == tok.pad_id)  # left-padded
+  assert grouped["prompt"][0, 48 - n] == tok.bos_id
+  zipped = prompts_lib.ZipIterator(make(0), ptx=make(1))
+  next(zipped), next(zipped)
+  state = zipped.get_state()
+  want = next(zipped)
+  assert set(want) == {"prompt", "prompt_length", "index", "ptx_prompt", "ptx_prompt_length",
+                       "ptx_index"}
+  fresh = prompts_lib.ZipIterator(make(0), ptx=make(1))
+  fresh.set_state(state)
+  got = next(fresh)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])
