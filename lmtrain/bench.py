@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BENCH_PRESETS = ("bench_tiny", "bench_small", "tiny", "small", "125m", "1b", "llama2_7b",
+BENCH_PRESETS = ("bench_tiny", "bench_small", "tiny", "demo", "small", "125m", "1b", "llama2_7b",
                  "llama3_8b")
 
 

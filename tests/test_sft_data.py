@@ -338,19 +338,20 @@ def test_determinism_hosts_and_state(tok, sft_file):
 
 
 def _recompute(task, prompt):
-  if task == "add":
-    a, b = re.fullmatch(r"What is (\d+) \+ (\d+)\?", prompt).groups()
-    return str(int(a) + int(b))
+  head, listed = prompt.split(": ", 1)
+  words = listed.split(", ")
+  assert len(set(words)) == len(words) and 3 <= len(words) <= 5
+  assert set(words) <= set(demo.WORDS)
   if task == "count":
-    return str(len(re.fullmatch(r"How many letters are in the word (\w+)\?", prompt).group(1)))
-  if task == "upper":
-    return re.fullmatch(r"Write in capital letters: (\w+)", prompt).group(1).upper()
-  words = prompt.split(": ", 1)[1].split(", ")
-  assert len(set(words)) == len(words) and 3 <= len(words) <= 4
+    assert head == "How many words are in the list"
+    return str(len(words))
+  if task == "last":
+    assert head == "What is the last word of the list"
+    return words[-1]
   if task == "reverse":
-    assert prompt.startswith("Reverse the list: ")
+    assert head == "Reverse the list"
     return ", ".join(words[::-1])
-  assert task == "sort" and prompt.startswith("Sort alphabetically: ")
+  assert task == "sort" and head == "Sort alphabetically"
   return ", ".join(sorted(words))
 
 
@@ -372,7 +373,7 @@ def test_demo_task_data(data_dir, tmp_path, tok):
   for record in train + evals:
     assert record["response"] == record["answer"] == _recompute(record["task"], record["prompt"])
     assert scorers.demo_tasks(record["response"], record) == 1.0
-  assert collections.Counter(r["task"] for r in train) == {t: 80 for t in demo.TASKS}
+  assert collections.Counter(r["task"] for r in train) == {t: 100 for t in demo.TASKS}
   # Short enough for small models: nothing is truncated at seq_len 128.
   assert sft.encode_examples(sft.load_examples(again[0]), tok, seq_len=SEQ_LEN)[1].truncated == 0
 
@@ -382,6 +383,14 @@ def test_demo_task_data(data_dir, tmp_path, tok):
     assert record["chosen"] == _recompute(record["task"], record["prompt"])
     assert record["rejected"] != record["chosen"]
     assert scorers.demo_tasks(record["rejected"], record) == 0.0
+  # Every kind of near miss occurs: wrong order, a word left out, a word not in the list.
+  lists = [r for r in pref_train if r["task"] in ("reverse", "sort")]
+  def kinds(r):
+    chosen, rejected = r["chosen"].split(", "), r["rejected"].split(", ")
+    if len(rejected) < len(chosen):
+      return "drop"
+    return "order" if sorted(rejected) == sorted(chosen) else "replace"
+  assert set(map(kinds, lists)) == {"drop", "order", "replace"}
   ppo_train, ppo_eval = (_read(p) for p in demo.write_ppo_prompts(str(tmp_path), 100, 20))
   assert sorted(ppo_train[0]) == ["answer", "prompt", "task"] and len(ppo_eval) == 20
   assert all(r["answer"] == _recompute(r["task"], r["prompt"]) for r in ppo_train + ppo_eval)
@@ -393,14 +402,15 @@ def test_scorers():
   assert exact("  81\n", {"answer": "81"}) == 1.0
   assert exact("81.", {"answer": "81"}) == 0.0
   score = scorers.get_scorer("demo_tasks")
-  assert score(" 81.", {"task": "add", "answer": "81"}) == 1.0
-  assert score("80", {"task": "add", "answer": "81"}) == 0.0
-  assert score("eighty-one", {"task": "add", "answer": "81"}) == 0.0
+  assert score(" 4.", {"task": "count", "answer": "4"}) == 1.0
+  assert score("5", {"task": "count", "answer": "4"}) == 0.0
+  assert score("four", {"task": "count", "answer": "4"}) == 0.0
   assert score("tree key  red", {"task": "reverse", "answer": "tree, key, red"}) == 1.0
   assert score("key, tree, red", {"task": "reverse", "answer": "tree, key, red"}) == 0.0
-  assert score("TREE", {"task": "upper", "answer": "TREE"}) == 1.0
-  assert score("Tree", {"task": "upper", "answer": "TREE"}) == 0.0
-  assert score("4", {"task": "count", "answer": "4"}) == 1.0
+  assert score("key, red", {"task": "reverse", "answer": "tree, key, red"}) == 0.0
+  assert score(" red.", {"task": "last", "answer": "red"}) == 1.0
+  assert score("Red", {"task": "last", "answer": "red"}) == 0.0
+  assert score("key, red", {"task": "last", "answer": "red"}) == 0.0
   with pytest.raises(UserError, match="^unknown scorer 'nope'; known scorers: demo_tasks, "
                                       "exact_match$"):
     scorers.get_scorer("nope")

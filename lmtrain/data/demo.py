@@ -2,8 +2,8 @@
 
 The corpus is English that ships with Python: the reference topics (`pydoc_data.topics`) and the
 docstrings of a fixed list of standard library modules and their public functions, classes and
-methods, about 1 MB in all. The tasks (add two numbers, reverse or sort a few words, uppercase a
-word, count its letters) have checkable answers, for SFT, preference pairs and PPO prompts.
+methods, about 1 MB in all. The tasks (reverse or sort a list of words, name its last word, count
+its words) have checkable answers, for SFT, preference pairs and PPO prompts.
 """
 
 import hashlib
@@ -118,40 +118,44 @@ WORDS = (
     "string", "system", "table", "tag", "target", "test", "text", "thread", "time", "token",
     "tree", "type", "user", "value", "view", "wheel", "width", "word", "year", "zero",
 )
-TASKS = ("add", "reverse", "sort", "upper", "count")
+TASKS = ("reverse", "sort", "last", "count")
 SFT_EVAL_PERCENT = 10
 
 
-def _distinct_words(rng: random.Random) -> list[str]:
-  return rng.sample(WORDS, rng.randint(3, 4))
+def _near_miss(rng: random.Random, words: list[str], answer: list[str]) -> list[str]:
+  """A wrong list close to `answer`: the input order, two neighbours swapped, a word left out or
+  a word replaced by one that is not in the list (the mistakes a half-trained model makes)."""
+  kind = rng.choice(("input", "swap", "drop", "replace"))
+  if kind == "input" and words != answer:
+    return list(words)
+  if kind in ("input", "swap"):
+    i = rng.randrange(len(answer) - 1)
+    return answer[:i] + [answer[i + 1], answer[i]] + answer[i + 2:]
+  i = rng.randrange(len(answer))
+  if kind == "drop":
+    return answer[:i] + answer[i + 1:]
+  other = rng.choice([w for w in WORDS if w not in answer])
+  return answer[:i] + [other] + answer[i + 1:]
 
 
 def _task_example(rng: random.Random, task: str) -> tuple[str, str, str]:
-  """(prompt, answer, a plausible wrong answer) of one example of `task`."""
-  if task == "add":
-    a, b = rng.randrange(100), rng.randrange(100)
-    wrong = a + b + rng.choice((-10, -2, -1, 1, 2, 10))
-    return f"What is {a} + {b}?", str(a + b), str(wrong if wrong >= 0 else a + b + 1)
+  """(prompt, answer, a plausible wrong answer) of one example of `task`. Every task is about a
+  list of 3-5 distinct words, so held-out prompts test the skill, not memorised facts."""
+  words = rng.sample(WORDS, rng.randint(3, 5))
+  listed = ", ".join(words)
   if task == "count":
-    word = rng.choice(WORDS)
-    return (f"How many letters are in the word {word}?", str(len(word)),
-            str(len(word) + rng.choice((-1, 1))))
-  if task == "upper":
-    word = rng.choice(WORDS)
-    return f"Write in capital letters: {word}", word.upper(), rng.choice((word, word.title()))
-  words = _distinct_words(rng)
+    n = len(words)
+    return f"How many words are in the list: {listed}", str(n), str(n + rng.choice((-1, 1)))
+  if task == "last":
+    wrong = rng.choice(words[:-1] + [rng.choice([w for w in WORDS if w not in words])])
+    return f"What is the last word of the list: {listed}", words[-1], wrong
   if task == "reverse":
-    prompt, answer = f"Reverse the list: {', '.join(words)}", words[::-1]
+    prompt, answer = f"Reverse the list: {listed}", words[::-1]
   elif task == "sort":
-    prompt, answer = f"Sort alphabetically: {', '.join(words)}", sorted(words)
+    prompt, answer = f"Sort alphabetically: {listed}", sorted(words)
   else:
     raise ValueError(f"unknown task {task!r}")
-  # The input order or a swap of two neighbours: right words, wrong order.
-  wrong = words if words != answer else answer[1::-1] + answer[2:]
-  if rng.random() < 0.5:
-    i = rng.randrange(len(answer) - 1)
-    wrong = answer[:i] + [answer[i + 1], answer[i]] + answer[i + 2:]
-  return prompt, ", ".join(answer), ", ".join(wrong)
+  return prompt, ", ".join(answer), ", ".join(_near_miss(rng, words, answer))
 
 
 def is_eval_prompt(prompt: str) -> bool:
@@ -206,7 +210,7 @@ def write_sft_data(out_dir: str, n_train: int = 4000, n_eval: int = 200) -> tupl
       "prompt": prompt, "response": answer, "answer": answer, "task": task})
 
 
-def write_preference_data(out_dir: str, n_train: int = 2000,
+def write_preference_data(out_dir: str, n_train: int = 8000,
                           n_eval: int = 200) -> tuple[str, str]:
   """Writes OUT_DIR/preference_{train,eval}.jsonl of {"prompt", "chosen", "rejected", "answer",
   "task"}: chosen is the right answer, rejected a plausible wrong one."""

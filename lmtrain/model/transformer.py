@@ -146,7 +146,7 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> M
 # Logical axes of the KV cache (Transformer.init_cache).
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
 
-PRESET_NAMES = ("tiny", "small", "125m", "1b", "llama2_7b", "llama3_8b", "llama3_1_8b",
+PRESET_NAMES = ("tiny", "demo", "small", "125m", "1b", "llama2_7b", "llama3_8b", "llama3_1_8b",
                 "bench_tiny", "bench_small")
 
 
