@@ -383,14 +383,16 @@ def test_demo_task_data(data_dir, tmp_path, tok):
     assert record["chosen"] == _recompute(record["task"], record["prompt"])
     assert record["rejected"] != record["chosen"]
     assert scorers.demo_tasks(record["rejected"], record) == 0.0
-  # Every kind of near miss occurs: wrong order, a word left out, a word not in the list.
+  # Every kind of near miss occurs: wrong order, a word left out or added, a repeat, an outsider.
   lists = [r for r in pref_train if r["task"] in ("reverse", "sort")]
   def kinds(r):
     chosen, rejected = r["chosen"].split(", "), r["rejected"].split(", ")
-    if len(rejected) < len(chosen):
-      return "drop"
-    return "order" if sorted(rejected) == sorted(chosen) else "replace"
-  assert set(map(kinds, lists)) == {"drop", "order", "replace"}
+    if len(rejected) != len(chosen):
+      return "drop" if len(rejected) < len(chosen) else "add"
+    if sorted(rejected) == sorted(chosen):
+      return "order"
+    return "repeat" if len(set(rejected)) < len(rejected) else "replace"
+  assert set(map(kinds, lists)) == {"drop", "add", "order", "repeat", "replace"}
   ppo_train, ppo_eval = (_read(p) for p in demo.write_ppo_prompts(str(tmp_path), 100, 20))
   assert sorted(ppo_train[0]) == ["answer", "prompt", "task"] and len(ppo_eval) == 20
   assert all(r["answer"] == _recompute(r["task"], r["prompt"]) for r in ppo_train + ppo_eval)

@@ -123,9 +123,11 @@ SFT_EVAL_PERCENT = 10
 
 
 def _near_miss(rng: random.Random, words: list[str], answer: list[str]) -> list[str]:
-  """A wrong list close to `answer`: the input order, two neighbours swapped, a word left out or
-  a word replaced by one that is not in the list (the mistakes a half-trained model makes)."""
-  kind = rng.choice(("input", "swap", "drop", "replace"))
+  """A wrong list close to `answer`, one of the mistakes a half-trained model makes: the input
+  order, two neighbours swapped, a word left out, a word added, or a word replaced by another list
+  word (a repeat) or by one not in the list. Adding and dropping both occur, so the length of a
+  list alone says nothing about whether it is right."""
+  kind = rng.choice(("input", "swap", "drop", "add", "repeat", "replace"))
   if kind == "input" and words != answer:
     return list(words)
   if kind in ("input", "swap"):
@@ -134,28 +136,37 @@ def _near_miss(rng: random.Random, words: list[str], answer: list[str]) -> list[
   i = rng.randrange(len(answer))
   if kind == "drop":
     return answer[:i] + answer[i + 1:]
-  other = rng.choice([w for w in WORDS if w not in answer])
-  return answer[:i] + [other] + answer[i + 1:]
+  outside = rng.choice([w for w in WORDS if w not in answer])
+  if kind == "add":
+    return answer[:i] + [outside] + answer[i:]
+  if kind == "repeat":
+    return answer[:i] + [rng.choice(answer[:i] + answer[i + 1:])] + answer[i + 1:]
+  return answer[:i] + [outside] + answer[i + 1:]
 
 
 def _task_example(rng: random.Random, task: str) -> tuple[str, str, str]:
   """(prompt, answer, a plausible wrong answer) of one example of `task`. Every task is about a
-  list of 3-5 distinct words, so held-out prompts test the skill, not memorised facts."""
+  list of 3-5 distinct words, so held-out prompts test the skill, not memorised facts. The wrong
+  answer comes from a generator seeded by the prompt, so it never shifts the task stream."""
   words = rng.sample(WORDS, rng.randint(3, 5))
   listed = ", ".join(words)
   if task == "count":
-    n = len(words)
-    return f"How many words are in the list: {listed}", str(n), str(n + rng.choice((-1, 1)))
-  if task == "last":
-    wrong = rng.choice(words[:-1] + [rng.choice([w for w in WORDS if w not in words])])
-    return f"What is the last word of the list: {listed}", words[-1], wrong
-  if task == "reverse":
+    prompt, answer = f"How many words are in the list: {listed}", str(len(words))
+  elif task == "last":
+    prompt, answer = f"What is the last word of the list: {listed}", words[-1]
+  elif task == "reverse":
     prompt, answer = f"Reverse the list: {listed}", words[::-1]
   elif task == "sort":
     prompt, answer = f"Sort alphabetically: {listed}", sorted(words)
   else:
     raise ValueError(f"unknown task {task!r}")
-  return prompt, ", ".join(answer), ", ".join(_near_miss(rng, words, answer))
+  wrong_rng = random.Random(f"near-miss {prompt}")
+  if task == "count":
+    return prompt, answer, str(len(words) + wrong_rng.choice((-1, 1)))
+  if task == "last":
+    others = [w for w in words[:-1]] + [wrong_rng.choice([w for w in WORDS if w not in words])]
+    return prompt, answer, wrong_rng.choice(others)
+  return prompt, ", ".join(answer), ", ".join(_near_miss(wrong_rng, words, answer))
 
 
 def is_eval_prompt(prompt: str) -> bool:
