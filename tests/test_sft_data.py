@@ -4,7 +4,6 @@ import collections
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 

@@ -164,7 +164,7 @@ def _task_example(rng: random.Random, task: str) -> tuple[str, str, str]:
   if task == "count":
     return prompt, answer, str(len(words) + wrong_rng.choice((-1, 1)))
   if task == "last":
-    others = [w for w in words[:-1]] + [wrong_rng.choice([w for w in WORDS if w not in words])]
+    others = words[:-1] + [wrong_rng.choice([w for w in WORDS if w not in words])]
     return prompt, answer, wrong_rng.choice(others)
   return prompt, ", ".join(answer), ", ".join(_near_miss(wrong_rng, words, answer))
 
