@@ -34,7 +34,8 @@ config_text = config.setup("pretrain", macros={
     "MODEL": "tiny", "BATCH_SIZE": "8", "SEQ_LEN": "32", "TRAIN_STEPS": str(steps),
     "LOG_EVERY": "1", "EVAL_EVERY": "0", "CHECKPOINT_EVERY": "2", "WARMUP_STEPS": "1",
     "LEARNING_RATE": "0.01", "TOKENIZER": repr(tokenizer),
-    "MESH_SHAPE": "{'data': 2, 'fsdp': 2, 'tensor': 2}"})
+    "MESH_SHAPE": "{'data': 2, 'fsdp': 2, 'tensor': 2}",
+    "HANG_TIMEOUT": "40" if mode == "fail" else "None"})
 model_cfg = transformer.model_config()
 loop_cfg = loop.LoopConfig()
 stage = pretrain.build(workdir, model_cfg, loop_cfg)

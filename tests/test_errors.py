@@ -172,3 +172,52 @@ def test_usage_errors_exit_2(args, expected):
   assert "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("lmtrain: error: ")
   assert expected in result.stderr
+
+
+HANGING_RUN = """
+import json, sys, time
+from lmtrain import config
+from lmtrain.model import transformer
+from lmtrain.stages import pretrain
+from lmtrain.train import loop
+workdir, corpus, tok = sys.argv[1:4]
+text = config.setup("pretrain", macros={
+    "MODEL": "tiny", "TRAIN_STEPS": "6", "BATCH_SIZE": "8", "SEQ_LEN": "32", "CHECKPOINT_EVERY": "2",
+    "EVAL_EVERY": "0", "HANG_TIMEOUT": "3", "TRAIN_DATA": repr(corpus), "TOKENIZER": repr(tok)})
+stage = pretrain.build(workdir, transformer.model_config(), loop.LoopConfig())
+make = stage.train_data
+
+
+class Stalls:  # the third batch never comes, as from a host stuck in a collective
+  def __init__(self, it):
+    self.it, self.n = it, 0
+  def __next__(self):
+    self.n += 1
+    if self.n == 3:
+      time.sleep(600)
+    return next(self.it)
+  def get_state(self):  # bytes: the checkpointer stores a non-grain iterator's state raw
+    return json.dumps(self.it.get_state()).encode()
+  def set_state(self, state):
+    self.it.set_state(json.loads(state.decode()))
+
+
+stage.train_data = lambda i, n: Stalls(make(i, n))
+loop.train(stage, workdir, loop.LoopConfig(), text)
+"""
+
+
+def test_a_hung_step_exits_with_code_4_and_keeps_the_checkpoint(data, tmp_path):
+  script = tmp_path / "hang.py"
+  script.write_text(HANGING_RUN)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(data["corpus"]),
+                           str(data["tok300"])], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 4, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("lmtrain: error: pretrain: step 2 (last checkpoint: step 2): no progress"
+                         " for "), last
+  assert "LoopConfig.hang_timeout_s=3" in last
+  assert os.listdir(tmp_path / "run" / "pretrain" / "checkpoints") == ["2"]

@@ -104,6 +104,36 @@ def test_rollout_log_probs_and_reward_match_the_unpadded_sequences():
     assert np.all(np.asarray(old["values"][i, n:]) == 0)
 
 
+def test_lm_score_reward_in_rollouts_equals_the_reward_stage_score():
+  # The reward model scores a left-padded rollout exactly as the reward stage scored the same
+  # sequence unpadded; the value model starts as its head in normalised units.
+  rm_cfg = dataclasses.replace(VALUE, lm_score=True)
+  rgd, _, _ = transformer.abstract_model(rm_cfg)
+  params = util.init_params(rm_cfg, 3)
+  params["lm_score_weight"] = jnp.asarray(1.7)
+  model = transformer.merge(rgd, params)
+  prompt, length = prompts(4, seed=3)
+  rng = np.random.default_rng(3)
+  response = rng.integers(4, POLICY.vocab_size, (4, NEW)).astype(np.int32)
+  n_resp = np.array([2, NEW, 4, 3])
+  mask = (np.arange(NEW)[None] < n_resp[:, None]).astype(np.float32)
+  response[np.arange(4), n_resp - 1] = EOS
+  offset, scale = 0.3, 2.0
+  got = ppo.sequence_reward(model, jnp.asarray(prompt), jnp.asarray(length), jnp.asarray(response),
+                            jnp.asarray(mask), offset, scale)
+  for i in range(4):
+    seq = np.concatenate([prompt[i, PROMPT_LEN - length[i]:], response[i, :n_resp[i]]])
+    resp = (np.arange(len(seq)) >= length[i]).astype(np.float32)
+    want = rl.reward_scores(model, seq[None], np.arange(len(seq))[None], np.ones((1, len(seq))),
+                            resp[None])
+    assert float(got[i]) == pytest.approx((float(want[0]) - offset) / scale, rel=1e-5, abs=1e-6)
+  value = transformer.merge(rgd, ppo.normalized_head(params, offset, scale))
+  tokens = jnp.asarray(rng.integers(4, POLICY.vocab_size, (2, 9)))
+  np.testing.assert_allclose(value.scores(value.hidden(tokens)),
+                             (model.scores(model.hidden(tokens)) - offset) / scale, rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_first_minibatch_is_exact_and_frozen_roles_stay_bit_identical():
   cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
                       kl_coef=0.1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmtrain.model import transformer
-from lmtrain.stages import reward
+from lmtrain.stages import reward, rl
 import util
 from test_train import lmtrain
 
@@ -33,19 +33,55 @@ def test_reward_is_read_at_the_last_real_token():
   lengths = np.array([5, 12, 8])
   segments = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
   positions = np.broadcast_to(np.arange(12, dtype=np.int32), (3, 12))
-  scores = reward.sequence_scores(model, tokens, positions, segments)
+  response = segments * (np.arange(12)[None] >= 2)  # the mask is only read with lm_score
+  scores = rl.reward_scores(model, tokens, positions, segments, response)
   changed = tokens.copy()
   changed[0, 5:] = 7  # after row 0's last real token
   changed[2, 8:] = 9
-  np.testing.assert_array_equal(scores, reward.sequence_scores(model, changed, positions, segments))
+  np.testing.assert_array_equal(scores, rl.reward_scores(model, changed, positions, segments,
+                                                         response))
   full = model.scores(model.hidden(tokens, positions, segments))
   np.testing.assert_allclose(scores, [full[0, 4], full[1, 11], full[2, 7]], rtol=1e-6)
   changed[0, 4] = (changed[0, 4] + 1) % cfg.vocab_size  # the last real token itself matters
-  assert float(reward.sequence_scores(model, changed, positions, segments)[0]) != float(scores[0])
+  assert float(rl.reward_scores(model, changed, positions, segments, response)[0]) != float(
+      scores[0])
 
 
-def test_reward_loss_is_the_pairwise_formula():
-  cfg = dataclasses.replace(util.TINY, head="scalar")
+def test_lm_score_adds_the_weighted_mean_response_log_prob():
+  cfg = dataclasses.replace(util.TINY, head="scalar", lm_score=True)
+  graphdef, _, _ = transformer.abstract_model(cfg)
+  params = jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(2))
+  assert float(params["lm_score_weight"]) == 1.0
+  params["lm_score_weight"] = jax.numpy.asarray(2.5)
+  model = transformer.merge(graphdef, params)
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(4, cfg.vocab_size, (3, 12)).astype(np.int32)
+  lengths, starts = np.array([5, 12, 8]), np.array([2, 6, 3])  # response = [start, length)
+  index = np.arange(12)[None]
+  segments = (index < lengths[:, None]).astype(np.int32)
+  response = ((index >= starts[:, None]) & (index < lengths[:, None])).astype(np.float32)
+  positions = np.broadcast_to(np.arange(12, dtype=np.int32), (3, 12))
+  scores = rl.reward_scores(model, tokens, positions, segments, response)
+  head = model.scores(model.hidden(tokens, positions, segments))
+  for i in range(3):
+    n, s = lengths[i], starts[i]
+    logp = jax.nn.log_softmax(model(jnp_row(tokens[i, :n]))[0])  # unpadded, on its own
+    mean = np.mean([logp[t - 1, tokens[i, t]] for t in range(s, n)])
+    assert float(scores[i]) == pytest.approx(float(head[i, n - 1]) + 2.5 * float(mean), rel=1e-5)
+  changed = tokens.copy()
+  changed[0, 5:] = 3  # after the EOS: nothing changes
+  np.testing.assert_array_equal(scores, rl.reward_scores(model, changed, positions, segments,
+                                                         response))
+  assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(params))
+
+
+def jnp_row(row):
+  return jax.numpy.asarray(row[None])
+
+
+@pytest.mark.parametrize("lm_score", [False, True])
+def test_reward_loss_is_the_pairwise_formula(lm_score):
+  cfg = dataclasses.replace(util.TINY, head="scalar", lm_score=lm_score)
   graphdef, _, _ = transformer.abstract_model(cfg)
   model = transformer.merge(graphdef, jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(1)))
   rng = np.random.default_rng(1)
@@ -54,9 +90,10 @@ def test_reward_loss_is_the_pairwise_formula():
     batch[f"{side}_inputs"] = rng.integers(4, cfg.vocab_size, (4, 10)).astype(np.int32)
     batch[f"{side}_segment_ids"] = np.ones((4, 10), np.int32)
     batch[f"{side}_positions"] = np.broadcast_to(np.arange(10, dtype=np.int32), (4, 10))
+    batch[f"{side}_loss_mask"] = (np.arange(10)[None] >= 6).astype(np.float32).repeat(4, 0)
   loss_sum, weight, sums = reward.reward_loss(model, batch, None)
-  rc, rr = (np.asarray(reward.sequence_scores(model, batch[f"{s}_inputs"], batch[f"{s}_positions"],
-                                              batch[f"{s}_segment_ids"]))
+  rc, rr = (np.asarray(rl.reward_scores(model, batch[f"{s}_inputs"], batch[f"{s}_positions"],
+                                        batch[f"{s}_segment_ids"], batch[f"{s}_loss_mask"]))
             for s in ("chosen", "rejected"))
   expected = np.mean(np.log1p(np.exp(-(rc - rr - batch["margin"]))))
   assert float(weight) == 4.0

@@ -61,6 +61,11 @@ class ModelConfig:
   attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   # lm: next-token logits. scalar: one score per position (reward model, PPO value model), no LM head.
   head: str = "lm"
+  # Scalar head only (reward models): keep the LM head too, and a learned weight (initially 1) that
+  # adds weight x the mean log-prob of the response under the trunk's own next-token predictions to
+  # the score (lmtrain.stages.rl.reward_scores). The EOS head alone must learn to compare the answer
+  # with the prompt; the trunk's likelihood already does.
+  lm_score: bool = False
 
   @property
   def kv_heads(self) -> int:
@@ -88,6 +93,8 @@ class ModelConfig:
       raise UserError(f"ModelConfig.dtype={self.dtype!r}; choose auto, float32, bfloat16 or float16")
     if self.head not in ("lm", "scalar"):
       raise UserError(f"ModelConfig.head={self.head!r}; choose lm or scalar")
+    if self.lm_score and self.head != "scalar":
+      raise UserError("ModelConfig.lm_score=True needs head='scalar' (it is part of a reward score)")
     if self.head_size % 2:
       raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
     if self.rope_scaling not in ROPE_SCALINGS:
@@ -109,9 +116,9 @@ class ModelConfig:
     """Exact parameter count, from the shapes (no allocation)."""
     d, h, n, k = self.d_model, self.head_size, self.num_heads, self.kv_heads
     per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * self.mlp_dim + 2 * d
-    lm_head = self.head == "lm" and not self.tie_embeddings
+    lm_head = (self.head == "lm" or self.lm_score) and not self.tie_embeddings
     embeddings = self.vocab_size * d * (2 if lm_head else 1)
-    score_head = d + 1 if self.head == "scalar" else 0
+    score_head = (d + 1 + int(self.lm_score)) if self.head == "scalar" else 0
     return self.num_layers * per_layer + embeddings + d + score_head
 
   def flops_per_token(self, seq_len: int) -> float:
@@ -321,7 +328,9 @@ class Transformer(nnx.Module):
     if cfg.head == "scalar":
       self.score = _param(rngs, _dense_init(cfg.d_model), (cfg.d_model,), ("embed",))
       self.score_bias = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
-    elif not cfg.tie_embeddings:
+      if cfg.lm_score:
+        self.lm_score_weight = nnx.Param(jnp.ones((), jnp.float32), out_sharding=())
+    if (cfg.head == "lm" or cfg.lm_score) and not cfg.tie_embeddings:
       self.lm_head = _param(rngs, _dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                             ("embed", "vocab"))
 

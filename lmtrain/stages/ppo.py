@@ -140,8 +140,9 @@ def response_values(model, prompt, prompt_length, response, mask):
 def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, scale=1.0):
   """[B] reward-model score at each sequence's last real token (its EOS), normalised."""
   tokens, positions, segment_ids = sequences(prompt, prompt_length, response, mask)
-  scores = model.scores(model.hidden(tokens, positions, segment_ids))
-  return (rl.gather_last(scores, segment_ids) - offset) / scale
+  response_mask = jnp.concatenate([jnp.zeros_like(prompt, dtype=mask.dtype), mask], axis=1)
+  scores = rl.reward_scores(model, tokens, positions, segment_ids, response_mask)
+  return (scores - offset) / scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +474,18 @@ def _read_normalization(reward_dir):
   return float(norm["offset"]), float(norm["scale"])
 
 
+def normalized_head(reward_params, offset: float, scale: float, keep=None):
+  """A copy of the reward model whose scalar head gives (score - offset) / scale: the value model
+  then starts in the units of the normalised rewards it learns to predict, rather than with errors
+  of the raw scores' size that would make the first iterations' advantages noise. `keep`: the
+  value model's params (tree); the reward model's LM head and LM-score weight are left out."""
+  value = {k: jax.tree.map(jnp.copy, v) for k, v in reward_params.items()
+           if keep is None or k in keep}
+  value["score"] = reward_params["score"] / scale
+  value["score_bias"] = (reward_params["score_bias"] - offset) / scale
+  return value
+
+
 def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str, train_data,
                eval_data=None, tokenizer="auto", init_from=None, reward_from=None, reward="model",
                scorer="demo_tasks", eval_examples=128, kl_bound=None, ptx_data=None,
@@ -515,18 +528,24 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
 
   policy_cfg = model_cfg
   value_cfg = dataclasses.replace(model_cfg, head="scalar")
+  reward_cfg = value_cfg
+  rm_json = os.path.join(reward_dir, "model.json")
+  if reward == "model" and fileio.exists(rm_json):  # its head settings; its trunk is the policy's
+    lm_score = bool(fileio.read_json(rm_json).get("lm_score", False))
+    reward_cfg = dataclasses.replace(value_cfg, lm_score=lm_score)
   policy_gd, policy_abs, policy_names = transformer.abstract_model(policy_cfg)
   value_gd, value_abs, value_names = transformer.abstract_model(value_cfg)
+  reward_gd, reward_abs, reward_names = transformer.abstract_model(reward_cfg)
   use_value = not cfg.grpo
   use_rm = reward == "model"
-  graphdefs = (policy_gd, value_gd if use_value else None, value_gd if use_rm else None)
+  graphdefs = (policy_gd, value_gd if use_value else None, reward_gd if use_rm else None)
 
   def abstract_params():
     tree, names = {"policy": policy_abs}, {"policy": policy_names}
     if use_value:
       tree["value"], names["value"] = value_abs, value_names
     if use_rm:
-      tree["reward"], names["reward"] = value_abs, value_names
+      tree["reward"], names["reward"] = reward_abs, reward_names
     return tree, names
 
   kl_init = rl.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -562,7 +581,7 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
       loaded["reward"], parent["reward_model"] = rm_init(abstract["reward"])
     if use_value:
       if use_rm:  # the same checkpoint: a second copy, trained from here on
-        loaded["value"] = jax.tree.map(jnp.copy, loaded["reward"])
+        loaded["value"] = normalized_head(loaded["reward"], offset, scale, value_abs)
         parent["value_model"] = parent["reward_model"]
       else:
         loaded["value"], parent["value_model"] = value_init(abstract["value"])

@@ -1,7 +1,8 @@
 """Reward model: the SFT trunk with a new scalar head, trained on preference pairs.
 
 loss = -log sigmoid(r_chosen - r_rejected - margin), with r read at each sequence's last real token
-(its EOS). After training, the rewards of the held-out responses give a normalisation (offset, scale)
+(its EOS); with `lm_score`, r also adds a learned weight x the response's mean log-prob under the
+trunk's own LM head (rl.reward_scores). After training, the rewards of the held-out responses give a normalisation (offset, scale)
 saved beside the checkpoint, which PPO applies so its KL coefficient means the same across RMs.
 """
 
@@ -23,16 +24,11 @@ from lmtrain.train.loop import LoopConfig, Stage
 NORMALIZATION_FILE = "reward_normalization.json"
 
 
-def sequence_scores(model, inputs, positions, segment_ids):
-  """The scalar head at each row's last real token: [B] float32."""
-  scores = model.scores(model.hidden(inputs, positions, segment_ids))
-  return rl.gather_last(scores, (segment_ids > 0).astype(jnp.float32))
-
-
 def pair_scores(model, batch):
   both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
-          for k in ("inputs", "positions", "segment_ids")}
-  scores = sequence_scores(model, both["inputs"], both["positions"], both["segment_ids"])
+          for k in ("inputs", "positions", "segment_ids", "loss_mask")}
+  scores = rl.reward_scores(model, both["inputs"], both["positions"], both["segment_ids"],
+                            both["loss_mask"])
   return jnp.split(scores, 2)
 
 
@@ -75,11 +71,11 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
 @gin.configurable
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
           tokenizer="auto", init_from=None, on_bad_record="raise",
-          normalization_pairs=256) -> Stage:
+          normalization_pairs=256, lm_score=False) -> Stage:
   train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_preference_data,
                                  "preference JSONL")
   tok = stage_tokenizer(workdir, tokenizer)
-  rm_cfg = dataclasses.replace(model_cfg, head="scalar")
+  rm_cfg = dataclasses.replace(model_cfg, head="scalar", lm_score=bool(lm_score))
   template = sft_data.ChatTemplate()
 
   def batches(sources, train):

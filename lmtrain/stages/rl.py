@@ -51,6 +51,20 @@ def gather_last(values, mask):
   return values[jnp.arange(values.shape[0]), last_token_index(mask)]
 
 
+def reward_scores(model, tokens, positions, segment_ids, response_mask):
+  """[B] a reward model's score of each sequence: its scalar head at the last real token (the
+  EOS), plus, for a model with `lm_score`, its learned weight times the mean log-prob of the
+  response tokens (response_mask [B, T], EOS included) under the trunk's own LM head."""
+  hidden = model.hidden(tokens, positions, segment_ids)
+  score = gather_last(model.scores(hidden), (segment_ids > 0).astype(jnp.float32))
+  if model.cfg.lm_score:
+    mask = response_mask[:, 1:].astype(jnp.float32)
+    logprobs = sequence_logprobs(model.logits(hidden[:, :-1]), tokens[:, 1:], mask)
+    mean = logprobs.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+    score = score + model.lm_score_weight[...] * mean
+  return score
+
+
 def sequence_logprobs(logits, tokens, mask, temperature: float = 1.0):
   """[B, T] log-probs of `tokens` under log_softmax(logits / temperature), 0 where mask is 0.
 

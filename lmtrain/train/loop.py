@@ -9,6 +9,8 @@ import dataclasses
 import math
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -52,6 +54,11 @@ class LoopConfig:
   # interruption, e.g. to resume on another mesh. None: run to train_steps.
   stop_after: int | None = None
   eval_at_start: bool = False  # also evaluate the starting params (e.g. the parent model), as step 0
+  # Exit (code 4) when no step, eval or save finishes for this many seconds after compilation: on a
+  # pod a hung collective (e.g. a host that died without the coordination service noticing) then
+  # ends the job instead of idling every chip; rerunning resumes from the last checkpoint.
+  # None: never. Set it well above the longest eval or checkpoint save.
+  hang_timeout_s: float | None = None
 
 
 @dataclasses.dataclass
@@ -166,6 +173,41 @@ class _SigtermFlag:
       return False
     from jax.experimental import multihost_utils
     return bool(multihost_utils.process_allgather(np.array(self.raised)).any())
+
+
+HANG_EXIT_CODE = 4
+
+
+class _Watchdog:
+  """Ends the process when `beat` is not called for `timeout` seconds (a hang, not an error: the
+  thread stuck in a collective cannot raise, so this exits from a daemon thread)."""
+
+  def __init__(self, timeout: float | None, what: Callable[[], str]):
+    self.timeout, self.what = timeout, what
+    self.last = time.monotonic()
+    self._done = threading.Event()
+
+  def __enter__(self):
+    if self.timeout:
+      threading.Thread(target=self._watch, daemon=True, name="lmtrain-watchdog").start()
+    return self
+
+  def beat(self):
+    self.last = time.monotonic()
+
+  def _watch(self):
+    while not self._done.wait(min(1.0, self.timeout / 4)):
+      idle = time.monotonic() - self.last
+      if idle > self.timeout:
+        sys.stderr.write(f"\nlmtrain: error: {self.what()}: no progress for {idle:.0f} s "
+                         f"(LoopConfig.hang_timeout_s={self.timeout:g}); a host or collective "
+                         f"is hung, exiting; rerun the same command to resume from the last "
+                         f"checkpoint\n")
+        sys.stderr.flush()
+        os._exit(HANG_EXIT_CODE)
+
+  def __exit__(self, *_):
+    self._done.set()
 
 
 def _close(iterator):
@@ -361,29 +403,35 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
         writer.write(step, start_eval)
         summary.update({f"initial_{k}": v for k, v in start_eval.items()})
       interval_start = time.time()
+    watchdog = _Watchdog(cfg.hang_timeout_s,
+                         lambda: f"{stage.name}: step {step} (last checkpoint: step {last_saved})")
     try:
-      while step < end:
-        state, device_metrics = compiled(state, batch)
-        step += 1
-        finish_pending()
-        pending = (step, device_metrics)
-        bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
+      with watchdog:
+        while step < end:
+          state, device_metrics = compiled(state, batch)
+          step += 1
           finish_pending()
-          eval_row = evaluate(state.params)
-          if eval_row:
-            writer.write(step, eval_row)
-          interval_start, interval_steps = time.time(), 0  # keep eval time out of tokens/s
-        stop = sigterm.should_stop(step)
-        if step % cfg.checkpoint_every == 0 or step == end or stop:
-          save(step)
-        if stop:
-          checkpointer.wait()
-          raise Preempted(f"{stage.name}: SIGTERM: saved checkpoint at step {step}; "
-                          f"rerun the same command to resume")
-        if step < end:  # only after any save: the saved iterator state must not include it
-          batch = parallel.global_batch(next(train_iter), mesh, rules)
-      finish_pending()
+          watchdog.beat()
+          pending = (step, device_metrics)
+          bar.update(1)
+          if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
+            finish_pending()
+            eval_row = evaluate(state.params)
+            watchdog.beat()
+            if eval_row:
+              writer.write(step, eval_row)
+            interval_start, interval_steps = time.time(), 0  # keep eval time out of tokens/s
+          stop = sigterm.should_stop(step)
+          if step % cfg.checkpoint_every == 0 or step == end or stop:
+            save(step)
+            watchdog.beat()
+          if stop:
+            checkpointer.wait()
+            raise Preempted(f"{stage.name}: SIGTERM: saved checkpoint at step {step}; "
+                            f"rerun the same command to resume")
+          if step < end:  # only after any save: the saved iterator state must not include it
+            batch = parallel.global_batch(next(train_iter), mesh, rules)
+        finish_pending()
       final_eval = evaluate(state.params)
       if final_eval:
         writer.write(step, final_eval)
