@@ -169,6 +169,21 @@ def global_batch(local_batch: dict, mesh, rules) -> dict:
   }
 
 
+def from_host(x, sharding):
+  """A global array from a numpy array that every host holds whole (e.g. eval prompts): each host
+  places its own shards. jit refuses plain numpy inputs with a non-trivial sharding across hosts."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x) -> np.ndarray:
+  """The whole of a (possibly multi-host) global array, as numpy, on every host."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
   """Starts JAX's multi-controller runtime: explicitly from flags/env (several processes on one
   machine behave like the hosts of a pod), or automatically on a Cloud TPU VM with several hosts.

@@ -3,7 +3,9 @@
 usage: multihost_worker.py WORKDIR TOKENIZER NUM_PROCESSES PROCESS_ID PORT MODE [STEPS]
 MODE: `train` (the real per-host data shards), `merged` (a single process reading both hosts' shards
 and concatenating them, i.e. the same global batches as a 2-process run), `fail` (process 1 dies at
-the first step boundary).
+the first step boundary); `ppo` and `ppo-merged`: the same for PPO (from WORKDIR/pretrain, with the
+demo prompts and the rule-based scorer as the reward, so the host-side scoring gathers every
+host's responses); `sft` and `sft-merged`: SFT on the demo tasks, with its generated-answer eval.
 """
 
 import json
@@ -27,18 +29,31 @@ if nproc > 1:
 import jax  # noqa: E402
 
 from lmtrain.model import transformer  # noqa: E402
-from lmtrain.stages import pretrain  # noqa: E402
+from lmtrain.stages import ppo, pretrain, sft  # noqa: E402
 from lmtrain.train import loop  # noqa: E402
 
-config_text = config.setup("pretrain", macros={
-    "MODEL": "tiny", "BATCH_SIZE": "8", "SEQ_LEN": "32", "TRAIN_STEPS": str(steps),
-    "LOG_EVERY": "1", "EVAL_EVERY": "0", "CHECKPOINT_EVERY": "2", "WARMUP_STEPS": "1",
-    "LEARNING_RATE": "0.01", "TOKENIZER": repr(tokenizer),
-    "MESH_SHAPE": "{'data': 2, 'fsdp': 2, 'tensor': 2}",
-    "HANG_TIMEOUT": "40" if mode == "fail" else "None"})
+common = {"MODEL": "tiny", "BATCH_SIZE": "8", "TRAIN_STEPS": str(steps), "LOG_EVERY": "1",
+          "EVAL_EVERY": "0", "CHECKPOINT_EVERY": "2", "WARMUP_STEPS": "1",
+          "TOKENIZER": repr(tokenizer), "MESH_SHAPE": "{'data': 2, 'fsdp': 2, 'tensor': 2}"}
+if mode.startswith("ppo"):
+  config_text = config.setup("ppo", macros={
+      **common, "LEARNING_RATE": "0.001", "REWARD": "'scorer'", "INIT_FROM": repr(
+          os.path.join(workdir, "pretrain")), "PROMPT_LEN": "48", "MAX_NEW_TOKENS": "8"},
+      params=["ppo.build.eval_examples = 8"])
+  build = ppo.build
+elif mode.startswith("sft"):
+  config_text = config.setup("sft", macros={
+      **common, "SEQ_LEN": "64", "LEARNING_RATE": "0.003", "INIT_FROM": repr(
+          os.path.join(workdir, "pretrain"))}, params=["sft.build.eval_examples = 8"])
+  build = sft.build
+else:
+  config_text = config.setup("pretrain", macros={
+      **common, "SEQ_LEN": "32", "LEARNING_RATE": "0.01",
+      "HANG_TIMEOUT": "40" if mode == "fail" else "None"})
+  build = pretrain.build
 model_cfg = transformer.model_config()
 loop_cfg = loop.LoopConfig()
-stage = pretrain.build(workdir, model_cfg, loop_cfg)
+stage = build(workdir, model_cfg, loop_cfg)
 seen = []
 host_iterator = stage.train_data
 
@@ -53,7 +68,7 @@ class Recording:
   def __next__(self):
     batches = [next(p) for p in self.parts]
     batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    seen.extend(batch["inputs"][:, :8].tolist())
+    seen.extend(batch["inputs" if "inputs" in batch else "prompt"][:, -8:].tolist())
     if mode == "fail" and pid == 1 and len(seen) > 8:
       os._exit(7)  # dies without a word, as a crashed host would
     return batch
@@ -70,7 +85,7 @@ class Recording:
 
 
 def recording(process_index, process_count):
-  if mode == "merged":
+  if mode.endswith("merged"):
     return Recording([host_iterator(i, 2) for i in range(2)])
   return Recording([host_iterator(process_index, process_count)])
 

@@ -81,3 +81,48 @@ def test_a_failed_process_stops_the_others(tokenizer_path, tmp_path):
   assert codes[1] == 7
   assert codes[0] != 0, outs[0][-3000:]
   assert time.time() - start < 150
+
+
+def stage_on_one_and_two_processes(stage, two_process_run, tokenizer_path, tmp_path):
+  """(two-process rows, one-process rows) of metrics.jsonl: `stage` from the pretrain checkpoint
+  on the same global batches."""
+  metrics = {}
+  for name, nproc, mode in (("two", 2, stage), ("one", 1, f"{stage}-merged")):
+    workdir = tmp_path / name
+    shutil.copytree(os.path.join(two_process_run, "pretrain"), workdir / "pretrain")
+    codes, outs = launch(str(workdir), tokenizer_path, nproc, mode=mode, steps=2)
+    assert codes == [0] * nproc, outs[0][-3000:] + outs[-1][-3000:]
+    with open(workdir / stage / "metrics.jsonl") as f:
+      metrics[name] = list(map(json.loads, f))
+  return metrics["two"], metrics["one"]
+
+
+@pytest.mark.slow
+def test_sft_with_its_answer_eval_on_two_processes_matches_one(two_process_run, tokenizer_path,
+                                                                tmp_path):
+  two, one = stage_on_one_and_two_processes("sft", two_process_run, tokenizer_path, tmp_path)
+  assert [r["step"] for r in two] == [r["step"] for r in one]
+  for a, b in zip(two, one):
+    assert sorted(a) == sorted(b)
+    for key in ("loss", "eval_loss", "eval_exact_match"):
+      if key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+  assert any("eval_exact_match" in r for r in two)
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_matches_one_process(two_process_run, tokenizer_path, tmp_path):
+  # Rollouts, host-side scoring (responses gathered from both hosts), the greedy eval and the
+  # updates: the same global batches give the same iterations on one process or two.
+  two, one = stage_on_one_and_two_processes("ppo", two_process_run, tokenizer_path, tmp_path)
+  assert any("eval_task_score" in r for r in two)
+  for a, b in zip([r for r in two if "eval_task_score" in r],
+                  [r for r in one if "eval_task_score" in r]):
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+  two, one = [r for r in two if "loss" in r], [r for r in one if "loss" in r]
+  assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+  for key in ("loss", "task_score", "kl", "policy_loss", "value_loss", "response_length"):
+    np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-5,
+                               atol=1e-6, err_msg=key)
+  assert two[0]["kl"] == 0.0  # policy == reference in the first rollout
+

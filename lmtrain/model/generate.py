@@ -190,8 +190,16 @@ def make_generate(mesh, rules, cfg: transformer.ModelConfig, batch_size: int, pr
                      out_shardings=GenerateOutput(rows, rows, rows, per_row, per_row))
     abstract = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    return jitted.lower(
+    compiled = jitted.lower(
         jax.tree.map(lambda a, s: abstract(a.shape, a.dtype, s), abstract_params, param_shardings),
         abstract((batch_size, prompt_len), jnp.int32, rows),
         abstract((batch_size,), jnp.int32, per_row),
         abstract(key.shape, key.dtype, replicated)).compile()
+
+  def run(params, prompts, prompt_lengths, rng):
+    # Host arrays (the same on every host) become global ones, so this also runs on several hosts.
+    return compiled(params, parallel.from_host(prompts, rows),
+                    parallel.from_host(prompt_lengths, per_row),
+                    parallel.from_host(jax.device_get(rng), replicated))
+
+  return run

@@ -340,19 +340,6 @@ def check_scorer(scorer_name, examples, sources):
                       "prompts without answers") from None
 
 
-def _gather(x) -> np.ndarray:
-  """The whole of a (possibly multi-host) global array, on every host."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _replicated_array(x: np.ndarray, mesh):
-  sharding = parallel.replicated(mesh)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage.
 
@@ -404,11 +391,11 @@ class PPOStep:
     data = self.rollout_fn(state, batch)
     task = None
     if self.host_scorer is not None:
-      response, mask, index = (_gather(data["response"]), _gather(data["mask"]),
-                               _gather(batch["index"]))
+      response, mask, index = (parallel.to_host(data["response"]), parallel.to_host(data["mask"]),
+                               parallel.to_host(batch["index"]))
       task = self.host_scorer(response, mask, index)
     if self.reward_from_scorer:
-      score = _replicated_array(task, self.ctx.mesh)
+      score = parallel.from_host(task, parallel.replicated(self.ctx.mesh))
     else:
       score = jax.device_put(data["rm_score"], parallel.replicated(self.ctx.mesh))
     state, metrics = self.update_fn(state, data, score)
@@ -450,15 +437,18 @@ def make_eval(examples, tokenizer, cfg: PPOConfig, graphdefs, template, host_sco
       with parallel.activate(mesh, rules):
         compiled[key] = jax.jit(fn, in_shardings=(shard_of(params["policy"]), shard_of(frozen),
                                                   row_sharding, len_sharding))
-    with parallel.activate(mesh, rules):
-      out = compiled[key](params["policy"], frozen, prompt, length)
-    mask = _gather(out["mask"])[:n]
+      compiled[key] = (compiled[key], row_sharding, len_sharding)
+    fn_compiled, row_sharding, len_sharding = compiled[key]
+    with parallel.activate(mesh, rules):  # every host holds all the eval prompts
+      out = fn_compiled(params["policy"], frozen, parallel.from_host(prompt, row_sharding),
+                        parallel.from_host(length, len_sharding))
+    mask = parallel.to_host(out["mask"])[:n]
     result = {"eval_response_length": float(mask.sum(axis=1).mean()),
-              "eval_eos_fraction": float(_gather(out["done"])[:n].mean())}
+              "eval_eos_fraction": float(parallel.to_host(out["done"])[:n].mean())}
     if "rm_score" in out:
-      result["eval_reward_mean"] = float(_gather(out["rm_score"])[:n].mean())
+      result["eval_reward_mean"] = float(parallel.to_host(out["rm_score"])[:n].mean())
     if host_scorer is not None:
-      scores = host_scorer(_gather(out["response"])[:n], mask, np.arange(n))
+      scores = host_scorer(parallel.to_host(out["response"])[:n], mask, np.arange(n))
       result["eval_task_score"] = float(scores.mean())
     return result
 

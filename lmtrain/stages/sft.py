@@ -10,6 +10,7 @@ import gin
 import jax
 import numpy as np
 
+from lmtrain import parallel
 from lmtrain.data import demo, scorers, sft as sft_data
 from lmtrain.errors import UserError
 from lmtrain.model import generate as generate_lib
@@ -39,7 +40,7 @@ def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
           greedy=True, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     out = compiled[key](params, ids, lengths, jax.random.PRNGKey(0))
     n = len(examples)
-    tokens, mask = np.asarray(jax.device_get(out.tokens)), np.asarray(jax.device_get(out.mask))
+    tokens, mask = parallel.to_host(out.tokens), parallel.to_host(out.mask)
     return {f"eval_{name}": float(np.mean(scorer(tokens[:n], mask[:n], np.arange(n))))}
 
   return run
