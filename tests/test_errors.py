@@ -182,8 +182,8 @@ from lmtrain.stages import pretrain
 from lmtrain.train import loop
 workdir, corpus, tok = sys.argv[1:4]
 text = config.setup("pretrain", macros={
-    "MODEL": "tiny", "TRAIN_STEPS": "6", "BATCH_SIZE": "8", "SEQ_LEN": "32", "CHECKPOINT_EVERY": "2",
-    "EVAL_EVERY": "0", "HANG_TIMEOUT": "3", "TRAIN_DATA": repr(corpus), "TOKENIZER": repr(tok)})
+    "MODEL": "tiny", "TRAIN_STEPS": "6", "BATCH_SIZE": "8", "SEQ_LEN": "32",
+    "CHECKPOINT_EVERY": "2", "EVAL_EVERY": "0", "HANG_TIMEOUT": "3", "TRAIN_DATA": repr(corpus), "TOKENIZER": repr(tok)})
 stage = pretrain.build(workdir, transformer.model_config(), loop.LoopConfig())
 make = stage.train_data
 

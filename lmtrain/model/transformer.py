@@ -94,7 +94,8 @@ class ModelConfig:
     if self.head not in ("lm", "scalar"):
       raise UserError(f"ModelConfig.head={self.head!r}; choose lm or scalar")
     if self.lm_score and self.head != "scalar":
-      raise UserError("ModelConfig.lm_score=True needs head='scalar' (it is part of a reward score)")
+      raise UserError("ModelConfig.lm_score=True needs head='scalar' (it is part of a reward "
+                      "score)")
     if self.head_size % 2:
       raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
     if self.rope_scaling not in ROPE_SCALINGS:

@@ -435,9 +435,9 @@ def make_eval(examples, tokenizer, cfg: PPOConfig, graphdefs, template, host_sco
       len_sharding = parallel.named_sharding(mesh, ("batch",), rules, length.shape)
       shard_of = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
       with parallel.activate(mesh, rules):
-        compiled[key] = jax.jit(fn, in_shardings=(shard_of(params["policy"]), shard_of(frozen),
-                                                  row_sharding, len_sharding))
-      compiled[key] = (compiled[key], row_sharding, len_sharding)
+        jitted = jax.jit(fn, in_shardings=(shard_of(params["policy"]), shard_of(frozen),
+                                           row_sharding, len_sharding))
+      compiled[key] = (jitted, row_sharding, len_sharding)
     fn_compiled, row_sharding, len_sharding = compiled[key]
     with parallel.activate(mesh, rules):  # every host holds all the eval prompts
       out = fn_compiled(params["policy"], frozen, parallel.from_host(prompt, row_sharding),

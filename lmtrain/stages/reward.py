@@ -2,8 +2,9 @@
 
 loss = -log sigmoid(r_chosen - r_rejected - margin), with r read at each sequence's last real token
 (its EOS); with `lm_score`, r also adds a learned weight x the response's mean log-prob under the
-trunk's own LM head (rl.reward_scores). After training, the rewards of the held-out responses give a normalisation (offset, scale)
-saved beside the checkpoint, which PPO applies so its KL coefficient means the same across RMs.
+trunk's own LM head (rl.reward_scores). After training, the rewards of the held-out responses give a
+normalisation (offset, scale) saved beside the checkpoint, which PPO applies so its KL coefficient
+means the same across RMs.
 """
 
 import dataclasses
