@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -221,7 +222,8 @@ def _make_stage_dir(workdir: str, stage: str) -> str:
   stage_dir = os.path.join(workdir, stage)
   try:
     fileio.makedirs(stage_dir)
-    probe = os.path.join(stage_dir, ".write_test")
+    # One probe per process: hosts sharing a work dir would otherwise delete each other's.
+    probe = os.path.join(stage_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     fileio.write_text(probe, "")
     fileio.remove(probe)
   except OSError as e:
