@@ -20,10 +20,12 @@ STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
 
 # Panels of each stage kind's own figure: (title, keys on the left axis, keys on a right axis with
 # its own scale). A panel is drawn when any of its keys is logged; eval_* keys are drawn as points.
+# A key ending in "*" stands for every logged key it starts (the per-task scores of demo data).
 _PPO_PANELS = (
     ("reward", ("reward_mean",), ()),
     ("kl", ("kl",), ("kl_coef",)),
     ("task score", ("task_score", "eval_task_score"), ()),
+    ("held-out task score per task", ("eval_task_score_*",), ()),
     ("entropy", ("entropy",), ()),
     ("clip fraction", ("clipfrac",), ()),
     ("approx kl", ("approx_kl",), ()),
@@ -33,6 +35,7 @@ _PPO_PANELS = (
 )
 STAGE_PANELS = {
     "sft": (("exact match", ("eval_exact_match",), ()),
+            ("exact match per task", ("eval_exact_match_*",), ()),
             ("perplexity", ("eval_perplexity",), ())),
     "reward": (("accuracy", ("accuracy", "eval_accuracy"), ()),
                ("margin", ("margin", "eval_margin"), ())),
@@ -253,10 +256,20 @@ def summary_markdown(workdir: str, summaries: dict[str, dict], figures: list[str
   return "\n".join(parts)
 
 
+def _expand(rows: list[dict], keys) -> list[str]:
+  out = []
+  for key in keys:
+    if key.endswith("*"):
+      out += sorted({k for row in rows for k in row if k.startswith(key[:-1])})
+    else:
+      out.append(key)
+  return out
+
+
 def _lines(rows: list[dict], left, right=()) -> list[_Line]:
   lines = []
   for keys, on_right in ((left, False), (right, True)):
-    for key in keys:
+    for key in _expand(rows, keys):
       steps, values = _series(rows, key)
       kept = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
       if kept:
@@ -282,9 +295,12 @@ def _save_figure(path: str, panels: list[tuple[str, list[_Line]]]):
     handles = []
     for i, line in enumerate(lines):
       target = twin if line.right else ax
-      if line.points or len(line.steps) == 1:  # a lone point would be invisible as a line
+      if len(line.steps) == 1:  # a lone point would be invisible as a line
         handles.append(target.scatter(line.steps, line.values, s=18, color=f"C{i}",
                                       label=line.label, zorder=3))
+      elif line.points:  # sparse eval rows: markers, joined by a faint dashed line
+        handles += target.plot(line.steps, line.values, color=f"C{i}", marker="o", markersize=4,
+                               linestyle="--", linewidth=0.8, label=line.label, zorder=3)
       else:
         handles += target.plot(line.steps, line.values, color=f"C{i}", linewidth=1.2,
                                label=line.label)

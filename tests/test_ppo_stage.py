@@ -86,6 +86,10 @@ def test_ppo_logs_every_metric_keeps_roles_frozen_and_resumes_bit_exactly(parent
   assert train[-1]["kl_coef"] != train[0]["kl_coef"]
   evals = [r for r in rows(straight, "ppo") if "eval_task_score" in r]
   assert evals[0]["step"] == 0 and evals[-1]["step"] == 4  # the SFT policy's score, then PPO's
+  for r in evals:  # per demo task: 8 held-out prompts, the four tasks in turn, 2 each
+    per_task = [r[f"eval_task_score_{t}"] for t in ("count", "last", "reverse", "sort")]
+    assert all(s in (0.0, 0.5, 1.0) for s in per_task)
+    assert np.mean(per_task) == pytest.approx(r["eval_task_score"])
   assert "initial_eval_task_score" in proc.stdout and "kl_bound" in proc.stdout
 
   resumed = [r for r in rows(split, "ppo") if "loss" in r]

@@ -154,3 +154,17 @@ def test_missing_dir_and_no_stages(tmp_path):
   (tmp_path / "empty" / "pretrain").mkdir(parents=True)
   with pytest.raises(UserError, match="no stages found"):
     report.load_workdir(str(tmp_path / "empty"))
+
+
+def test_per_task_panel_takes_every_logged_task():
+  rows = [{"step": 0, "eval_task_score": 0.5, "eval_task_score_count": 0.25,
+           "eval_task_score_last": 1.0},
+          {"step": 1, "task_score": 0.5},
+          {"step": 30, "eval_task_score": 0.75, "eval_task_score_count": 0.5,
+           "eval_task_score_last": 1.0, "eval_task_score_sort": 0.0}]
+  lines = report._lines(rows, ("eval_task_score_*",))
+  assert [(line.label, line.steps, line.values, line.points) for line in lines] == [
+      ("eval_task_score_count", [0, 30], [0.25, 0.5], True),
+      ("eval_task_score_last", [0, 30], [1.0, 1.0], True),
+      ("eval_task_score_sort", [30], [0.0], True)]
+  assert report._lines([{"step": 1, "task_score": 0.5}], ("eval_task_score_*",)) == []

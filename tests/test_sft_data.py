@@ -376,6 +376,21 @@ def test_demo_task_data(data_dir, tmp_path, tok):
   # Short enough for small models: nothing is truncated at seq_len 128.
   assert sft.encode_examples(sft.load_examples(again[0]), tok, seq_len=SEQ_LEN)[1].truncated == 0
 
+  # The careless annotator: count demonstrations one too low in about the share asked for, in
+  # the training split only; the other tasks, the answers and the eval split are unchanged.
+  flawed_dir = tmp_path / "careless"
+  flawed, flawed_evals = (_read(p) for p in demo.write_sft_data(
+      str(flawed_dir), n_train=400, n_eval=50, careless_count_share=0.65))
+  assert [r["prompt"] for r in flawed] == [r["prompt"] for r in train]
+  assert [r["answer"] for r in flawed] == [r["answer"] for r in train]
+  assert flawed_evals == evals
+  wrong = [r for r in flawed if r["response"] != r["answer"]]
+  assert {r["task"] for r in wrong} == {"count"}
+  assert all(int(r["response"]) == int(r["answer"]) - 1 for r in wrong)
+  assert 0.55 <= len(wrong) / 100 <= 0.75, len(wrong)
+  with pytest.raises(UserError, match=r"^careless_count_share=1.5: must be in \[0, 1\]$"):
+    demo.write_sft_data(str(flawed_dir), careless_count_share=1.5)
+
   pref_train, pref_eval = (_read(p) for p in demo.write_preference_data(str(tmp_path), 300, 50))
   assert len(pref_train) == 300 and len(pref_eval) == 50
   for record in pref_train + pref_eval:
@@ -419,6 +434,9 @@ def test_scorers():
     exact("1", {"prompt": "x"})
   with pytest.raises(UserError, match="unknown task 'poem'"):
     score("1", {"task": "poem", "answer": "1"})
+  records = [{"task": "count"}, {"task": "sort"}, {"task": "count"}, {}, {"task": "a b"}]
+  assert scorers.per_task("eval_x", [1.0, 0.0, 0.0, 1.0, 1.0], records) == {
+      "eval_x_count": 0.5, "eval_x_sort": 0.0}
 
 
 # seqio.

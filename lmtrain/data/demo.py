@@ -3,7 +3,9 @@
 The corpus is English that ships with Python: the reference topics (`pydoc_data.topics`) and the
 docstrings of a fixed list of standard library modules and their public functions, classes and
 methods, about 1 MB in all. The tasks (reverse or sort a list of words, name its last word, count
-its words) have checkable answers, for SFT, preference pairs and PPO prompts.
+its words) have checkable answers, for SFT, preference pairs and PPO prompts. The SFT
+demonstrations can carry one systematic flaw that the preference pairs lack (`careless_count`):
+what RLHF is for.
 """
 
 import hashlib
@@ -13,6 +15,8 @@ import json
 import os
 import random
 import re
+
+from lmtrain.errors import UserError
 
 # Sorted and fixed so the corpus is the same on every run of a given Python.
 MODULES = (
@@ -200,25 +204,49 @@ def _write_records_if_changed(path: str, records: list[dict]):
   os.replace(tmp, path)
 
 
+def _write_split(out_dir: str, name: str, split: str, n: int, to_record) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}_{split}.jsonl")
+  examples = task_examples(f"{name}-{split}", n, held_out=split == "eval")
+  _write_records_if_changed(path, [to_record(*example) for example in examples])
+  return path
+
+
 def _write_splits(out_dir: str, name: str, n_train: int, n_eval: int,
                   to_record) -> tuple[str, str]:
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for split, n in (("train", n_train), ("eval", n_eval)):
-    path = os.path.join(out_dir, f"{name}_{split}.jsonl")
-    examples = task_examples(f"{name}-{split}", n, held_out=split == "eval")
-    _write_records_if_changed(path, [to_record(*example) for example in examples])
-    paths.append(path)
-  return paths[0], paths[1]
+  return (_write_split(out_dir, name, "train", n_train, to_record),
+          _write_split(out_dir, name, "eval", n_eval, to_record))
 
 
-def write_sft_data(out_dir: str, n_train: int = 4000, n_eval: int = 200) -> tuple[str, str]:
+def careless_count(prompt: str, answer: str, share: float) -> str:
+  """The demonstration a careless annotator writes for a count prompt in `share` of the cases
+  (chosen by the prompt, so the same records come out every time): the number of commas, one
+  less than the number of words. Else the right answer."""
+  if share > 0 and random.Random(f"careless {prompt}").random() < share:
+    return str(int(answer) - 1)
+  return answer
+
+
+def write_sft_data(out_dir: str, n_train: int = 4000, n_eval: int = 200,
+                   careless_count_share: float = 0.0) -> tuple[str, str]:
   """Writes OUT_DIR/sft_{train,eval}.jsonl of {"prompt", "response", "answer", "task"}.
 
-  Deterministic; a file already holding the same records is not rewritten.
+  `careless_count_share`: the share of the training split's count demonstrations whose
+  response is wrong the careless annotator's way (`careless_count`); "answer" stays right, and
+  the eval split is always right. The preference pairs have no such flaw, so this is the mistake
+  the reward model and PPO (or DPO) have to correct: the demo's SFT model learns it, greedy
+  decoding then answers most count prompts one too low, and the policy's own samples are right
+  often enough for PPO to find out. Deterministic; a file already holding the same records is
+  not rewritten.
   """
-  return _write_splits(out_dir, "sft", n_train, n_eval, lambda task, prompt, answer, _: {
-      "prompt": prompt, "response": answer, "answer": answer, "task": task})
+  if not 0.0 <= careless_count_share <= 1.0:
+    raise UserError(f"careless_count_share={careless_count_share}: must be in [0, 1]")
+  paths = []
+  for split, n, share in (("train", n_train, careless_count_share), ("eval", n_eval, 0.0)):
+    paths.append(_write_split(out_dir, "sft", split, n, lambda task, prompt, answer, _: {
+        "prompt": prompt, "answer": answer, "task": task,
+        "response": careless_count(prompt, answer, share) if task == "count" else answer}))
+  return paths[0], paths[1]
 
 
 def write_preference_data(out_dir: str, n_train: int = 8000,

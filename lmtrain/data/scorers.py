@@ -69,6 +69,17 @@ def get_scorer(name: str) -> Scorer:
   return SCORERS[name]
 
 
+def per_task(name: str, scores, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+  """{NAME_<task>: mean score} for the records that carry a "task" field (the demo's do): which
+  skills an eval's mean hides. Tasks whose names are not plain identifiers are left out."""
+  groups: dict[str, list[float]] = {}
+  for score, record in zip(scores, records):
+    task = record.get("task")
+    if isinstance(task, str) and task.isidentifier():
+      groups.setdefault(task, []).append(float(score))
+  return {f"{name}_{task}": float(np.mean(v)) for task, v in sorted(groups.items())}
+
+
 class ResponseScorer:
   """Decodes generated rows (their masked tokens, EOS dropped) and scores each with the scorer
   `name` against the record of its prompt: PPO/GRPO rewards and task scores, SFT eval."""

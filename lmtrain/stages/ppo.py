@@ -450,6 +450,7 @@ def make_eval(examples, tokenizer, cfg: PPOConfig, graphdefs, template, host_sco
     if host_scorer is not None:
       scores = host_scorer(parallel.to_host(out["response"])[:n], mask, np.arange(n))
       result["eval_task_score"] = float(scores.mean())
+      result.update(scorers.per_task("eval_task_score", scores, host_scorer.records[:n]))
     return result
 
   return run

@@ -4,6 +4,7 @@ The loss is `pretrain.lm_loss`: the SFT batches carry a loss_mask that is 1 only
 so the step's token-weighted mean is over response tokens across the whole global batch.
 """
 
+import functools
 import math
 
 import gin
@@ -41,7 +42,9 @@ def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
     out = compiled[key](params, ids, lengths, jax.random.PRNGKey(0))
     n = len(examples)
     tokens, mask = parallel.to_host(out.tokens), parallel.to_host(out.mask)
-    return {f"eval_{name}": float(np.mean(scorer(tokens[:n], mask[:n], np.arange(n))))}
+    scores = scorer(tokens[:n], mask[:n], np.arange(n))
+    return {f"eval_{name}": float(np.mean(scores)),
+            **scorers.per_task(f"eval_{name}", scores, scorer.records)}
 
   return run
 
@@ -49,8 +52,12 @@ def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
 @gin.configurable
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
           tokenizer="auto", init_from=None, template=None, pack=True, on_bad_record="raise",
-          scorer="exact_match", eval_examples=64, eval_max_new_tokens=16) -> Stage:
-  train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_sft_data, "SFT JSONL")
+          scorer="exact_match", eval_examples=64, eval_max_new_tokens=16,
+          demo_careless_count=0.0) -> Stage:
+  """`lmtrain sft`. `demo_careless_count`: with TRAIN_DATA='demo', the share of the count
+  demonstrations written wrong by a careless annotator (`demo.write_sft_data`)."""
+  write_demo = functools.partial(demo.write_sft_data, careless_count_share=demo_careless_count)
+  train, evals = resolve_sources(workdir, train_data, eval_data, write_demo, "SFT JSONL")
   tok = stage_tokenizer(workdir, tokenizer)
   if tok.vocab_size > model_cfg.vocab_size:
     raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size "
