@@ -1,5 +1,6 @@
 """Every gin file parses and builds abstract shapes (no allocation); meshes fit their slices; macros."""
 
+import dataclasses
 import glob
 import logging
 import math
@@ -85,6 +86,16 @@ def test_model_preset_builds_abstract_model(name):
   # Every parameter names one logical axis per dimension.
   jax.tree.map(lambda a, n: None if len(n) == a.ndim else pytest.fail(f"{n} vs {a.shape}"),
                params, names, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def test_flops_per_token_counts_the_head_the_model_computes():
+  lm = transformer.ModelConfig(vocab_size=1000, d_model=64, num_layers=2, num_heads=4,
+                               num_kv_heads=2, mlp_dim=128)
+  scalar = dataclasses.replace(lm, head="scalar")
+  with_lm_score = dataclasses.replace(scalar, lm_score=True)
+  # 6 flops per parameter per token: the scalar head skips the 1000 x 64 vocab projection.
+  assert lm.flops_per_token(32) - scalar.flops_per_token(32) == 6 * (1000 * 64 - 64)
+  assert with_lm_score.flops_per_token(32) == lm.flops_per_token(32)  # it computes logits too
 
 
 @pytest.mark.parametrize("path", _gin_files("meshes"), ids=_stem)

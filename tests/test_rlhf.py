@@ -12,6 +12,7 @@ import pytest
 
 from lmtrain.model import transformer
 from lmtrain.stages import reward, rl
+from lmtrain.train.state import TrainState
 import util
 from test_train import lmtrain
 
@@ -99,6 +100,46 @@ def test_reward_loss_is_the_pairwise_formula(lm_score):
   assert float(weight) == 4.0
   assert float(loss_sum) / 4 == pytest.approx(expected, rel=1e-5)
   assert float(sums["accuracy"]) / 4 == pytest.approx(np.mean(rc > rr))
+
+
+def ragged_pairs(n, seq_len, vocab, seed):
+  """n preference pairs of different lengths, padded after EOS (segment 0), margins included."""
+  rng = np.random.default_rng(seed)
+  batch = {"margin": rng.uniform(0, 1, n).astype(np.float32)}
+  for side in ("chosen", "rejected"):
+    lengths = rng.integers(seq_len // 2, seq_len + 1, n)
+    real = np.arange(seq_len)[None] < lengths[:, None]
+    batch[f"{side}_inputs"] = np.where(real, rng.integers(4, vocab, (n, seq_len)), 0).astype(
+        np.int32)
+    batch[f"{side}_segment_ids"] = real.astype(np.int32)
+    batch[f"{side}_positions"] = np.where(real, np.arange(seq_len)[None], 0).astype(np.int32)
+    batch[f"{side}_loss_mask"] = (real & (np.arange(seq_len)[None] >= 4)).astype(np.float32)
+  return batch
+
+
+@pytest.mark.parametrize("lm_score", [False, True])
+def test_reward_step_is_the_same_on_one_device_and_a_2x2x2_mesh(lm_score):
+  cfg = dataclasses.replace(util.TINY, head="scalar", lm_score=lm_score)
+  params = util.init_params(cfg, seed=1)
+  batches = [ragged_pairs(8, 16, cfg.vocab_size, seed) for seed in range(2)]
+  runs = []
+  for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    mesh = util.mesh_of(shape)
+    step, shardings, batch_sharding, optimizer, *_ = util.sharded_setup(
+        mesh, cfg, eps=1e-4, loss_fn=reward.reward_loss, batch_example=batches[0])
+    state = jax.jit(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
+                    out_shardings=shardings)(params)
+    metrics = []
+    for b in batches:
+      state, m = step(state, jax.device_put(b, batch_sharding))
+      metrics.append({k: float(m[k]) for k in ("loss", "accuracy", "margin", "grad_norm")})
+    runs.append((metrics, jax.device_get(state.params)))
+  (m1, p1), (m8, p8) = runs
+  assert m1[0]["loss"] > 0 and m1[0]["grad_norm"] > 0
+  for a, b in zip(m1, m8):
+    for key in a:
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p1, p8)
 
 
 @pytest.fixture(scope="module")

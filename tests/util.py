@@ -44,8 +44,10 @@ def mesh_of(shape: dict):
   return parallel.make_mesh(shape, devices=jax.devices()[:n])
 
 
-def sharded_setup(mesh, cfg=TINY, lr=1e-2, microbatches=1, eps=1e-8):
-  """(jitted step, state shardings, batch sharding, optimizer) for `cfg` on `mesh`."""
+def sharded_setup(mesh, cfg=TINY, lr=1e-2, microbatches=1, eps=1e-8, loss_fn=lm_loss,
+                  batch_example=None):
+  """(jitted step, state shardings, batch sharding, optimizer) for `cfg` and `loss_fn` on `mesh`.
+  Batches are [B, T] arrays unless `batch_example` gives their keys and ranks."""
   rules = parallel.axis_rules()
   graphdef, abstract_params, names = transformer.abstract_model(cfg)
   schedule = optax.constant_schedule(lr)
@@ -53,8 +55,10 @@ def sharded_setup(mesh, cfg=TINY, lr=1e-2, microbatches=1, eps=1e-8):
   abstract_state = jax.eval_shape(
       lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
   shardings = _state_shardings(mesh, rules, abstract_state, names, optimizer)
-  step = make_train_step(graphdef, lm_loss, optimizer, schedule, microbatches)
-  batch_sharding = parallel.batch_sharding(mesh, rules)
+  step = make_train_step(graphdef, loss_fn, optimizer, schedule, microbatches)
+  batch_sharding = (parallel.batch_sharding(mesh, rules) if batch_example is None else
+                    {k: parallel.batch_sharding(mesh, rules, np.ndim(v))
+                     for k, v in batch_example.items()})
   with parallel.activate(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, parallel.replicated(mesh)))

@@ -123,10 +123,12 @@ class ModelConfig:
     return self.num_layers * per_layer + embeddings + d + score_head
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (non-embedding matmul params + LM head) plus causal attention."""
+    """Training FLOPs per token: 6 x (non-embedding matmul params + output head) plus causal
+    attention. The output head is the vocab projection when the model computes logits (an LM, or a
+    reward model with lm_score), else the scalar head's d."""
     d, h, n, k = self.d_model, self.head_size, self.num_heads, self.kv_heads
     matmul_params = self.num_layers * (d * n * h * 2 + d * k * h * 2 + 3 * d * self.mlp_dim)
-    matmul_params += self.vocab_size * d
+    matmul_params += self.vocab_size * d if self.head == "lm" or self.lm_score else d
     # QK^T and AV: 2 matmuls x 2 flops x seq x heads x head_dim, halved by the causal mask, x3 for bwd.
     attention = 3 * 2 * 2 * self.num_layers * n * h * seq_len / 2
     return 6 * matmul_params + attention

@@ -599,9 +599,10 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
 
   seq = cfg.prompt_len + cfg.max_new_tokens
   fp = policy_cfg.flops_per_token(seq) / 3  # one forward pass
-  fv = value_cfg.flops_per_token(seq) / 3
+  fv = value_cfg.flops_per_token(seq) / 3  # scalar head: no vocab projection
+  fr = reward_cfg.flops_per_token(seq) / 3  # with lm_score the reward pass computes logits too
   # sampling, then policy and reference passes; value and reward passes; epochs x (fwd + bwd).
-  flops = 3 * fp + (fv if use_value else 0) + (fv if use_rm else 0)
+  flops = 3 * fp + (fv if use_value else 0) + (fr if use_rm else 0)
   flops += cfg.epochs * 3 * (fp + (fv if use_value else 0))
 
   def make_step(ctx):
