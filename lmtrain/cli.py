@@ -48,6 +48,24 @@ def _parser():
   p.add_argument("--input", action="append", required=True, help="text/JSONL file (repeatable)")
   p.add_argument("--vocab_size", type=int, required=True)
   p.add_argument("--output", required=True, help="path of the .model file to write")
+  p = sub.add_parser(
+      "prepare", help="tokenize a corpus into token shards + manifest (Apache Beam); "
+      "options this command does not know go to the Beam pipeline (e.g. --project, --region, "
+      "--temp_location, --max_num_workers for Dataflow)")
+  p.add_argument("--input", action="append", required=True,
+                 help="text/JSONL(.gz/.zst)/array_record file, glob, gs:// URL or seqio:NAME "
+                      "(repeatable)")
+  p.add_argument("--tokenizer", required=True, help="sentencepiece .model (local or gs://)")
+  p.add_argument("--output", required=True, help="directory to write (local or gs://)")
+  p.add_argument("--name", help="the corpus's name in its manifest (default: the directory name)")
+  p.add_argument("--runner", default="DirectRunner",
+                 help="Beam runner: DirectRunner (this machine), DataflowRunner, FlinkRunner, "
+                      "SparkRunner")
+  p.add_argument("--num_workers", type=int,
+                 help="DirectRunner worker processes (default: one per core)")
+  p.add_argument("--num_shards", type=int, help="default: about one per 256 MB of input text")
+  p.add_argument("--skip_bad_records", action="store_true",
+                 help="leave bad records out and count them, instead of stopping at the first")
   p = sub.add_parser("sample", help="print completions from a stage's latest checkpoint")
   from lmtrain import sample
   sample.add_arguments(p)
@@ -137,13 +155,38 @@ def print_summary(summary: dict):
   print(f"{'-' * (width + 30)}")
 
 
+def run_prepare(args, beam_args):
+  import time
+  from lmtrain.data import prepare
+  if args.runner == "DirectRunner":
+    if any(a.startswith("--direct_") for a in beam_args):
+      pipeline_args = ["--runner=DirectRunner", *beam_args]
+    else:
+      pipeline_args = prepare.direct_runner_args(args.num_workers) + beam_args
+  else:
+    pipeline_args = [f"--runner={args.runner}", *beam_args]
+  start = time.time()
+  manifest = prepare.prepare(args.input, args.tokenizer, args.output, name=args.name,
+                             num_shards=args.num_shards,
+                             on_error="skip" if args.skip_bad_records else "raise",
+                             pipeline_args=pipeline_args)
+  seconds = time.time() - start
+  print(json.dumps({"output": args.output, "documents": manifest["documents"],
+                    "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
+                    "bad_records": manifest["bad_records"], "seconds": round(seconds, 2),
+                    "tokens_per_sec": round(manifest["tokens"] / max(seconds, 1e-9))}))
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   from lmtrain.errors import DivergedError, UserError
   from lmtrain.train.loop import Preempted
   try:
     macros, rest = _split_gin_macros(argv)
-    args = _parser().parse_args(rest)
+    parser = _parser()
+    args, beam_args = parser.parse_known_args(rest)
+    if beam_args and args.command != "prepare":
+      parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     training = args.command in STAGES + ("pipeline",)
     if macros and not training:
       raise UserError(f"--gin.{next(iter(macros))}: gin macros apply to the training stages only")
@@ -161,6 +204,8 @@ def main(argv=None):
       tok = tokenizer.Tokenizer.load(path)
       print(json.dumps({"output": path, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,
                         "eos_id": tok.eos_id, "bos_id": tok.bos_id, "unk_id": tok.unk_id}))
+    elif args.command == "prepare":
+      run_prepare(args, beam_args)
     elif args.command == "sample":
       from lmtrain import sample
       sample.run(args)

@@ -204,5 +204,36 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None, p
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=int(num_processes), process_id=int(process_id),
                                heartbeat_timeout_seconds=heartbeat)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+  elif os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or tpu_host_count() > 1:
+    # JAX finds the coordinator and this host's id from the TPU runtime itself.
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+
+
+TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")  # v2-v4 and v5e/v5p/v6e TPU VMs
+_METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+
+
+def _tpu_metadata(attribute: str) -> str | None:
+  """A Cloud TPU VM's metadata attribute, or None when there is no metadata server to ask."""
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  request = urllib.request.Request(_METADATA_URL + attribute, headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=2) as response:
+      return response.read().decode()
+  except OSError:
+    return None
+
+
+def tpu_host_count() -> int:
+  """Hosts of this Cloud TPU slice as its runtime reports them: TPU_WORKER_HOSTNAMES when set,
+  else the VM's `worker-network-endpoints` metadata (which a plain TPU VM shell has without any
+  environment variable); 1 off TPU, where no metadata server is asked."""
+  hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if hostnames.strip():
+    return len([h for h in hostnames.split(",") if h.strip()])
+  if not any(os.path.exists(path) for path in TPU_DEVICE_FILES):
+    return 1
+  endpoints = _tpu_metadata("worker-network-endpoints")
+  if not endpoints:
+    return 1
+  return max(1, len([e for e in endpoints.split(",") if e.strip()]))

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from lmtrain import config, convert, sample
-from lmtrain.data import pipeline, preference, sft as sft_data
+from lmtrain.data import batching, preference, sft as sft_data
 from lmtrain.data import tokenizer as tokenizer_lib
 from lmtrain.model import generate as generate_lib
 from lmtrain.errors import UserError
@@ -494,7 +494,7 @@ def test_tokenizer_takes_llama_special_ids(llama_tokenizer_path, tmp_path):
   ids = tok.encode(text)
   assert ids and not {0, 1, 2} & set(ids)
   assert tok.decode(ids + [tok.pad_id] * 3) == text
-  assert pipeline.document_ids(tok, text).tolist() == [1, *ids, 2]
+  assert batching.document_ids(tok, text).tolist() == [1, *ids, 2]
 
   # SFT: [BOS] prompt, the response closed by this tokenizer's EOS, which carries loss.
   ids, mask = sft_data.encode_example([("user", "the dog"), ("assistant", "the fox")], tok)

@@ -1,6 +1,6 @@
 """Record reading and validation. Every bad record is reported as `FILE:LINE: what is wrong`.
 
-Text, JSONL and array_record files are read here. A record schema is a function from the parsed
+Text, JSONL and array_record files are read here, local or gs://; text and JSONL also as .gz/.zst. A record schema is a function from the parsed
 JSON object to a value that raises `BadRecord` with what is wrong; `iter_records` does the rest
 (location, stop-or-skip), so the SFT and preference schemas can plug in the same way.
 """
@@ -9,8 +9,12 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, Iterator, TypeVar
 
+from lmtrain import fileio
+from lmtrain.data import sources
 from lmtrain.errors import UserError
 
 T = TypeVar("T")
@@ -69,11 +73,24 @@ def _check_on_error(on_error: str):
     raise UserError(f'on_error must be "raise" or "skip", got {on_error!r}')
 
 
+def _local_copy(path: str) -> tuple[str, str | None]:
+  """(a local path to read `path` from, a temp dir to delete after) : array_record reads local
+  files only, so a bucket object is downloaded first."""
+  if not fileio.is_remote(path):
+    return path, None
+  tmp = tempfile.mkdtemp(prefix="lmtrain-read-")
+  local = os.path.join(tmp, os.path.basename(path))
+  with sources.open_binary(path) as src, open(local, "wb") as dst:
+    shutil.copyfileobj(src, dst)
+  return local, tmp
+
+
 def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
   """Yields (location, raw JSON line or bytes) for JSONL and array_record files."""
   if path.endswith(ARRAY_RECORD_EXTENSION):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    reader = array_record_module.ArrayRecordReader(path)
+    local, tmp = _local_copy(path)
+    reader = array_record_module.ArrayRecordReader(local)
     try:
       total = reader.num_records()
       for start in range(0, total, _READ_BLOCK):
@@ -81,16 +98,18 @@ def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
           yield f"{path}:RECORD {i + 1}", data
     finally:
       reader.close()
+      if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
     return
   # Bytes, so that invalid UTF-8 is reported as a bad record of its line.
-  with open(path, "rb") as f:
+  with sources.open_binary(path) as f:
     for lineno, line in enumerate(f, start=1):
       if line.strip():
         yield f"{path}:{lineno}", line.strip()
 
 
 def _check_file(path: str):
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise UserError(f"{path}: file not found")
 
 
@@ -101,7 +120,7 @@ def _finish(path: str, good: int, skipped: int):
 
 
 def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: str = "raise",
-                 counter: SkipCounter | None = None) -> Iterator[T]:
+                 counter: SkipCounter | None = None, log_skips: bool = True) -> Iterator[T]:
   """Yields `schema(obj)` for each JSON object record of a JSONL or array_record file.
 
   on_error="raise" stops at the first bad record with a UserError `FILE:LINE: what is wrong`;
@@ -118,7 +137,8 @@ def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: 
       if on_error == "raise":
         raise UserError(message) from None
       skipped += 1
-      logging.warning("skipping bad record: %s", message)
+      if log_skips:
+        logging.warning("skipping bad record: %s", message)
       if counter is not None:
         counter.add(message)
       continue
@@ -132,10 +152,11 @@ def _iter_plain_text(path: str) -> Iterator[str]:
   _check_file(path)
   good = 0
   lines = []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for line in f:
+  with sources.open_binary(path) as f:
+    for raw in f:
+      line = raw.decode("utf-8", errors="replace")
       if line.strip():
-        lines.append(line.rstrip("\n"))
+        lines.append(line.rstrip("\r\n"))
       elif lines:
         good += 1
         yield "\n".join(lines)
@@ -146,10 +167,13 @@ def _iter_plain_text(path: str) -> Iterator[str]:
   _finish(path, good, 0)
 
 
-def iter_text_records(path: str, *, on_error: str = "raise",
-                      counter: SkipCounter | None = None) -> Iterator[str]:
-  """Yields the documents of a pretraining file (.jsonl/.json, .array_record, or plain text)."""
-  if path.endswith(JSON_EXTENSIONS) or path.endswith(ARRAY_RECORD_EXTENSION):
-    return iter_records(path, text_schema, on_error=on_error, counter=counter)
+def iter_text_records(path: str, *, on_error: str = "raise", counter: SkipCounter | None = None,
+                      log_skips: bool = True) -> Iterator[str]:
+  """Yields the documents of a pretraining file (.jsonl/.json, .array_record, or plain text;
+  .gz/.zst compressed text and JSONL too)."""
+  kind = sources.strip_compression(path)
+  if kind.endswith(JSON_EXTENSIONS) or kind.endswith(ARRAY_RECORD_EXTENSION):
+    return iter_records(path, text_schema, on_error=on_error, counter=counter,
+                        log_skips=log_skips)
   _check_on_error(on_error)
   return _iter_plain_text(path)

@@ -16,7 +16,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from lmtrain.data import formats, pipeline, sft
+from lmtrain.data import batching, formats, sft
+from lmtrain.data import sources as sources_lib
 from lmtrain.errors import UserError
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -63,7 +64,7 @@ def load_pairs(sources: Sequence[str] | str, *, on_error: str = "raise") -> list
     raise UserError("no preference data sources given")
   pairs = []
   for source in sources:
-    for path in pipeline.expand_source(source):
+    for path in sources_lib.expand_source(source):
       pairs.extend(formats.iter_records(path, parse_pair, on_error=on_error))
   return pairs
 
@@ -100,7 +101,7 @@ def make_preference_iterator(sources, tokenizer, *, seq_len: int, batch_size: in
   """Per-host batches of pairs: `{side}_inputs/_loss_mask/_segment_ids/_positions` [rows, seq_len]
   for side in chosen, rejected (inputs are whole sequences, EOS included), and `margin` [rows];
   deterministic by seed, with get/set_state for resume."""
-  rows = pipeline.host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+  rows = batching.host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                             process_count=process_count)
   template = template or sft.ChatTemplate()
   pairs = load_pairs(sources, on_error=on_error)[process_index::process_count]

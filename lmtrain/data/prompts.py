@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from lmtrain.data import pipeline, sft
+from lmtrain.data import batching, sft
 from lmtrain.errors import UserError
 
 
@@ -68,7 +68,7 @@ def make_prompt_iterator(sources, tokenizer, *, prompt_len: int, batch_size: int
   refer to `load_prompts(sources)`; each host draws from its own share of the prompts. Deterministic
   by seed, with get/set_state for resume.
   """
-  rows = pipeline.host_rows(seq_len=prompt_len, batch_size=batch_size,
+  rows = batching.host_rows(seq_len=prompt_len, batch_size=batch_size,
                             process_index=process_index, process_count=process_count)
   if group_size < 1 or rows % group_size:
     raise UserError(f"BATCH_SIZE={batch_size} ({rows} per host) is not a multiple of "

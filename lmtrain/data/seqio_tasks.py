@@ -80,8 +80,8 @@ def register_sft_task(name: str, files: list[str], tokenizer_path: str, template
 def seqio_documents(name: str, split: str = "train"):
   """Yields the text of each example of a registered seqio Task or Mixture, in order.
 
-  A Mixture yields all examples of each of its Tasks in turn: the pipeline shuffles documents
-  itself, so mixing rates are not applied. Uses the raw "text" when the examples keep it,
+  A Mixture yields all examples of each of its Tasks in turn; training mixes a Mixture's Tasks at
+  its rates instead (`mixture_rates`, data/loader.py). Uses the raw "text" when the examples keep it,
   otherwise decodes the token ids of "targets".
   """
   import seqio  # pylint: disable=g-import-not-at-top
@@ -102,3 +102,20 @@ def seqio_documents(name: str, split: str = "train"):
         yield value.decode("utf-8")
       else:
         yield vocabulary.decode([int(i) for i in value if i != vocabulary.eos_id])
+
+
+def mixture_rates(name: str) -> list[tuple[str, float]] | None:
+  """[(task name, rate)] of a registered seqio Mixture (its rates normalised to sum 1), or None
+  for a Task. The loader mixes the tasks' prepared corpora at these rates."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  try:
+    provider = seqio.get_mixture_or_task(name)
+  except ValueError as e:
+    raise UserError(f"seqio:{name}: not a registered Task or Mixture") from e
+  if not isinstance(provider, seqio.Mixture):
+    return None
+  rates = [(task.name, float(provider.get_rate(task))) for task in provider.tasks]
+  total = sum(rate for _, rate in rates)
+  if not total > 0:
+    raise UserError(f"seqio:{name}: the Mixture's rates sum to {total}")
+  return [(task, rate / total) for task, rate in rates]

@@ -23,7 +23,8 @@ import grain
 import numpy as np
 
 from lmtrain.data import formats
-from lmtrain.data import pipeline
+from lmtrain.data import batching
+from lmtrain.data import sources as sources_lib
 from lmtrain.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -125,8 +126,8 @@ def load_examples(sources: Sequence[str] | str, *, training: bool = True,
     raise UserError("no data sources given")
   examples = []
   for source in sources:
-    for path in pipeline.expand_source(source):
-      if path.startswith(pipeline.SEQIO_PREFIX):
+    for path in sources_lib.expand_source(source):
+      if path.startswith(sources_lib.SEQIO_PREFIX):
         raise UserError(f"{path}: seqio sources are not supported for SFT data; give JSONL or "
                         "array_record files")
       examples.extend(iter_sft_records(path, training=training, on_error=on_error,
@@ -250,13 +251,13 @@ def make_sft_dataset(sources: Sequence[str] | str, tokenizer, *, seq_len: int, b
                      shuffle: bool = True, num_epochs: int | None = None, pack: bool = True,
                      on_error: str = "raise", template: ChatTemplate | None = None,
                      counter: formats.SkipCounter | None = None) -> grain.IterDataset:
-  """The per-host SFT dataset, with the features of `pipeline.make_text_dataset`.
+  """The per-host SFT dataset, with the features of `batching.batch_chunks`.
 
   One example per segment (packed several to a row, or one per row with pack=False); loss_mask
   is 1.0 only on response targets. Each host encodes its own share of the examples up front,
   so truncation counts are known (and logged) before the first batch.
   """
-  rows = pipeline.host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+  rows = batching.host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                             process_count=process_count)
   examples = load_examples(sources, on_error=on_error, counter=counter)
   mine = examples[process_index::process_count]
@@ -270,7 +271,7 @@ def make_sft_dataset(sources: Sequence[str] | str, tokenizer, *, seq_len: int, b
     ds = ds.shuffle(seed)
   # Already tokenized: reading needs no thread pool.
   ds = ds.repeat(num_epochs).to_iter_dataset(grain.ReadOptions(num_threads=0))
-  return pipeline.batch_chunks(ds, seq_len=seq_len, rows=rows, seed=seed, shuffle=shuffle,
+  return batching.batch_chunks(ds, seq_len=seq_len, rows=rows, seed=seed, shuffle=shuffle,
                                pack=pack, features=("inputs", "targets", "loss_mask"))
 
 

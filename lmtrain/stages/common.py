@@ -4,7 +4,7 @@ per-host data iterators for the loop."""
 import os
 
 from lmtrain import fileio
-from lmtrain.data import tokenizer as tokenizer_lib
+from lmtrain.data import loader, prepare, sources as sources_lib, tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
 
 
@@ -39,4 +39,75 @@ def data_factory(make_iterator, sources, tokenizer, loop_cfg, *, train: bool, **
         sources, tokenizer, seq_len=loop_cfg.seq_len, batch_size=loop_cfg.batch_size,
         seed=loop_cfg.seed if train else 0, process_index=process_index,
         process_count=process_count, shuffle=train, num_epochs=None if train else 1, **kwargs)
+  return make
+
+
+def text_corpora(workdir: str, data, tokenizer, *, what: str, on_error: str = "raise"):
+  """(prepared corpora, mixture weights or None) of a pretraining-text setting.
+
+  `data` is a source, a list of sources (one corpus: the prepared directories in turn, then the
+  raw files as one), or a {source: weight} mixture. A source is a prepared corpus directory (local
+  or gs://), raw files or globs (prepared once into DIR/data/prepared/), or "seqio:NAME" (a
+  Mixture on its own mixes its Tasks at its rates). Corpora prepared with another tokenizer are a
+  one-line error.
+  """
+  cache = fileio.local_dir(workdir, os.path.join("data", "prepared"))
+
+  def open_group(entries):
+    prepared = [e for e in entries if sources_lib.is_prepared(e)]
+    raw = [e for e in entries if e not in prepared]
+    paths = list(prepared)
+    if raw:
+      paths.append(prepare.cached_prepare(raw, tokenizer.path, cache, on_error=on_error))
+    return [loader.Corpus(p) for p in paths]
+
+  if isinstance(data, dict):
+    if not data:
+      raise UserError(f"{what} is an empty mixture")
+    corpora, weights = [], []
+    for source, weight in data.items():
+      try:
+        weight = float(weight)
+      except (TypeError, ValueError):
+        raise UserError(f"{what}: weight of {source} must be a number, got {weight!r}") from None
+      group = open_group([source])
+      corpora.extend(group)
+      weights.extend([weight / len(group)] * len(group))
+  else:
+    entries = [data] if isinstance(data, str) else list(data or [])
+    if not entries:
+      raise UserError(f"{what} is empty")
+    mixture = (seqio_mixture(entries[0][len(sources_lib.SEQIO_PREFIX):])
+               if len(entries) == 1 and sources_lib.is_seqio(entries[0]) else None)
+    if mixture:
+      corpora = [c for task, _ in mixture for c in open_group([f"seqio:{task}"])]
+      weights = [rate for _, rate in mixture]
+    else:
+      groups = [e for e in entries if sources_lib.is_prepared(e)]
+      rest = [e for e in entries if e not in groups]
+      corpora, weights = open_group(groups + rest), None
+  for corpus in corpora:
+    loader.check_tokenizer(corpus, tokenizer, what)
+  return corpora, weights
+
+
+def seqio_mixture(name_and_split: str):
+  """The (task, rate) list of a seqio Mixture name (with an optional @SPLIT), None for a Task."""
+  from lmtrain.data import seqio_tasks  # pylint: disable=g-import-not-at-top
+  name, _, split = name_and_split.partition("@")
+  rates = seqio_tasks.mixture_rates(name)
+  if rates is None:
+    return None
+  return [(f"{task}@{split}" if split else task, rate) for task, rate in rates]
+
+
+def corpus_data_factory(corpora, weights, loop_cfg, *, train: bool):
+  """`Stage.train_data`/`eval_data` over prepared corpora: shuffled, mixed and endless for
+  training; one ordered pass for evaluation."""
+  def make(process_index, process_count):
+    return loader.make_iterator(
+        corpora, weights=weights if train else None, seq_len=loop_cfg.seq_len,
+        batch_size=loop_cfg.batch_size, seed=loop_cfg.seed if train else 0,
+        process_index=process_index, process_count=process_count, shuffle=train,
+        num_epochs=None if train else 1)
   return make

@@ -35,12 +35,12 @@ import numpy as np
 import optax
 
 from lmtrain import fileio, parallel
-from lmtrain.data import demo, pipeline, prompts as prompts_lib, scorers, sft as sft_data
+from lmtrain.data import demo, loader, prompts as prompts_lib, scorers, sft as sft_data
 from lmtrain.errors import UserError
 from lmtrain.model import generate as generate_lib
 from lmtrain.model import transformer
 from lmtrain.stages import rl
-from lmtrain.stages.common import resolve_sources, stage_tokenizer
+from lmtrain.stages.common import resolve_sources, stage_tokenizer, text_corpora
 from lmtrain.stages.pretrain import lm_loss, resolve_text_data
 from lmtrain.stages.reward import NORMALIZATION_FILE
 from lmtrain.train import checkpoint as ckpt_lib
@@ -591,10 +591,12 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
     if not cfg.ptx_coef:
       return prompt_iter
     ptx_sources, _ = resolve_text_data(workdir, ptx_data, None)
-    ptx_iter = pipeline.make_iterator(
-        ptx_sources, tok, seq_len=loop_cfg.seq_len, batch_size=rows, seed=loop_cfg.seed,
+    corpora, weights = text_corpora(workdir, ptx_sources, tok, what="PTX_DATA",
+                                    on_error=on_bad_record)
+    ptx_iter = loader.make_iterator(
+        corpora, weights=weights, seq_len=loop_cfg.seq_len, batch_size=rows, seed=loop_cfg.seed,
         process_index=process_index, process_count=process_count, shuffle=True,
-        num_epochs=None, on_error=on_bad_record)
+        num_epochs=None)
     return prompts_lib.ZipIterator(prompt_iter, ptx=ptx_iter)
 
   seq = cfg.prompt_len + cfg.max_new_tokens

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import optax
 
 from lmtrain import fileio
-from lmtrain.data import demo, pipeline, tokenizer as tokenizer_lib
+from lmtrain.data import demo, loader, prepare, sources as sources_lib, tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
-from lmtrain.stages.common import data_factory
+from lmtrain.stages.common import corpus_data_factory, text_corpora
 from lmtrain.train.loop import LoopConfig, Stage
 
 
@@ -31,35 +31,44 @@ def perplexity_metrics(totals: dict) -> dict:
 def _as_list(sources):
   if sources is None:
     return []
+  if isinstance(sources, dict):
+    return list(sources)
   return [sources] if isinstance(sources, str) else list(sources)
 
 
 def resolve_text_data(workdir: str, train_data, eval_data):
   """`'demo'` means the embedded corpus (written under DIR/data, or a local directory for a bucket
-  work dir); anything else passes through."""
+  work dir); anything else (a source, a list, a {source: weight} mixture) passes through."""
   train, evals = _as_list(train_data), _as_list(eval_data)
   if not train:
-    raise UserError("TRAIN_DATA is empty: name text/JSONL/array_record files, a 'seqio:TASK', "
-                    "or 'demo'")
+    raise UserError("TRAIN_DATA is empty: name a prepared corpus, text/JSONL/array_record files, "
+                    "a 'seqio:TASK', a {source: weight} mixture, or 'demo'")
   if train == ["demo"]:
     train_path, eval_path = demo.write_pretrain_corpus(fileio.local_dir(workdir, "data"))
-    train = [train_path]
-    evals = [eval_path] if evals in ([], ["demo"]) else evals
-  return train, evals
+    train_data = [train_path]
+    eval_data = [eval_path] if evals in ([], ["demo"]) else eval_data
+  return train_data, (eval_data if evals else None)
 
 
 @gin.configurable
 def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab_size=None):
-  """`tokenizer='auto'`: DIR/tokenizer.model, trained on the training files when missing."""
+  """`tokenizer='auto'`: DIR/tokenizer.model; when missing, a prepared corpus's own tokenizer, or
+  one trained on the raw training files."""
   if tokenizer != "auto":
     return tokenizer_lib.Tokenizer.load(tokenizer)
   path = os.path.join(workdir, "tokenizer.model")
   if not fileio.exists(path):
-    files = [s for s in train_sources if not s.startswith("seqio:")]
-    if not files:
+    entries = _as_list(train_sources)
+    prepared = [s for s in entries if sources_lib.is_prepared(s)]
+    files = [s for s in entries if not sources_lib.is_seqio(s) and s not in prepared]
+    if prepared:
+      fileio.write_bytes(path, fileio.read_bytes(os.path.join(prepared[0],
+                                                              prepare.TOKENIZER_COPY)))
+    elif not files:
       raise UserError("TOKENIZER='auto' needs text files to train on; with a seqio source set "
                       "TOKENIZER to a sentencepiece model")
-    tokenizer_lib.train_tokenizer(files, vocab_size, path)
+    else:
+      tokenizer_lib.train_tokenizer(files, vocab_size, path)
   return tokenizer_lib.Tokenizer.load(path)
 
 
@@ -77,14 +86,17 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   tok = resolve_tokenizer(workdir, train, vocab_size=model_cfg.vocab_size)
   check_vocab(tok, model_cfg)
 
+  train_corpora, weights = text_corpora(workdir, train, tok, what="TRAIN_DATA",
+                                       on_error=on_bad_record)
+  eval_corpora = (text_corpora(workdir, evals, tok, what="EVAL_DATA", on_error=on_bad_record)[0]
+                  if evals else None)
   summary = {}
-  if evals and all(not s.startswith("seqio:") for s in evals + train):
-    summary["unigram_perplexity"] = pipeline.unigram_perplexity(train, evals, tok)
-
-  def batches(sources, train):
-    return data_factory(pipeline.make_iterator, sources, tok, loop_cfg, train=train,
-                        on_error=on_bad_record)
+  if eval_corpora:
+    summary["unigram_perplexity"] = loader.unigram_perplexity(train_corpora, eval_corpora,
+                                                              tok.vocab_size)
 
   return Stage(name="pretrain", model_config=model_cfg, loss_fn=lm_loss,
-               train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
+               train_data=corpus_data_factory(train_corpora, weights, loop_cfg, train=True),
+               eval_data=(corpus_data_factory(eval_corpora, None, loop_cfg, train=False)
+                          if eval_corpora else None),
                eval_metrics=perplexity_metrics, summary=summary, tokenizer_path=tok.path)

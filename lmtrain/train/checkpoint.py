@@ -7,6 +7,7 @@ current mesh's shardings reshards a checkpoint written on another mesh.
 
 import datetime
 import hashlib
+import json
 import logging
 import os
 
@@ -18,6 +19,7 @@ from etils import epath
 
 import lmtrain
 from lmtrain import fileio
+from lmtrain.data.loader import STATE_KIND as LOADER_STATE_KIND
 from lmtrain.errors import UserError
 
 
@@ -48,17 +50,33 @@ class Checkpointer:
     # A checkpoint of another model config would fail deep inside orbax: say what differs instead.
     check_compatible(saved_params(self.directory, step), abstract_state.params, self.directory)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    other_hosts = None
     if data_iterator is not None:
       if self._has_data_state(step):
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       else:
-        # Written by a different number of processes: the data shards differ, so the iterator
-        # state cannot carry over. The model state does; the data order restarts.
+        other_hosts = self._other_hosts_data_states(step)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if other_hosts is not None:
+      # Written by another number of processes. A loader over prepared corpora takes the old hosts'
+      # states and continues where the data order was; any other iterator restarts its order.
+      if other_hosts and all(s.get("kind") == LOADER_STATE_KIND for s in other_hosts):
+        data_iterator.set_state({"resume_from_hosts": other_hosts})
+        logging.warning("checkpoint %d was written by %d processes; the data order continues "
+                        "where they were", step, len(other_hosts))
+      else:
         logging.warning("checkpoint %d holds no data-iterator state for process %d of %d; "
                         "the data pipeline restarts from its beginning", step,
                         jax.process_index(), jax.process_count())
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def _other_hosts_data_states(self, step) -> list[dict]:
+    """The data states of every process of the run that wrote `step` (none: an empty list)."""
+    data_dir = os.path.join(self.directory, str(step), "data")
+    if not fileio.exists(data_dir):
+      return []
+    names = [n for n in fileio.listdir(data_dir) if n.startswith("process_") and n.endswith(".json")]
+    return [json.loads(fileio.read_text(os.path.join(data_dir, n))) for n in sorted(names)]
 
   def _has_data_state(self, step) -> bool:
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"

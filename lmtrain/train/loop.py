@@ -218,6 +218,33 @@ def _close(iterator):
     close()
 
 
+def host_eval_batches(batches: Iterable, limit: int, template: dict):
+  """This host's eval batches, as many on every host, so that none waits alone in a collective.
+
+  With one process: up to `limit` batches. With several, the hosts agree before each batch whether
+  any of them still has one. Where batches carry a loss_mask, a host that ran out goes on with a
+  copy of `template` (its own last batch, else its train batch's shapes) at weight 0 until every
+  host is done; other batches stop at the first host that ran out.
+  """
+  iterator = iter(batches)
+  for _ in range(limit):
+    local = next(iterator, None)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      have = multihost_utils.process_allgather(np.array(local is not None))
+      if not have.any():
+        return
+      if local is None or not have.all():
+        if "loss_mask" not in template:
+          return
+        if local is None:
+          local = jax.tree.map(np.zeros_like, template)
+    if local is None:
+      return
+    template = local
+    yield local
+
+
 def _make_stage_dir(workdir: str, stage: str) -> str:
   stage_dir = os.path.join(workdir, stage)
   try:
@@ -312,9 +339,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       totals = {}
       batches = stage.eval_data(jax.process_index(), jax.process_count())
       try:
-        for i, local in enumerate(batches):
-          if i >= cfg.eval_steps:
-            break
+        for local in host_eval_batches(batches, cfg.eval_steps, eval_template):
           sums = compiled_eval(params, state.extras, parallel.global_batch(local, mesh, rules))
           totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
       finally:
@@ -335,7 +360,10 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     return summary
 
   with mesh, parallel.activate(mesh, rules):
-    first = parallel.global_batch(next(train_iter), mesh, rules)
+    first_local = next(train_iter)
+    # A host whose eval data ran out feeds batches shaped like its train batches, all weight 0.
+    eval_template = jax.tree.map(np.zeros_like, first_local)
+    first = parallel.global_batch(first_local, mesh, rules)
     compile_start = time.time()
     # Every batch leaf is split over its leading (batch) axis, whatever its rank.
     batch_sharding = jax.tree.map(lambda x: x.sharding, first)
