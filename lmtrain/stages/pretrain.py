@@ -46,7 +46,8 @@ def resolve_text_data(workdir: str, train_data, eval_data):
   if train == ["demo"]:
     train_path, eval_path = demo.write_pretrain_corpus(fileio.local_dir(workdir, "data"))
     train_data = [train_path]
-    eval_data = [eval_path] if evals in ([], ["demo"]) else eval_data
+    if evals in ([], ["demo"]):
+      eval_data, evals = [eval_path], [eval_path]
   return train_data, (eval_data if evals else None)
 
 
