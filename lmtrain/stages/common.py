@@ -83,9 +83,7 @@ def text_corpora(workdir: str, data, tokenizer, *, what: str, on_error: str = "r
       corpora = [c for task, _ in mixture for c in open_group([f"seqio:{task}"])]
       weights = [rate for _, rate in mixture]
     else:
-      groups = [e for e in entries if sources_lib.is_prepared(e)]
-      rest = [e for e in entries if e not in groups]
-      corpora, weights = open_group(groups + rest), None
+      corpora, weights = open_group(entries), None
   for corpus in corpora:
     loader.check_tokenizer(corpus, tokenizer, what)
   return corpora, weights
