@@ -73,11 +73,18 @@ class Recording:
       os._exit(7)  # dies without a word, as a crashed host would
     return batch
 
-  def get_state(self):  # bytes: grain's checkpoint handler stores non-grain iterators' state raw
-    return json.dumps([p.get_state() for p in self.parts]).encode()
+  # bytes: grain's checkpoint handler stores non-grain iterators' state raw. One part stores its
+  # state as it is, so that a run with another process count finds the loader's own states.
+  def get_state(self):
+    states = [p.get_state() for p in self.parts]
+    return json.dumps(states[0] if len(states) == 1 else states).encode()
 
   def set_state(self, state):
-    for p, s in zip(self.parts, json.loads(state.decode())):
+    if isinstance(state, dict):  # the old hosts' states, from a run with another process count
+      self.parts[0].set_state(state)
+      return
+    states = json.loads(state.decode())
+    for p, s in zip(self.parts, states if isinstance(states, list) else [states]):
       p.set_state(s)
 
   def start_prefetch(self):

@@ -60,7 +60,8 @@ class Checkpointer:
     if other_hosts is not None:
       # Written by another number of processes. A loader over prepared corpora takes the old hosts'
       # states and continues where the data order was; any other iterator restarts its order.
-      if other_hosts and all(s.get("kind") == LOADER_STATE_KIND for s in other_hosts):
+      if other_hosts and all(isinstance(s, dict) and s.get("kind") == LOADER_STATE_KIND
+                             for s in other_hosts):
         data_iterator.set_state({"resume_from_hosts": other_hosts})
         logging.warning("checkpoint %d was written by %d processes; the data order continues "
                         "where they were", step, len(other_hosts))
