@@ -128,3 +128,40 @@ def test_missing_bucket_is_a_one_line_error(gcs, tokenizer_path):
   assert proc.returncode == 1 and len(lines) == 1, proc.stderr
   assert lines[0] == (f"lmtrain: error: --workdir {workdir}: cannot write there "
                       f"(no such bucket or object)"), lines
+
+
+@pytest.mark.slow
+def test_prepare_into_a_bucket_and_pretrain_from_it(gcs, tokenizer_path, tmp_path):
+  """A corpus in a bucket (gzip JSONL) is prepared into the bucket, and pretraining streams its
+  shards from there by ranged reads: nothing is copied to the machine by hand."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  env, fs, scratch = gcs
+  lines = [json.dumps({"text": f"Document {i}: the quick brown fox jumps over dog {i % 7}."})
+           for i in range(300)]
+  for part in range(2):
+    fs.pipe_file(f"{BUCKET}/raw/part-{part}.jsonl.gz",
+                 gzip.compress("\n".join(lines[part::2]).encode() + b"\n"))
+  corpus = f"gs://{BUCKET}/corpora/fox"
+  proc = lmtrain(env, scratch, "prepare", "--input", f"gs://{BUCKET}/raw/*.jsonl.gz",
+                 "--tokenizer", tokenizer_path, "--output", corpus, "--num_workers", "1",
+                 "--num_shards", "3")
+  summary = json.loads(proc.stdout)
+  assert summary["documents"] == 300, summary
+  manifest = json.loads(fs.cat_file(f"{BUCKET}/corpora/fox/manifest.json"))
+  assert manifest["documents"] == 300 and len(manifest["shards"]) == 3
+  assert sorted(s["path"] for s in manifest["sources"]) == [
+      f"gs://{BUCKET}/raw/part-0.jsonl.gz", f"gs://{BUCKET}/raw/part-1.jsonl.gz"]
+  names = {p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/corpora/fox", detail=False)}
+  assert {"manifest.json", "tokenizer.model", "shard-00000-of-00003.tokens",
+          "shard-00002-of-00003.index"} <= names, names
+  assert sum(s["tokens"] for s in manifest["shards"]) == manifest["tokens"]
+
+  workdir = tmp_path / "run"
+  lmtrain(env, scratch, "pretrain", "--workdir", workdir, *SMALL, "--gin.TRAIN_STEPS=2",
+          f"--gin.TRAIN_DATA='{corpus}'", f"--gin.EVAL_DATA='{corpus}'",
+          f"--gin.TOKENIZER='{tokenizer_path}'")
+  metrics = [json.loads(line) for line in open(workdir / "pretrain" / "metrics.jsonl")]
+  assert [r["step"] for r in metrics if "loss" in r] == [1, 2]
+  assert any("eval_loss" in r for r in metrics)
+  # Trained from the bucket's shards, with no local copy of the corpus.
+  assert not list(workdir.rglob("*.tokens"))
