@@ -5,8 +5,9 @@
 For each size: a JSONL corpus of demo-corpus paragraphs in random order (prepared with one Beam
 worker, next to the raw sentencepiece encode rate on one core in the same run, up to
 --prepare_max_mb), then the loader in a fresh process over a prepared corpus of that size (the larger
-ones written directly as token shards): time to first batch, tokens/s on one core, and peak RSS
-after 100 batches. Figures are printed, never asserted.
+ones written directly as token shards): time to first batch, tokens/s on one core, and after 100
+batches the peak resident memory (VmHWM: mapped shard pages, which are page cache, included) and
+the process's own memory (RssAnon). Figures are printed, never asserted.
 """
 
 import argparse
@@ -59,7 +60,7 @@ def synthetic_prepared(out: str, tokens: int, tokenizer_path: str, vocab: int):
 
 
 LOADER_CHILD = """
-import resource, sys, time
+import sys, time
 start = time.time()
 from lmtrain.data import loader
 corpus = loader.Corpus(sys.argv[1])
@@ -70,8 +71,12 @@ t = time.time(); tokens = 0
 for _ in range(100):
   tokens += int(next(it)["loss_mask"].sum())
 rate = tokens / (time.time() - t)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"{first:.3f} {rate:.0f} {rss:.0f}")
+# VmHWM, not getrusage's ru_maxrss: that one keeps the forking parent's peak across exec.
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+rss = int(status["VmHWM"].split()[0]) / 1024  # peak resident, mapped shard pages included
+anon = int(status["RssAnon"].split()[0]) / 1024  # the process's own memory, without mapped files
+print(f"{first:.3f} {rate:.0f} {rss:.0f} {anon:.0f}", flush=True)
+it.close()  # stop the prefetch thread before the interpreter tears down
 """
 
 
@@ -85,7 +90,7 @@ def main():
     tok_path = tokenizer_lib.train_tokenizer([train], 8192, os.path.join(tmp, "tok.model"))
     tok = tokenizer_lib.Tokenizer.load(tok_path)
     print(f"{'size':>7} {'prepare tok/s':>14} {'encode tok/s':>13} {'ratio':>6} "
-          f"{'first batch s':>14} {'loader tok/s':>13} {'peak RSS MB':>12}")
+          f"{'first batch s':>14} {'loader tok/s':>13} {'peak RSS MB':>12} {'anon MB':>8}")
     for size in args.sizes_mb:
       corpus_dir = os.path.join(tmp, f"c{size}")
       prep_rate = enc_rate = ratio = float("nan")
@@ -105,10 +110,12 @@ def main():
       else:
         synthetic_prepared(corpus_dir, (size << 20) // 4, tok_path, tok.vocab_size)
       out = subprocess.run([sys.executable, "-c", LOADER_CHILD, corpus_dir, str(SEQ_LEN),
-                            str(BATCH)], capture_output=True, text=True, check=True)
-      first, rate, rss = out.stdout.split()
+                            str(BATCH)], capture_output=True, text=True)
+      if out.returncode != 0:
+        raise SystemExit(f"loader child failed at {size} MB:\n{out.stderr[-2000:]}")
+      first, rate, rss, anon = out.stdout.split()
       print(f"{size:>5}MB {prep_rate:>14,.0f} {enc_rate:>13,.0f} {ratio:>6.2f} {float(first):>14.2f}"
-            f" {float(rate):>13,.0f} {float(rss):>12,.0f}", flush=True)
+            f" {float(rate):>13,.0f} {float(rss):>12,.0f} {float(anon):>8,.0f}", flush=True)
 
 
 if __name__ == "__main__":
