@@ -61,7 +61,7 @@ def _setup(cfg, mesh, batch_size, seq_len):
   from lmtrain.model import transformer
   from lmtrain.stages.pretrain import lm_loss
   from lmtrain.train import optim
-  from lmtrain.train.loop import _state_shardings
+  from lmtrain.train.loop import state_shardings
   from lmtrain.train.state import TrainState
   from lmtrain.train.step import make_train_step
   rules = parallel.axis_rules()
@@ -70,14 +70,13 @@ def _setup(cfg, mesh, batch_size, seq_len):
   optimizer = optim.make_optimizer(schedule)
   abstract_state = jax.eval_shape(
       lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
-  shardings = _state_shardings(mesh, rules, abstract_state, names, optimizer)
+  shardings = state_shardings(mesh, rules, abstract_state, names, optimizer)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   step = make_train_step(graphdef, lm_loss, optimizer, schedule)
   with mesh, parallel.activate(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    abstract_sharded = parallel.with_shardings(abstract_state, shardings)
     batch = _batch(batch_size, seq_len, cfg.vocab_size)
     abstract_batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), batch)
@@ -111,7 +110,7 @@ def measure(cfg, mesh, batch_size, seq_len, steps) -> dict:
   compiled, compile_time, shardings, batch_sharding, optimizer, batch = _setup(
       cfg, mesh, batch_size, seq_len)
   with mesh:
-    params = jax.jit(transformer._init_fn(cfg), out_shardings=shardings.params)(
+    params = jax.jit(transformer.init_fn(cfg), out_shardings=shardings.params)(
         jax.random.PRNGKey(0))
     state = jax.jit(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
                     out_shardings=shardings)(params)
@@ -192,7 +191,7 @@ def measure_generate(cfg, mesh, batch_size, prompt_len, new_tokens) -> dict:
   lengths = np.full((batch_size,), prompt_len, np.int32)
   rng = jax.random.PRNGKey(0)
   with mesh:
-    params = jax.jit(transformer._init_fn(cfg), out_shardings=param_shardings)(rng)
+    params = jax.jit(transformer.init_fn(cfg), out_shardings=param_shardings)(rng)
     start = time.perf_counter()
     # eos_id -1 never matches, so every run generates all new_tokens.
     sampler = generate.make_generate(mesh, rules, cfg, batch_size, prompt_len,

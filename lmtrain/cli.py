@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from lmtrain.stages import STAGES
+from lmtrain.stages import PIPELINE_DEFAULT, REGISTRY, STAGES
 
 
 def _split_gin_macros(argv):
@@ -37,7 +37,7 @@ def _parser():
                        if stage != "pipeline" else "run the stages in order, each resuming")
     p.add_argument("--workdir", required=True)
     if stage == "pipeline":
-      p.add_argument("--stages", default="pretrain,sft,reward,ppo",
+      p.add_argument("--stages", default=",".join(PIPELINE_DEFAULT),
                      help="comma-separated stages to chain, in order")
     p.add_argument("--gin_file", action="append", default=[])
     p.add_argument("--gin_param", action="append", default=[])
@@ -97,16 +97,6 @@ def run_stage(stage: str, args, macros, skip_unknown_macros=False) -> dict:
 
 
 # What the closing table shows of each stage, besides wall time and checkpoint.
-KEY_METRICS = {
-    "pretrain": ("loss", "unigram_perplexity", "eval_perplexity"),
-    "sft": ("loss", "initial_eval_exact_match", "eval_exact_match", "eval_perplexity"),
-    "reward": ("loss", "eval_accuracy", "eval_margin", "reward_offset", "reward_scale"),
-    "dpo": ("loss", "eval_reward_accuracy", "eval_margin"),
-    "ppo": ("initial_eval_task_score", "eval_task_score", "eval_reward_mean", "kl", "kl_bound"),
-    "grpo": ("initial_eval_task_score", "eval_task_score", "reward_mean", "kl", "kl_bound"),
-}
-
-
 def run_pipeline(args, macros) -> list[dict]:
   from lmtrain import config
   from lmtrain.errors import UserError
@@ -136,7 +126,8 @@ def print_pipeline_table(summaries: list[dict]):
     return
   print("\npipeline summary")
   for s in summaries:
-    facts = [f"{k}={s[k]:.4g}" for k in KEY_METRICS.get(s["stage"], ("loss",))
+    spec = REGISTRY.get(s["stage"])
+    facts = [f"{k}={s[k]:.4g}" for k in (spec.key_metrics if spec else ("loss",))
              if isinstance(s.get(k), (int, float))]
     wall = s.get("wall_time", 0.0)
     print(f"  {s['stage']:<9} steps={s.get('steps')}  {'  '.join(facts)}  wall={wall:.0f}s  "

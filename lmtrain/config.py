@@ -1,7 +1,7 @@
 """Gin set-up: the stage's base file, then the user's files, then --gin.MACRO and --gin_param bindings.
 
-Every stage file in gin_configs/stages/ includes common.gin, which defines the macros (DESIGN.md) with
-defaults that run the embedded demo. Unknown names fail with the closest known names.
+Every stage file in gin_configs/stages/ includes common.gin, which defines the macros (the README's gin
+reference) with defaults that run the embedded demo. Unknown names fail with the closest known names.
 """
 
 import difflib

@@ -68,13 +68,12 @@ import sys
 import numpy as np
 
 from lmtrain.errors import UserError
+from lmtrain.train import roles
 
 SEQUENCE_CLASSIFIER = "LlamaForSequenceClassification"
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", SEQUENCE_CLASSIFIER)
 # In the config.json of an exported reward model: the scalar head's bias, which HF's score lacks.
 SCORE_BIAS_KEY = "lmtrain_score_bias"
-# Written beside a reward checkpoint by lmtrain/stages/reward.py; exported with it.
-NORMALIZATION_FILE = "reward_normalization.json"
 ROPE_SCALINGS = ("linear", "llama3")  # HF rope types lmtrain runs, besides the default
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -358,9 +357,9 @@ def from_hf(input_dir: str, output_dir: str):
     tokenizer = os.path.join(output_dir, "tokenizer.model")
     shutil.copyfile(source_tokenizer, tokenizer)
     _note_special_ids(tokenizer)
-  if cfg.head == "scalar" and os.path.exists(os.path.join(input_dir, NORMALIZATION_FILE)):
-    shutil.copyfile(os.path.join(input_dir, NORMALIZATION_FILE),
-                    os.path.join(output_dir, NORMALIZATION_FILE))
+  if cfg.head == "scalar" and os.path.exists(os.path.join(input_dir, roles.NORMALIZATION_FILE)):
+    shutil.copyfile(os.path.join(input_dir, roles.NORMALIZATION_FILE),
+                    os.path.join(output_dir, roles.NORMALIZATION_FILE))
   gin_text = _model_gin(cfg, input_dir, output_dir)
   with open(os.path.join(output_dir, "model.gin"), "w") as f:
     f.write(gin_text)
@@ -516,10 +515,10 @@ def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str =
     if score_bias:
       print(f"note: HF's score layer has no bias: add config.json's {SCORE_BIAS_KEY} "
             f"({score_bias:g}) to its logits to get lmtrain's rewards", file=sys.stderr)
-    normalization = os.path.join(stage_dir, NORMALIZATION_FILE)
+    normalization = os.path.join(stage_dir, roles.NORMALIZATION_FILE)
     if os.path.exists(normalization):
-      shutil.copyfile(normalization, os.path.join(output_dir, NORMALIZATION_FILE))
-      written.append(NORMALIZATION_FILE)
+      shutil.copyfile(normalization, os.path.join(output_dir, roles.NORMALIZATION_FILE))
+      written.append(roles.NORMALIZATION_FILE)
   special = _special_tokens(tokenizer)
   with open(os.path.join(output_dir, "config.json"), "w") as f:
     json.dump(_hf_config(cfg, special, dtype, max_positions, score_bias), f, indent=2)

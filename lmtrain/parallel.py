@@ -135,6 +135,18 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_shard_count(mesh) -> int:
+  """How many ways a global batch is split: the data x fsdp axes that `batch` maps to."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs of `abstract_tree` that carry `shardings` (for jit's lower and orbax's
+  restore)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
 # The mesh and rules in force while tracing a step; `constrain` reads them.
 _ACTIVE: list[tuple[Mesh, tuple]] = []
 

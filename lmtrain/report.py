@@ -14,38 +14,8 @@ from typing import NamedTuple
 
 from lmtrain import fileio
 from lmtrain.errors import UserError
-
-# Chain order among stages with no lineage linking them (and among siblings of one parent).
-STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
-
-# Panels of each stage kind's own figure: (title, keys on the left axis, keys on a right axis with
-# its own scale). A panel is drawn when any of its keys is logged; eval_* keys are drawn as points.
-# A key ending in "*" stands for every logged key it starts (the per-task scores of demo data).
-_PPO_PANELS = (
-    ("reward", ("reward_mean",), ()),
-    ("kl", ("kl",), ("kl_coef",)),
-    ("task score", ("task_score", "eval_task_score"), ()),
-    ("held-out task score per task", ("eval_task_score_*",), ()),
-    ("entropy", ("entropy",), ()),
-    ("clip fraction", ("clipfrac",), ()),
-    ("approx kl", ("approx_kl",), ()),
-    ("losses", ("policy_loss",), ("value_loss",)),
-    ("explained variance", ("explained_variance",), ()),
-    ("response length", ("response_length",), ()),
-)
-STAGE_PANELS = {
-    "sft": (("exact match", ("eval_exact_match",), ()),
-            ("exact match per task", ("eval_exact_match_*",), ()),
-            ("perplexity", ("eval_perplexity",), ())),
-    "reward": (("accuracy", ("accuracy", "eval_accuracy"), ()),
-               ("margin", ("margin", "eval_margin"), ())),
-    "ppo": _PPO_PANELS,
-    "grpo": _PPO_PANELS,
-    "dpo": (("reward accuracy", ("reward_accuracy", "eval_reward_accuracy"), ()),
-            ("margin", ("margin", "eval_margin"), ()),
-            ("rewards", ("chosen_reward", "rejected_reward"), ())),
-}
-
+from lmtrain.stages import REGISTRY, STAGES
+from lmtrain.train import roles
 
 class _Line(NamedTuple):
   label: str
@@ -135,7 +105,7 @@ def load_workdir(workdir: str) -> dict[str, dict]:
         "rows": load_metrics(metrics_path),
         "lineage": lineage,
         "checkpoints": _checkpoint_steps(stage_dir),
-        "normalization": _read_json(os.path.join(stage_dir, "reward_normalization.json")),
+        "normalization": _read_json(os.path.join(stage_dir, roles.NORMALIZATION_FILE)),
     }
   if not stages:
     raise UserError(f"{workdir}: no stages found (expected DIR/<stage>/metrics.jsonl)")
@@ -158,10 +128,10 @@ def _parent_name(lineage, names) -> str | None:
 
 
 def chain_order(kinds: dict[str, str], lineages: dict[str, dict | None]) -> list[str]:
-  """Stage names ordered parents first (depth-first from each root), siblings by STAGE_ORDER."""
+  """Stage names ordered parents first (depth-first from each root), siblings in chain order."""
   def rank(name):
     kind = kinds[name]
-    return (STAGE_ORDER.index(kind) if kind in STAGE_ORDER else len(STAGE_ORDER), name)
+    return (STAGES.index(kind) if kind in STAGES else len(STAGES), name)
 
   parents = {name: _parent_name(lineages[name], kinds) for name in kinds}
   order, seen = [], set()
@@ -327,8 +297,9 @@ def write_figures(stages: dict[str, dict], out_dir: str) -> list[str]:
 
   save("loss.png", [(name, _lines(s["rows"], ("loss", "eval_loss"))) for name, s in stages.items()])
   for name, stage in stages.items():
+    spec = REGISTRY.get(stage["kind"])
     save(f"{name}.png", [(title, _lines(stage["rows"], left, right))
-                         for title, left, right in STAGE_PANELS.get(stage["kind"], ())])
+                         for title, left, right in (spec.panels if spec else ())])
   # Per stage, since each stage counts its own steps; MFU is NaN (so absent) on an unknown device.
   save("throughput.png", [(name, _lines(s["rows"], ("tokens_per_sec",), ("mfu",)))
                           for name, s in stages.items()])

@@ -10,8 +10,8 @@ import jax
 
 from lmtrain import fileio
 from lmtrain.errors import UserError
+from lmtrain.stages import REGISTRY
 
-PLAIN_STAGES = ("pretrain",)  # stages whose models take raw text rather than chat turns
 
 
 def add_arguments(p):
@@ -64,7 +64,8 @@ def run(args):
   stage_dir = fileio.absolute(args.checkpoint.rstrip("/"))
   cfg, tok, lineage = load_stage(stage_dir)
   texts = _prompts(args)
-  chat = args.chat == "yes" or (args.chat == "auto" and lineage["stage"] not in PLAIN_STAGES)
+  spec = REGISTRY.get(lineage["stage"])
+  chat = args.chat == "yes" or (args.chat == "auto" and (spec is None or spec.chat))
   if chat:
     template = sft_data.ChatTemplate()
     ids = [sft_data.encode_prompt([("user", t)], tok, template) for t in texts]
@@ -72,14 +73,13 @@ def run(args):
     ids = [[tok.bos_id] + tok.encode(t) for t in texts]
   mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   rules = parallel.axis_rules()
-  shards = mesh.shape["fsdp"]
+  shards = parallel.batch_shard_count(mesh)
   batch = -(-len(ids) // shards) * shards
   prompts, lengths = generate_lib.pad_prompts(ids + [ids[0]] * (batch - len(ids)),
                                               pad_id=tok.pad_id)
   _, abstract_params, names = transformer.abstract_model(cfg)
   shardings = parallel.tree_shardings(mesh, abstract_params, names, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params, shardings)
+  abstract = parallel.with_shardings(abstract_params, shardings)
   params, step = ckpt_lib.restore_params(stage_dir, abstract)
   sampler = generate_lib.make_generate(
       mesh, rules, cfg, batch, prompts.shape[1], max_new_tokens=args.max_new_tokens,

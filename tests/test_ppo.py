@@ -13,9 +13,10 @@ import pytest
 from lmtrain import parallel
 from lmtrain.model import generate as generate_lib
 from lmtrain.model import transformer
-from lmtrain.stages import ppo, rl
+from lmtrain.rl import core as rl, learner, rollout as rollout_lib, stage as rl_stage
+from lmtrain.rl.config import RLConfig
 from lmtrain.train import optim
-from lmtrain.train.loop import _state_shardings
+from lmtrain.train.loop import state_shardings
 from lmtrain.train.state import TrainState
 import util
 
@@ -26,7 +27,7 @@ EOS, PAD = 1, 0
 PROMPT_LEN, NEW = 8, 6
 
 
-def setup(cfg: ppo.PPOConfig, lr=1e-3, seed=0, weight_decay=0.0):
+def setup(cfg: RLConfig, lr=1e-3, seed=0, weight_decay=0.0):
   """(graphdefs, optimizer, schedule, state) with policy == reference and value == reward."""
   pgd, _, _ = transformer.abstract_model(POLICY)
   vgd, _, _ = transformer.abstract_model(VALUE)
@@ -34,11 +35,11 @@ def setup(cfg: ppo.PPOConfig, lr=1e-3, seed=0, weight_decay=0.0):
   value = util.init_params(VALUE, seed + 1)
   schedule = optax.constant_schedule(lr)
   optimizer = optim.make_optimizer(schedule, weight_decay=weight_decay, clip_norm=1.0)
-  params = {"policy": policy} if cfg.grpo else {"policy": policy, "value": value}
+  params = {"policy": policy} if cfg.algorithm == "grpo" else {"policy": policy, "value": value}
   extras = {"reference": jax.tree.map(jnp.copy, policy), "reward": jax.tree.map(jnp.copy, value),
             "kl_ctl": rl.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)}
   state = TrainState.create(params, optimizer, jax.random.PRNGKey(seed), extras)
-  return (pgd, None if cfg.grpo else vgd, vgd), optimizer, schedule, state
+  return (pgd, None if cfg.algorithm == "grpo" else vgd, vgd), optimizer, schedule, state
 
 
 def prompts(batch, seed=0, vocab=POLICY.vocab_size):
@@ -53,21 +54,21 @@ def prompts(batch, seed=0, vocab=POLICY.vocab_size):
 
 def make_rollout(graphdefs, cfg, state, prompt, length, seed=5):
   pgd, _, rgd = graphdefs
-  data = ppo.rollout(pgd, rgd, cfg, state.params["policy"], state.extras["reward"],
-                     jnp.asarray(prompt), jnp.asarray(length), jax.random.PRNGKey(seed),
-                     eos_id=EOS, pad_id=PAD)
+  data = rollout_lib.rollout(pgd, rgd, cfg, state.params["policy"], state.extras["reward"],
+                             jnp.asarray(prompt), jnp.asarray(length), jax.random.PRNGKey(seed),
+                             eos_id=EOS, pad_id=PAD)
   return {**data, "prompt": jnp.asarray(prompt), "prompt_length": jnp.asarray(length)}
 
 
 def run_update(graphdefs, cfg, optimizer, schedule, state, data, score):
   pgd, vgd, _ = graphdefs
-  fn = jax.jit(functools.partial(ppo.update, pgd, vgd, cfg, optimizer, schedule))
+  fn = jax.jit(functools.partial(learner.update, pgd, vgd, cfg, optimizer, schedule))
   return fn(state, data, score)
 
 
 def test_sequences_put_the_response_right_after_the_prompt():
   prompt = np.array([[0, 0, 7, 8], [5, 6, 7, 8]], np.int32)
-  tokens, positions, segments = ppo.sequences(
+  tokens, positions, segments = rollout_lib.sequences(
       jnp.asarray(prompt), jnp.array([2, 4]), jnp.array([[9, 1, 0], [9, 9, 9]]),
       jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32))
   np.testing.assert_array_equal(tokens, [[0, 0, 7, 8, 9, 1, 0], [5, 6, 7, 8, 9, 9, 9]])
@@ -76,11 +77,11 @@ def test_sequences_put_the_response_right_after_the_prompt():
 
 
 def test_rollout_log_probs_and_reward_match_the_unpadded_sequences():
-  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, temperature=0.7)
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, temperature=0.7)
   graphdefs, _, _, state = setup(cfg)
   prompt, length = prompts(6)
   data = make_rollout(graphdefs, cfg, state, prompt, length)
-  old = ppo.evaluate_roles(graphdefs[0], graphdefs[1], cfg, state.params, state.extras, data)
+  old = learner.evaluate_roles(graphdefs[0], graphdefs[1], cfg, state.params, state.extras, data)
   policy = transformer.merge(graphdefs[0], state.params["policy"])
   reward = transformer.merge(graphdefs[2], state.extras["reward"])
   gen = generate_lib.generate(graphdefs[0], state.params["policy"], jnp.asarray(prompt),
@@ -119,15 +120,15 @@ def test_lm_score_reward_in_rollouts_equals_the_reward_stage_score():
   mask = (np.arange(NEW)[None] < n_resp[:, None]).astype(np.float32)
   response[np.arange(4), n_resp - 1] = EOS
   offset, scale = 0.3, 2.0
-  got = ppo.sequence_reward(model, jnp.asarray(prompt), jnp.asarray(length), jnp.asarray(response),
-                            jnp.asarray(mask), offset, scale)
+  got = rollout_lib.sequence_reward(model, jnp.asarray(prompt), jnp.asarray(length),
+                                    jnp.asarray(response), jnp.asarray(mask), offset, scale)
   for i in range(4):
     seq = np.concatenate([prompt[i, PROMPT_LEN - length[i]:], response[i, :n_resp[i]]])
     resp = (np.arange(len(seq)) >= length[i]).astype(np.float32)
     want = rl.reward_scores(model, seq[None], np.arange(len(seq))[None], np.ones((1, len(seq))),
                             resp[None])
     assert float(got[i]) == pytest.approx((float(want[0]) - offset) / scale, rel=1e-5, abs=1e-6)
-  value = transformer.merge(rgd, ppo.normalized_head(params, offset, scale))
+  value = transformer.merge(rgd, rl_stage.normalized_head(params, offset, scale))
   tokens = jnp.asarray(rng.integers(4, POLICY.vocab_size, (2, 9)))
   np.testing.assert_allclose(value.scores(value.hidden(tokens)),
                              (model.scores(model.hidden(tokens)) - offset) / scale, rtol=1e-5,
@@ -135,8 +136,8 @@ def test_lm_score_reward_in_rollouts_equals_the_reward_stage_score():
 
 
 def test_first_minibatch_is_exact_and_frozen_roles_stay_bit_identical():
-  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
-                      kl_coef=0.1)
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
+                  kl_coef=0.1)
   graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
   data = make_rollout(graphdefs, cfg, state, *prompts(8))
   before = jax.tree.map(np.asarray, state.extras)
@@ -163,8 +164,8 @@ def test_first_minibatch_is_exact_and_frozen_roles_stay_bit_identical():
 
 
 def test_missing_eos_penalty_and_reward_sum():
-  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, missing_eos_penalty=-2.5,
-                      epochs=1, num_minibatches=1, kl_coef=0.0)
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, missing_eos_penalty=-2.5,
+                  epochs=1, num_minibatches=1, kl_coef=0.0)
   graphdefs, optimizer, schedule, state = setup(cfg)
   data = make_rollout(graphdefs, cfg, state, *prompts(8))
   data["done"] = jnp.array([True, False] * 4)
@@ -175,7 +176,7 @@ def test_missing_eos_penalty_and_reward_sum():
 
 
 def test_ptx_coefficient_zero_reproduces_plain_ppo():
-  cfg = ppo.PPOConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=1, num_minibatches=2)
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=1, num_minibatches=2)
   graphdefs, optimizer, schedule, state = setup(cfg)
   data = make_rollout(graphdefs, cfg, state, *prompts(8))
   lm = util.packed_batch(batch_size=8, seq_len=16, vocab=POLICY.vocab_size)
@@ -194,8 +195,9 @@ def test_ptx_coefficient_zero_reproduces_plain_ppo():
 
 
 def test_grpo_groups_of_equal_scores_give_zero_gradient():
-  cfg = ppo.PPOConfig(algorithm="grpo", group_size=4, prompt_len=PROMPT_LEN, max_new_tokens=NEW,
-                      epochs=1, num_minibatches=2, kl_coef=0.0).validate()
+  cfg = RLConfig(algorithm="grpo", group_size=4, prompt_len=PROMPT_LEN, max_new_tokens=NEW,
+                  epochs=1, num_minibatches=2, kl_coef=0.0)
+  learner.validate(cfg)
   graphdefs, optimizer, schedule, state = setup(cfg)
   prompt, length = prompts(2)
   data = make_rollout(graphdefs, cfg, state, np.repeat(prompt, 4, 0), np.repeat(length, 4, 0))
@@ -212,8 +214,8 @@ def test_grpo_groups_of_equal_scores_give_zero_gradient():
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm):
-  cfg = ppo.PPOConfig(algorithm=algorithm, group_size=2 if algorithm == "grpo" else 1,
-                      prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2)
+  cfg = RLConfig(algorithm=algorithm, group_size=2 if algorithm == "grpo" else 1,
+                  prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2)
   graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
   data = make_rollout(graphdefs, cfg, state, *prompts(8))
   score = data["rm_score"]
@@ -221,14 +223,14 @@ def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm):
   for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
     mesh, rules = util.mesh_of(shape), parallel.axis_rules()
     names = {"policy": transformer.abstract_model(POLICY)[2]}
-    if not cfg.grpo:
+    if cfg.algorithm != "grpo":
       names["value"] = transformer.abstract_model(VALUE)[2]
     extras_names = {"reference": names["policy"], "reward": transformer.abstract_model(VALUE)[2],
                     "kl_ctl": {k: () for k in state.extras["kl_ctl"]}}
-    shardings = _state_shardings(mesh, rules, state, names, optimizer, extras_names)
+    shardings = state_shardings(mesh, rules, state, names, optimizer, extras_names)
     rows = jax.tree.map(lambda x: parallel.batch_sharding(mesh, rules, x.ndim), data)
     with parallel.activate(mesh, rules):
-      fn = jax.jit(functools.partial(ppo.update, graphdefs[0], graphdefs[1], cfg, optimizer,
+      fn = jax.jit(functools.partial(learner.update, graphdefs[0], graphdefs[1], cfg, optimizer,
                                      schedule),
                    in_shardings=(shardings, rows, parallel.replicated(mesh)),
                    out_shardings=(shardings, parallel.replicated(mesh),
@@ -253,16 +255,16 @@ def train_on_rule(cfg, kl_coef, iterations, lr=3e-3, batch=32):
   cfg = dataclasses.replace(cfg, kl_coef=kl_coef)
   graphdefs, optimizer, schedule, state = setup(cfg, lr=lr, seed=3)
   pgd, vgd, _ = graphdefs
-  group = cfg.group_size if cfg.grpo else 1
+  group = cfg.group_size if cfg.algorithm == "grpo" else 1
 
   @jax.jit
   def iteration(state, prompt, length):
-    data = ppo.rollout(pgd, None, cfg, state.params["policy"], None, prompt, length,
-                       jax.random.fold_in(state.rng, 0), eos_id=EOS, pad_id=PAD)
+    data = rollout_lib.rollout(pgd, None, cfg, state.params["policy"], None, prompt, length,
+                               jax.random.fold_in(state.rng, 0), eos_id=EOS, pad_id=PAD)
     data.update(prompt=prompt, prompt_length=length)
     hits = jnp.sum((data["response"] == TARGET) * data["mask"], axis=1)
     score = hits / jnp.maximum(jnp.sum(data["mask"], axis=1), 1)
-    new_state, metrics, _ = ppo.update(pgd, vgd, cfg, optimizer, schedule, state, data, score)
+    new_state, metrics, _ = learner.update(pgd, vgd, cfg, optimizer, schedule, state, data, score)
     return new_state, {**metrics, "score": jnp.mean(score)}
 
   history = []
@@ -277,9 +279,9 @@ def train_on_rule(cfg, kl_coef, iterations, lr=3e-3, batch=32):
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm,lr,low_kl", [("ppo", 3e-3, 0.05), ("grpo", 1e-3, 0.01)])
 def test_rl_raises_a_rule_based_score_with_bounded_kl(algorithm, lr, low_kl):
-  cfg = ppo.PPOConfig(algorithm=algorithm, group_size=8 if algorithm == "grpo" else 1,
-                      prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
-                      missing_eos_penalty=0.0, vf_coef=0.5)
+  cfg = RLConfig(algorithm=algorithm, group_size=8 if algorithm == "grpo" else 1,
+                  prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
+                  missing_eos_penalty=0.0, vf_coef=0.5)
   low = train_on_rule(cfg, kl_coef=low_kl, iterations=30, lr=lr)
   start = np.mean([h["score"] for h in low[:3]])  # about 1/48: TARGET is one token of 48
   gained = [i for i, h in enumerate(low) if h["score"] >= start + 0.2]

@@ -1,4 +1,4 @@
-"""RLHF maths of lmtrain.stages.rl against hand computations and plain NumPy references."""
+"""RLHF maths of lmtrain.rl.core against hand computations and plain NumPy references."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmtrain.stages import rl
+from lmtrain.rl import core as rl
 
 
 def ragged_mask(rng, batch, length):

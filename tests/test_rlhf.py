@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lmtrain.model import transformer
-from lmtrain.stages import reward, rl
+from lmtrain.rl import core as rl
+from lmtrain.stages import reward
 from lmtrain.train.state import TrainState
 import util
 from test_train import lmtrain
@@ -28,7 +29,7 @@ def rows(workdir, stage):
 def test_reward_is_read_at_the_last_real_token():
   cfg = dataclasses.replace(util.TINY, head="scalar")
   graphdef, _, _ = transformer.abstract_model(cfg)
-  model = transformer.merge(graphdef, jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(0)))
+  model = transformer.merge(graphdef, jax.jit(transformer.init_fn(cfg))(jax.random.PRNGKey(0)))
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, cfg.vocab_size, (3, 12)).astype(np.int32)
   lengths = np.array([5, 12, 8])
@@ -51,7 +52,7 @@ def test_reward_is_read_at_the_last_real_token():
 def test_lm_score_adds_the_weighted_mean_response_log_prob():
   cfg = dataclasses.replace(util.TINY, head="scalar", lm_score=True)
   graphdef, _, _ = transformer.abstract_model(cfg)
-  params = jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(2))
+  params = jax.jit(transformer.init_fn(cfg))(jax.random.PRNGKey(2))
   assert float(params["lm_score_weight"]) == 1.0
   params["lm_score_weight"] = jax.numpy.asarray(2.5)
   model = transformer.merge(graphdef, params)
@@ -84,7 +85,7 @@ def jnp_row(row):
 def test_reward_loss_is_the_pairwise_formula(lm_score):
   cfg = dataclasses.replace(util.TINY, head="scalar", lm_score=lm_score)
   graphdef, _, _ = transformer.abstract_model(cfg)
-  model = transformer.merge(graphdef, jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(1)))
+  model = transformer.merge(graphdef, jax.jit(transformer.init_fn(cfg))(jax.random.PRNGKey(1)))
   rng = np.random.default_rng(1)
   batch = {"margin": np.array([0.0, 0.5, 1.0, 0.0], np.float32)}
   for side in ("chosen", "rejected"):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lmtrain import parallel
+from lmtrain.losses import lm_loss
 from lmtrain.model import transformer
-from lmtrain.stages.pretrain import lm_loss
 from lmtrain.train import checkpoint as ckpt_lib
 import util
 from test_train import lmtrain, saved_state

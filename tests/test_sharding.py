@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from lmtrain import parallel
+from lmtrain.losses import lm_loss
 from lmtrain.model import transformer
-from lmtrain.stages.pretrain import lm_loss
 from lmtrain.train.state import TrainState
 import util
 

@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from lmtrain.losses import lm_loss
 from lmtrain.model import transformer
-from lmtrain.stages.pretrain import lm_loss
 from lmtrain.train.state import TrainState
 import util
 

@@ -5,10 +5,10 @@ import numpy as np
 import optax
 
 from lmtrain import parallel
+from lmtrain.losses import lm_loss
 from lmtrain.model import transformer
-from lmtrain.stages.pretrain import lm_loss
 from lmtrain.train import optim
-from lmtrain.train.loop import _state_shardings
+from lmtrain.train.loop import state_shardings
 from lmtrain.train.state import TrainState
 from lmtrain.train.step import make_train_step
 
@@ -36,7 +36,7 @@ def packed_batch(batch_size=8, seq_len=32, vocab=128, seed=0, docs_per_row=3):
 
 
 def init_params(cfg=TINY, seed=0):
-  return jax.jit(transformer._init_fn(cfg))(jax.random.PRNGKey(seed))
+  return jax.jit(transformer.init_fn(cfg))(jax.random.PRNGKey(seed))
 
 
 def mesh_of(shape: dict):
@@ -54,7 +54,7 @@ def sharded_setup(mesh, cfg=TINY, lr=1e-2, microbatches=1, eps=1e-8, loss_fn=lm_
   optimizer = optim.make_optimizer(schedule, weight_decay=0.1, clip_norm=1.0, eps=eps)
   abstract_state = jax.eval_shape(
       lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
-  shardings = _state_shardings(mesh, rules, abstract_state, names, optimizer)
+  shardings = state_shardings(mesh, rules, abstract_state, names, optimizer)
   step = make_train_step(graphdef, loss_fn, optimizer, schedule, microbatches)
   batch_sharding = (parallel.batch_sharding(mesh, rules) if batch_example is None else
                     {k: parallel.batch_sharding(mesh, rules, np.ndim(v))

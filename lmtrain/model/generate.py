@@ -97,8 +97,7 @@ _STATIC = ("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "greed
            "pad_id", "left_padded")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def generate(graphdef, params, prompts, prompt_lengths, rng, *, max_new_tokens: int,
+def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              eos_id: int = 1, pad_id: int = 0, left_padded: bool = False) -> GenerateOutput:
   """Samples up to `max_new_tokens` after each prompt, with a KV cache.
@@ -170,6 +169,10 @@ def generate(graphdef, params, prompts, prompt_lengths, rng, *, max_new_tokens: 
   return GenerateOutput(tokens, logprobs, mask, mask.sum(axis=1), done)
 
 
+# Jitted on its own; a caller that traces a larger function (a rollout) calls sample_sequences.
+generate = jax.jit(sample_sequences, static_argnames=_STATIC)
+
+
 def make_generate(mesh, rules, cfg: transformer.ModelConfig, batch_size: int, prompt_len: int,
                   **sampling):
   """`generate` for `cfg`, compiled once for `mesh` and [batch_size, prompt_len] prompts.
@@ -184,7 +187,7 @@ def make_generate(mesh, rules, cfg: transformer.ModelConfig, batch_size: int, pr
   rows = parallel.named_sharding(mesh, ("batch", None), rules, (batch_size, prompt_len))
   per_row = parallel.named_sharding(mesh, ("batch",), rules, (batch_size,))
   replicated = parallel.replicated(mesh)
-  fn = functools.partial(generate.__wrapped__, graphdef, **sampling)
+  fn = functools.partial(sample_sequences, graphdef, **sampling)
   with parallel.activate(mesh, rules):
     jitted = jax.jit(fn, in_shardings=(param_shardings, rows, per_row, replicated),
                      out_shardings=GenerateOutput(rows, rows, rows, per_row, per_row))

@@ -429,7 +429,8 @@ def merge(graphdef, params):
 
 
 @functools.lru_cache(maxsize=None)
-def _init_fn(cfg: ModelConfig):
+def init_fn(cfg: ModelConfig):
+  """rng -> fresh params (a pure dict) of `cfg`, to be jitted with the params' shardings."""
   def init(rng):
     return nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=rng)))[1])
   return init

@@ -4,7 +4,7 @@ per-host data iterators for the loop."""
 import os
 
 from lmtrain import fileio
-from lmtrain.data import loader, prepare, sources as sources_lib, tokenizer as tokenizer_lib
+from lmtrain.data import demo, loader, prepare, sources as sources_lib, tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
 
 
@@ -20,6 +20,29 @@ def resolve_sources(workdir: str, train_data, eval_data, write_demo, what: str):
   if not train:
     raise UserError(f"TRAIN_DATA is empty: name {what} files, or 'demo'")
   return train, evals
+
+
+def as_list(sources):
+  if sources is None:
+    return []
+  if isinstance(sources, dict):
+    return list(sources)
+  return [sources] if isinstance(sources, str) else list(sources)
+
+
+def resolve_text_data(workdir: str, train_data, eval_data):
+  """`'demo'` means the embedded corpus (written under DIR/data, or a local directory for a bucket
+  work dir); anything else (a source, a list, a {source: weight} mixture) passes through."""
+  train, evals = as_list(train_data), as_list(eval_data)
+  if not train:
+    raise UserError("TRAIN_DATA is empty: name a prepared corpus, text/JSONL/array_record files, "
+                    "a 'seqio:TASK', a {source: weight} mixture, or 'demo'")
+  if train == ["demo"]:
+    train_path, eval_path = demo.write_pretrain_corpus(fileio.local_dir(workdir, "data"))
+    train_data = [train_path]
+    if evals in ([], ["demo"]):
+      eval_data, evals = [eval_path], [eval_path]
+  return train_data, (eval_data if evals else None)
 
 
 def stage_tokenizer(workdir: str, tokenizer: str):

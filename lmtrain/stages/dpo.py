@@ -9,7 +9,9 @@ import gin
 import jax.numpy as jnp
 
 from lmtrain.data import demo, preference, sft as sft_data
-from lmtrain.stages import rl
+from lmtrain.losses import mean_metrics
+from lmtrain.rl import core as rl
+from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.loop import LoopConfig, Stage
@@ -51,9 +53,7 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   return Stage(
       name="dpo", model_config=model_cfg, loss_fn=make_dpo_loss(beta, label_smoothing),
       train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
-      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "sft"),
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["dpo"].parent),
       frozen_reference=True,
-      eval_metrics=lambda totals: {f"eval_{k}": totals[k] / max(totals["weight"], 1e-9)
-                                   for k in ("reward_accuracy", "chosen_reward",
-                                             "rejected_reward", "margin")},
+      eval_metrics=mean_metrics("reward_accuracy", "chosen_reward", "rejected_reward", "margin"),
       tokenizer_path=tok.path)

@@ -1,54 +1,15 @@
 """Pre-training: next-token cross-entropy on packed raw text."""
 
-import math
 import os
 
 import gin
-import jax.numpy as jnp
-import optax
 
 from lmtrain import fileio
-from lmtrain.data import demo, loader, prepare, sources as sources_lib, tokenizer as tokenizer_lib
+from lmtrain.data import loader, prepare, sources as sources_lib, tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
-from lmtrain.stages.common import corpus_data_factory, text_corpora
+from lmtrain.losses import lm_loss, perplexity_metrics
+from lmtrain.stages.common import as_list, corpus_data_factory, resolve_text_data, text_corpora
 from lmtrain.train.loop import LoopConfig, Stage
-
-
-def lm_loss(model, batch, rng):
-  """Summed token cross-entropy where loss_mask is 1, and the number of such tokens."""
-  del rng  # no dropout
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  weight = batch["loss_mask"]
-  return jnp.sum(ce * weight), jnp.sum(weight), {}
-
-
-def perplexity_metrics(totals: dict) -> dict:
-  loss = totals["loss_sum"] / max(totals["weight"], 1e-9)
-  return {"eval_perplexity": math.exp(min(loss, 80.0))}
-
-
-def _as_list(sources):
-  if sources is None:
-    return []
-  if isinstance(sources, dict):
-    return list(sources)
-  return [sources] if isinstance(sources, str) else list(sources)
-
-
-def resolve_text_data(workdir: str, train_data, eval_data):
-  """`'demo'` means the embedded corpus (written under DIR/data, or a local directory for a bucket
-  work dir); anything else (a source, a list, a {source: weight} mixture) passes through."""
-  train, evals = _as_list(train_data), _as_list(eval_data)
-  if not train:
-    raise UserError("TRAIN_DATA is empty: name a prepared corpus, text/JSONL/array_record files, "
-                    "a 'seqio:TASK', a {source: weight} mixture, or 'demo'")
-  if train == ["demo"]:
-    train_path, eval_path = demo.write_pretrain_corpus(fileio.local_dir(workdir, "data"))
-    train_data = [train_path]
-    if evals in ([], ["demo"]):
-      eval_data, evals = [eval_path], [eval_path]
-  return train_data, (eval_data if evals else None)
 
 
 @gin.configurable
@@ -59,7 +20,7 @@ def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab
     return tokenizer_lib.Tokenizer.load(tokenizer)
   path = os.path.join(workdir, "tokenizer.model")
   if not fileio.exists(path):
-    entries = _as_list(train_sources)
+    entries = as_list(train_sources)
     prepared = [s for s in entries if sources_lib.is_prepared(s)]
     files = [s for s in entries if not sources_lib.is_seqio(s) and s not in prepared]
     if prepared:

@@ -17,13 +17,12 @@ import numpy as np
 
 from lmtrain import fileio
 from lmtrain.data import demo, preference, sft as sft_data
-from lmtrain.stages import rl
+from lmtrain.losses import mean_metrics
+from lmtrain.rl import core as rl
+from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
-from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train import checkpoint as ckpt_lib, roles
 from lmtrain.train.loop import LoopConfig, Stage
-
-NORMALIZATION_FILE = "reward_normalization.json"
-
 
 def pair_scores(model, batch):
   both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
@@ -50,7 +49,7 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
     from lmtrain import parallel
     from lmtrain.model import transformer
     graphdef, _, _ = transformer.abstract_model(model_config)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = parallel.batch_shard_count(mesh)
     n = len(rows) // shards * shards
     batch = {k: np.stack([r[k] for r in rows[:n]]) for k in rows[0]}
 
@@ -63,7 +62,7 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
     norm = {"offset": float(scores.mean()), "scale": float(scores.std() + 1e-6),
             "num_responses": int(scores.size)}
     if jax.process_index() == 0:
-      fileio.write_json(os.path.join(stage_dir, NORMALIZATION_FILE), norm)
+      fileio.write_json(os.path.join(stage_dir, roles.NORMALIZATION_FILE), norm)
     return {"reward_offset": norm["offset"], "reward_scale": norm["scale"]}
 
   return run
@@ -87,10 +86,8 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   return Stage(
       name="reward", model_config=rm_cfg, loss_fn=reward_loss,
       train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
-      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "sft", rm_cfg,
-                                                   loop_cfg.seed),
-      eval_metrics=lambda totals: {f"eval_{k}": totals[k] / max(totals["weight"], 1e-9)
-                                   for k in ("accuracy", "margin", "chosen_mean",
-                                             "rejected_mean")},
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent,
+                                                   rm_cfg, loop_cfg.seed),
+      eval_metrics=mean_metrics("accuracy", "margin", "chosen_mean", "rejected_mean"),
       finalize=normalizer(norm_pairs, tok, template, loop_cfg.seq_len, rm_cfg),
       tokenizer_path=tok.path)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token loss on response (assistant) tokens only, from a parent model.
 
-The loss is `pretrain.lm_loss`: the SFT batches carry a loss_mask that is 1 only on response targets,
+The loss is `losses.lm_loss`: the SFT batches carry a loss_mask that is 1 only on response targets,
 so the step's token-weighted mean is over response tokens across the whole global batch.
 """
 
@@ -14,9 +14,10 @@ import numpy as np
 from lmtrain import parallel
 from lmtrain.data import demo, scorers, sft as sft_data
 from lmtrain.errors import UserError
+from lmtrain.losses import lm_loss, perplexity_metrics
 from lmtrain.model import generate as generate_lib
+from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
-from lmtrain.stages.pretrain import lm_loss, perplexity_metrics
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.loop import LoopConfig, Stage
 
@@ -30,7 +31,7 @@ def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
 
   def run(params, mesh, rules, extras=None):
     del extras  # the SFT eval needs only the policy
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = parallel.batch_shard_count(mesh)
     batch = math.ceil(len(prompts) / shards) * shards
     padded = prompts + [prompts[0]] * (batch - len(prompts))  # fill the mesh; scored once only
     ids, lengths = generate_lib.pad_prompts(padded, pad_id=tokenizer.pad_id)
@@ -78,5 +79,5 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   return Stage(
       name="sft", model_config=model_cfg, loss_fn=lm_loss,
       train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
-      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, "pretrain"),
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["sft"].parent),
       eval_metrics=perplexity_metrics, extra_eval=extra_eval, tokenizer_path=tok.path)

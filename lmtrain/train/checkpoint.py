@@ -21,6 +21,7 @@ import lmtrain
 from lmtrain import fileio
 from lmtrain.data.loader import STATE_KIND as LOADER_STATE_KIND
 from lmtrain.errors import UserError
+from lmtrain.train import roles
 
 
 @gin.configurable
@@ -103,19 +104,15 @@ def restore_params(stage_dir: str, abstract_params, step=None):
     if step is None:
       raise UserError(f"INIT_FROM={stage_dir}: no finished checkpoint there")
     saved = saved_params(ckpt_dir, step)
-    # A PPO/GRPO checkpoint trains {"policy", "value"}: one model's params are its policy.
-    role = POLICY if POLICY in saved and POLICY not in abstract_params else None
+    one, role = roles.one_model(saved, abstract_params)
     wanted = {role: abstract_params} if role else abstract_params
-    check_compatible(saved[role] if role else saved, abstract_params, stage_dir)
+    check_compatible(one, abstract_params, stage_dir)
     restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": wanted}, restore_args={"params": restore_args},
         partial_restore=True)))
   params = restored["state"]["params"]
   return (params[role] if role else params), step
-
-
-POLICY = "policy"
 
 
 def parent_initializer(workdir: str, init_from, default_parent: str, model_config=None,
@@ -134,14 +131,13 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
                                options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
       latest = manager.latest_step()
     saved = saved_params(os.path.join(path, "checkpoints"), latest) if latest is not None else {}
-    if POLICY in saved and POLICY not in abstract_params:
-      saved = saved[POLICY]
+    saved, _ = roles.one_model(saved, abstract_params)
     new_keys = [k for k in abstract_params if k not in saved] if model_config else []
     loaded = {k: v for k, v in abstract_params.items() if k not in new_keys}
     params, step = restore_params(path, loaded)
     if new_keys:
       from lmtrain.model import transformer
-      full_init = transformer._init_fn(model_config)
+      full_init = transformer.init_fn(model_config)
       fresh = jax.jit(lambda rng: {k: full_init(rng)[k] for k in new_keys},
                       out_shardings={k: jax.tree.map(lambda a: a.sharding, abstract_params[k])
                                      for k in new_keys})(jax.random.PRNGKey(seed))

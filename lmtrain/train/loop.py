@@ -28,7 +28,7 @@ from lmtrain.errors import DivergedError, UserError
 from lmtrain.model import transformer
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train import metrics as metrics_lib
-from lmtrain.train import optim
+from lmtrain.train import optim, roles
 from lmtrain.train.state import TrainState
 from lmtrain.train.step import make_eval_step, make_train_step
 
@@ -117,7 +117,7 @@ class StepContext:
   cfg: LoopConfig
 
 
-def _state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer,
+def state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer,
                      extras_names=None):
   """NamedShardings of a TrainState: params (and their optimizer moments) by their logical names;
   extras by `extras_names`, or the reference like the params and anything else replicated."""
@@ -129,7 +129,7 @@ def _state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer,
   if extras_names is not None:
     extras = parallel.tree_shardings(mesh, abstract_state.extras, extras_names, rules)
   else:
-    extras = {k: param_shardings if k == "reference" else jax.tree.map(lambda _: rep, v)
+    extras = {k: param_shardings if k == roles.REFERENCE else jax.tree.map(lambda _: rep, v)
               for k, v in abstract_state.extras.items()}
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep,
                     extras=extras)
@@ -274,7 +274,7 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
     raise UserError(f"BATCH_SIZE={cfg.batch_size} does not divide into "
                     f"LoopConfig.microbatches={cfg.microbatches}")
   mesh, rules = parallel.make_mesh(), parallel.axis_rules()
-  n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  n_batch_shards = parallel.batch_shard_count(mesh)
   if (cfg.batch_size // cfg.microbatches) % n_batch_shards:
     raise UserError(f"BATCH_SIZE={cfg.batch_size} (per microbatch {cfg.batch_size // cfg.microbatches})"
                     f" is not divisible by the data x fsdp mesh size {n_batch_shards}")
@@ -293,14 +293,13 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       params, extras = stage.split_loaded(loaded)
     else:
       params = loaded
-      extras = {"reference": jax.tree.map(jnp.copy, params)} if stage.frozen_reference else {}
+      extras = ({roles.REFERENCE: jax.tree.map(jnp.copy, params)} if stage.frozen_reference
+                else {})
     return TrainState.create(params, optimizer, rng, extras)
 
   abstract_state = jax.eval_shape(create_state, abstract_loaded, jax.random.PRNGKey(0))
-  shardings = _state_shardings(mesh, rules, abstract_state, param_names, optimizer, extras_names)
-  sharded = lambda tree, shards: jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shards)
-  abstract_sharded = sharded(abstract_state, shardings)
+  shardings = state_shardings(mesh, rules, abstract_state, param_names, optimizer, extras_names)
+  abstract_sharded = parallel.with_shardings(abstract_state, shardings)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
   train_iter = stage.train_data(jax.process_index(), jax.process_count())
@@ -314,9 +313,10 @@ def _train(stage, workdir, cfg, config_text, sigterm) -> dict:
       resumed_from = None
       loaded_shardings = parallel.tree_shardings(mesh, abstract_loaded, loaded_names, rules)
       if stage.init_from_parent is not None:
-        loaded, parent = stage.init_from_parent(sharded(abstract_loaded, loaded_shardings))
+        loaded, parent = stage.init_from_parent(
+            parallel.with_shardings(abstract_loaded, loaded_shardings))
       else:
-        init_fn = transformer._init_fn(stage.model_config)
+        init_fn = transformer.init_fn(stage.model_config)
         loaded = jax.jit(init_fn, out_shardings=loaded_shardings)(jax.random.fold_in(rng, 1))
       state = jax.jit(create_state, out_shardings=shardings)(loaded, rng)
   if jax.process_index() == 0:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from lmtrain.model.transformer import merge
+from lmtrain.train import roles
 from lmtrain.train.state import TrainState
 
 LossFn = Callable  # (model, batch, rng) -> (loss_sum, weight, dict of metric sums)
@@ -19,9 +20,9 @@ LossFn = Callable  # (model, batch, rng) -> (loss_sum, weight, dict of metric su
 
 def _frozen_models(graphdef, extras) -> dict:
   """The frozen models a loss takes besides the trained one (DPO's reference)."""
-  if "reference" not in extras:
+  if roles.REFERENCE not in extras:
     return {}
-  return {"reference": merge(graphdef, jax.lax.stop_gradient(extras["reference"]))}
+  return {roles.REFERENCE: merge(graphdef, jax.lax.stop_gradient(extras[roles.REFERENCE]))}
 
 
 def split_microbatches(batch, n: int):

@@ -1,0 +1,93 @@
+"""The RL hyper-parameters every algorithm reads, and what an algorithm supplies to the learner."""
+
+import abc
+import dataclasses
+from typing import Any, NamedTuple
+
+from lmtrain.errors import UserError
+
+
+class Graphdefs(NamedTuple):
+  """The model structures of the RL roles (lmtrain/train/roles.py); None for a role not used."""
+  policy: Any  # also the reference's
+  value: Any = None
+  reward: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """gin: ppo.build / grpo.build arguments (see gin_configs/stages/rl.gin)."""
+  algorithm: str = "ppo"  # a name in lmtrain.rl.learner.ALGORITHMS
+  prompt_len: int = 64
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  kl_coef: float = 0.05
+  kl_estimator: str = "k1"  # k1 | k2 | k3 | abs (PPO's reward penalty; GRPO's loss uses k3)
+  kl_target: float | None = None  # adaptive KL controller target (None: fixed kl_coef)
+  kl_horizon: float = 10000.0
+  gamma: float = 1.0
+  lam: float = 0.95
+  epochs: int = 2
+  num_minibatches: int = 2
+  clip_eps: float = 0.2
+  value_clip_eps: float = 0.2
+  vf_coef: float = 0.1
+  entropy_coef: float = 0.0
+  whiten_advantages: bool = True
+  missing_eos_penalty: float = -1.0
+  group_size: int = 1  # GRPO: samples per prompt
+  ptx_coef: float = 0.0
+  reward_offset: float = 0.0  # the reward model's normalisation: (score - offset) / scale
+  reward_scale: float = 1.0
+
+  def validate(self):
+    """The settings every algorithm shares; the algorithm checks its own (Algorithm.validate)."""
+    if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
+      raise UserError(f"KL_ESTIMATOR={self.kl_estimator!r}: choose k1, k2, k3 or abs")
+    if self.epochs < 1 or self.num_minibatches < 1:
+      raise UserError(f"PPO_EPOCHS={self.epochs} and NUM_MINIBATCHES={self.num_minibatches} "
+                      "must be positive")
+    if self.temperature <= 0:
+      raise UserError(f"TEMPERATURE={self.temperature} must be positive")
+    if self.kl_target is not None and self.kl_target <= 0:
+      raise UserError(f"KL_TARGET={self.kl_target} must be positive (or None: fixed KL_COEF)")
+    return self
+
+
+class Algorithm(abc.ABC):
+  """What an RL algorithm gives the learner (lmtrain/rl/learner.py); the rollout, the old
+  log-probs, the minibatch schedule and the clipped policy loss are shared.
+
+  uses_value: whether it trains a value model (the learner computes the old values then).
+  validate(cfg): UserError on settings it cannot run with.
+  samples_per_prompt(cfg): responses sampled per prompt (contiguous rows of the batch).
+  score_features(cfg, batch): per-row arrays computed from the scores before the rows are
+    shuffled (e.g. GRPO's group advantages), merged into the batch.
+  advantages(cfg, batch, kl_coef): (advantages [B, N], returns [B, N] or None, per-token KL
+    [B, N]) of the rollout batch, which holds its old log-probs (and values).
+  loss(cfg, params, graphdefs, mb, logp, kl_coef): (its terms added to the policy loss, their
+    metrics) on a minibatch; `logp` are the policy's current log-probs.
+  """
+  name = ""
+  uses_value = False
+
+  def validate(self, cfg: RLConfig):
+    del cfg
+
+  def samples_per_prompt(self, cfg: RLConfig) -> int:
+    del cfg
+    return 1
+
+  def score_features(self, cfg: RLConfig, batch) -> dict:
+    del cfg, batch
+    return {}
+
+  @abc.abstractmethod
+  def advantages(self, cfg: RLConfig, batch, kl_coef):
+    ...
+
+  @abc.abstractmethod
+  def loss(self, cfg: RLConfig, params, graphdefs: Graphdefs, mb, logp, kl_coef):
+    ...

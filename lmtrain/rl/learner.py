@@ -1,0 +1,170 @@
+"""The learner: one RL iteration's optimisation of a rollout batch, for any registered algorithm.
+
+The rows are shuffled once; the old log-probs (and values) are computed minibatch by minibatch in
+that order, by the same function as the first epoch's losses, so the first minibatch's ratio is
+exactly 1 and policy == reference gives a KL of exactly 0. Then the algorithm's advantages, and
+EPOCHS x NUM_MINIBATCHES optimizer updates of the clipped policy loss (- entropy bonus) plus the
+algorithm's own terms (+ PTX_COEF x LM loss on PTX_DATA rows).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmtrain import parallel
+from lmtrain.errors import UserError
+from lmtrain.losses import lm_loss
+from lmtrain.model import transformer
+from lmtrain.rl import core
+from lmtrain.rl.config import Algorithm, Graphdefs, RLConfig
+from lmtrain.rl.grpo import GRPO
+from lmtrain.rl.ppo import PPO
+from lmtrain.rl.rollout import response_logprobs, response_values
+from lmtrain.train import roles
+
+ALGORITHMS = {a.name: a for a in (PPO(), GRPO())}
+
+PTX_PREFIX = "ptx_"  # batch keys of the language-model rows that PPO-ptx mixes in
+ROW_KEYS = ("prompt", "prompt_length", "response", "mask", "done")
+
+
+def get_algorithm(name: str) -> Algorithm:
+  if name not in ALGORITHMS:
+    raise UserError(f"algorithm={name!r}: choose {' or '.join(ALGORITHMS)}")
+  return ALGORITHMS[name]
+
+
+def validate(cfg: RLConfig) -> RLConfig:
+  """`cfg`, checked by itself and by its algorithm."""
+  algorithm = get_algorithm(cfg.algorithm)
+  cfg.validate()
+  algorithm.validate(cfg)
+  return cfg
+
+
+def evaluate_roles(policy_graphdef, value_graphdef, cfg: RLConfig, params, extras, mb):
+  """The policy's and reference's log-probs, the policy's entropy and (with a value model) its
+  values on a minibatch of rollouts, before any update: the "old" quantities of the losses."""
+  args = (mb["prompt"], mb["prompt_length"], mb["response"], mb["mask"])
+  policy = transformer.merge(policy_graphdef, params[roles.POLICY])
+  logp, logits = response_logprobs(policy, *args, cfg.temperature)
+  reference = transformer.merge(policy_graphdef, extras[roles.REFERENCE])
+  ref_logp, _ = response_logprobs(reference, *args, cfg.temperature)
+  out = {"logp": logp, "ref_logp": ref_logp,
+         "entropy": core.masked_mean(core.entropy(logits, mb["mask"], cfg.temperature),
+                                     mb["mask"], axis=1)}
+  if value_graphdef is not None:
+    out["values"] = response_values(transformer.merge(value_graphdef, params[roles.VALUE]), *args)
+  return out
+
+
+def minibatch_loss(graphdefs: Graphdefs, cfg: RLConfig, params, mb, kl_coef, ptx=None):
+  """The objective on one minibatch -> (loss, metrics)."""
+  algorithm = get_algorithm(cfg.algorithm)
+  mask = mb["mask"]
+  policy = transformer.merge(graphdefs.policy, params[roles.POLICY])
+  logp, logits = response_logprobs(policy, mb["prompt"], mb["prompt_length"], mb["response"],
+                                   mask, cfg.temperature)
+  loss, metrics = core.ppo_policy_loss(logp, mb["logp"], mb["advantages"], mask, cfg.clip_eps)
+  metrics["policy_loss"] = loss
+  if cfg.entropy_coef:
+    ent = core.masked_mean(core.entropy(logits, mask, cfg.temperature), mask)
+    loss = loss - cfg.entropy_coef * ent
+  term, term_metrics = algorithm.loss(cfg, params, graphdefs, mb, logp, kl_coef)
+  loss = loss + term
+  metrics.update(term_metrics)
+  if ptx is not None:
+    ptx_sum, ptx_weight, _ = lm_loss(policy, ptx, None)
+    ptx_loss = ptx_sum / jnp.maximum(ptx_weight, 1e-9)
+    loss = loss + cfg.ptx_coef * ptx_loss
+    metrics["ptx_loss"] = ptx_loss
+  return loss, metrics
+
+
+def _rows(tree, index):
+  """Rows `index` of every [B, ...] array, kept split over the batch axes."""
+  return jax.tree.map(lambda x: parallel.constrain(
+      jnp.take(x, index, axis=0), ("batch",) + (None,) * (x.ndim - 1)), tree)
+
+
+def _split(tree, m):
+  """[B, ...] -> [m, B/m, ...]: minibatch j is rows j*B/m .. (j+1)*B/m - 1."""
+  return jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), tree)
+
+
+def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, state, data,
+           score):
+  """One iteration's optimisation of a rollout `data` whose sequence scores are `score` [B]
+  (reward model or scorer, before the missing-EOS penalty). Epoch 0 takes its minibatches in the
+  shuffled order; later epochs reshuffle. Returns (new state, metrics averaged over the
+  minibatches, per-minibatch metrics [E*M])."""
+  algorithm = get_algorithm(cfg.algorithm)
+  value_graphdef = value_graphdef if algorithm.uses_value else None
+  graphdefs = Graphdefs(policy_graphdef, value_graphdef)
+  kl_ctl = state.extras[roles.KL_CONTROLLER]
+  kl_coef = kl_ctl["kl_coef"]
+  rows = data["mask"].shape[0]
+  m = cfg.num_minibatches
+  if rows % m:
+    raise UserError(f"BATCH_SIZE={rows} does not divide into NUM_MINIBATCHES={m}")
+  batch = {k: data[k] for k in ROW_KEYS}
+  batch["score"] = score + jnp.where(data["done"], 0.0, cfg.missing_eos_penalty)
+  batch.update(algorithm.score_features(cfg, batch))
+  rng = jax.random.fold_in(state.rng, 1)
+  batch = _rows(batch, jax.random.permutation(jax.random.fold_in(rng, 0), rows))
+
+  old = jax.lax.map(
+      lambda mb: evaluate_roles(policy_graphdef, value_graphdef, cfg, state.params,
+                                state.extras, mb), _split(batch, m))
+  batch.update(jax.tree.map(lambda x: x.reshape((rows,) + x.shape[2:]), old))
+  mask = batch["mask"]
+  adv, returns, kl = algorithm.advantages(cfg, batch, kl_coef)
+  batch["advantages"] = adv
+  if returns is not None:
+    batch["returns"] = returns
+
+  ptx = {k[len(PTX_PREFIX):]: v for k, v in data.items() if k.startswith(PTX_PREFIX)}
+  if ptx:  # minibatch j of every epoch takes the j-th share of the ptx rows
+    ptx = _split(ptx, m)
+  order = [jnp.arange(rows)] + [jax.random.permutation(jax.random.fold_in(rng, e), rows)
+                                for e in range(1, cfg.epochs)]
+  order = jnp.stack(order).reshape(cfg.epochs * m, rows // m)
+  grad_fn = jax.value_and_grad(functools.partial(minibatch_loss, graphdefs, cfg), has_aux=True)
+  train_keys = ("prompt", "prompt_length", "response", "mask", "logp", "ref_logp", "values",
+                "advantages", "returns")
+  train_batch = {k: batch[k] for k in train_keys if k in batch}
+
+  def one_minibatch(carry, xs):
+    params, opt_state, count = carry
+    i, index = xs
+    mb = _rows(train_batch, index)
+    ptx_mb = jax.tree.map(lambda x: x[i % m], ptx) if ptx else None
+    (loss, metrics), grads = grad_fn(params, mb, kl_coef, ptx_mb)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(count))
+    return (params, opt_state, count + 1), metrics
+
+  count = state.step * cfg.epochs * m
+  (params, opt_state, _), per_mb = jax.lax.scan(
+      one_minibatch, (state.params, state.opt_state, count),
+      (jnp.arange(cfg.epochs * m), order))
+
+  seq_kl = core.masked_sum(kl, mask, axis=1)
+  metrics = {k: jnp.mean(v) for k, v in per_mb.items()}
+  metrics.update(
+      reward_mean=jnp.mean(batch["score"]), kl=jnp.mean(seq_kl), kl_coef=kl_coef,
+      non_score_reward=-kl_coef * jnp.mean(seq_kl),
+      entropy=jnp.mean(batch["entropy"]), response_length=jnp.mean(jnp.sum(mask, axis=1)),
+      eos_fraction=jnp.mean(batch["done"].astype(jnp.float32)),
+      advantages_mean=core.masked_mean(adv, mask))
+  if returns is not None:
+    metrics["explained_variance"] = core.explained_variance(batch["values"], returns, mask)
+    metrics["returns_mean"] = core.masked_mean(returns, mask)
+  new_ctl = core.kl_controller_update(kl_ctl, jnp.mean(seq_kl), rows)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            rng=jax.random.split(state.rng)[0],
+                            extras={**state.extras, roles.KL_CONTROLLER: new_ctl})
+  return new_state, metrics, per_mb

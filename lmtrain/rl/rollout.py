@@ -1,0 +1,78 @@
+"""Rollouts: sample a response to each prompt, and read models on the prompt + response sequences.
+
+A batch is a left-padded prompt [B, P] followed directly by its response [B, N]; `mask` [B, N] is 1
+on the response's tokens up to and including its EOS.
+"""
+
+import jax.numpy as jnp
+
+from lmtrain import parallel
+from lmtrain.model import generate as generate_lib
+from lmtrain.model import transformer
+from lmtrain.rl import core
+from lmtrain.rl.config import RLConfig
+
+
+def sequences(prompt, prompt_length, response, response_mask):
+  """Token rows [B, P+N] with their positions and segment ids (1 on real tokens, 0 on padding).
+
+  The prompt's real tokens take positions 0..len-1 and the response continues from len, as during
+  generation, so the padding changes nothing."""
+  width = prompt.shape[1]
+  total = width + response.shape[1]
+  index = jnp.arange(total, dtype=jnp.int32)[None, :]
+  start = (width - prompt_length.astype(jnp.int32))[:, None]
+  in_prompt = (index >= start) & (index < width)
+  in_response = jnp.concatenate(
+      [jnp.zeros_like(prompt, dtype=bool), response_mask > 0], axis=1)
+  tokens = jnp.concatenate([prompt, response], axis=1).astype(jnp.int32)
+  segment_ids = (in_prompt | in_response).astype(jnp.int32)
+  positions = jnp.maximum(index - start, 0)
+  return tokens, positions, segment_ids
+
+
+def response_hidden(model, prompt, prompt_length, response, response_mask):
+  """Hidden states [B, N, D] that predict each response token (and the value before it)."""
+  tokens, positions, segment_ids = sequences(prompt, prompt_length, response, response_mask)
+  hidden = model.hidden(tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1])
+  return hidden[:, prompt.shape[1] - 1:]
+
+
+def response_logprobs(model, prompt, prompt_length, response, mask, temperature):
+  """([B, N] log-probs of the response tokens, [B, N, V] logits)."""
+  logits = model.logits(response_hidden(model, prompt, prompt_length, response, mask))
+  return core.sequence_logprobs(logits, response, mask, temperature), logits
+
+
+def response_values(model, prompt, prompt_length, response, mask):
+  """[B, N] value of the state before each response token; 0 on padding."""
+  values = model.scores(response_hidden(model, prompt, prompt_length, response, mask))
+  return jnp.where(mask > 0, values, 0.0)
+
+
+def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, scale=1.0):
+  """[B] reward-model score at each sequence's last real token (its EOS), normalised."""
+  tokens, positions, segment_ids = sequences(prompt, prompt_length, response, mask)
+  response_mask = jnp.concatenate([jnp.zeros_like(prompt, dtype=mask.dtype), mask], axis=1)
+  scores = core.reward_scores(model, tokens, positions, segment_ids, response_mask)
+  return (scores - offset) / scale
+
+
+def rollout(policy_graphdef, reward_graphdef, cfg: RLConfig, policy_params, reward_params,
+            prompt, prompt_length, rng, *, eos_id: int, pad_id: int, greedy: bool = False):
+  """Samples a response to each prompt and scores it with the reward model (when there is one).
+
+  Returns {response [B, N], mask [B, N] float (1 up to and including EOS), done [B], rm_score [B]
+  (normalised; only with a reward model)}."""
+  out = generate_lib.sample_sequences(
+      policy_graphdef, policy_params, prompt, prompt_length, rng,
+      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+      top_p=cfg.top_p, greedy=greedy, eos_id=eos_id, pad_id=pad_id, left_padded=True)
+  response = parallel.constrain(out.tokens, ("batch", None))
+  mask = parallel.constrain(out.mask.astype(jnp.float32), ("batch", None))
+  result = {"response": response, "mask": mask, "done": out.done}
+  if reward_graphdef is not None:
+    result["rm_score"] = sequence_reward(transformer.merge(reward_graphdef, reward_params),
+                                         prompt, prompt_length, response, mask,
+                                         cfg.reward_offset, cfg.reward_scale)
+  return result

@@ -1,0 +1,340 @@
+"""The RL stage on the loop, for any algorithm of lmtrain.rl.learner.ALGORITHMS (`lmtrain ppo`,
+`lmtrain grpo`): the SFT policy optimised against a reward with a KL penalty to the frozen SFT policy.
+
+Roles (lmtrain/train/roles.py). policy: trained, from the SFT checkpoint. reference: a frozen copy of
+the starting policy. reward: the frozen reward model (REWARD = 'model'), or a rule-based scorer on
+the host (REWARD = 'scorer'). value (algorithms that use one): trained, initialised from the reward
+model (from the SFT trunk with a new scalar head when the reward is a scorer). The trained params are
+{policy, value}; the frozen models and the KL controller are TrainState extras, so one checkpoint
+holds the whole state and a resumed run continues exactly.
+
+One iteration (one loop step) on a batch of prompts:
+  1. rollout, jitted: sample a response to each prompt with the KV cache (truncated after its first
+     EOS) and read the reward model at each response's last real token (lmtrain/rl/rollout.py).
+  2. host: decode the responses and score them with the prompts' scorer (`task_score`; the reward
+     itself when REWARD = 'scorer'). A response without EOS gets MISSING_EOS_PENALTY added.
+  3. update, jitted: the learner (lmtrain/rl/learner.py) with the algorithm's advantages and
+     losses; the adaptive KL controller updates from the measured KL.
+"""
+
+import dataclasses
+import logging
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmtrain import fileio, parallel
+from lmtrain.data import demo, loader, prompts as prompts_lib, scorers, sft as sft_data
+from lmtrain.errors import UserError
+from lmtrain.model import transformer
+from lmtrain.rl import core, learner
+from lmtrain.rl.config import Graphdefs, RLConfig
+from lmtrain.rl.rollout import rollout
+from lmtrain.stages import REGISTRY
+from lmtrain.stages.common import resolve_sources, resolve_text_data, stage_tokenizer, text_corpora
+from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train import roles
+from lmtrain.train.loop import LoopConfig, Stage
+
+
+def check_scorer(scorer_name, examples, sources):
+  """Fails early, naming the data, when the prompt records lack what the scorer reads."""
+  scorer = scorers.get_scorer(scorer_name)
+  for i, ex in enumerate(examples):
+    try:
+      scorer("", ex.record)
+    except UserError as e:
+      raise UserError(f"{', '.join(sources)}: prompt record {i + 1}: {e}; set SCORER = None for "
+                      "prompts without answers") from None
+
+
+class RLStep:
+  """`Stage.make_step` of the RL stage: compiles the rollout and the update, and runs an
+  iteration."""
+
+  def __init__(self, ctx, cfg: RLConfig, graphdefs, tokenizer, host_scorer, reward_from_scorer):
+    self.ctx, self.cfg = ctx, cfg
+    self.policy_gd, self.value_gd, self.reward_gd = graphdefs
+    self.tokenizer = tokenizer
+    self.host_scorer = host_scorer
+    self.reward_from_scorer = reward_from_scorer
+
+  def compile(self, state, first_batch):
+    ctx, cfg = self.ctx, self.cfg
+    rep = parallel.replicated(ctx.mesh)
+    prompt_keys = ("prompt", "prompt_length")
+    batch_shardings = {k: v.sharding for k, v in first_batch.items()}
+
+    def do_rollout(state, batch):
+      rng = jax.random.fold_in(state.rng, 0)
+      out = rollout(self.policy_gd, self.reward_gd, cfg, state.params[roles.POLICY],
+                    state.extras.get(roles.REWARD), batch["prompt"], batch["prompt_length"], rng,
+                    eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+      out.update({k: batch[k] for k in prompt_keys})
+      out.update({k: v for k, v in batch.items() if k.startswith(learner.PTX_PREFIX)})
+      return out
+
+    def do_update(state, data, score):
+      new_state, metrics, _ = learner.update(self.policy_gd, self.value_gd, cfg, ctx.optimizer,
+                                             ctx.schedule, state, data, score)
+      return new_state, metrics
+
+    self.rollout_fn = jax.jit(do_rollout, in_shardings=(ctx.shardings, batch_shardings)).lower(
+        state, first_batch).compile()
+    data = jax.eval_shape(do_rollout, state, first_batch)
+    data_shardings = self.rollout_fn.output_shardings
+    rows = first_batch["prompt"].shape[0]
+    score = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=rep)
+    self.update_fn = jax.jit(
+        do_update, in_shardings=(ctx.shardings, data_shardings, rep),
+        out_shardings=(ctx.shardings, rep), donate_argnums=0).lower(
+            state, parallel.with_shardings(data, data_shardings), score).compile()
+    return self
+
+  def __call__(self, state, batch):
+    data = self.rollout_fn(state, batch)
+    task = None
+    if self.host_scorer is not None:
+      response, mask, index = (parallel.to_host(data["response"]), parallel.to_host(data["mask"]),
+                               parallel.to_host(batch["index"]))
+      task = self.host_scorer(response, mask, index)
+    if self.reward_from_scorer:
+      score = parallel.from_host(task, parallel.replicated(self.ctx.mesh))
+    else:
+      score = jax.device_put(data["rm_score"], parallel.replicated(self.ctx.mesh))
+    state, metrics = self.update_fn(state, data, score)
+    if task is not None:
+      metrics = {**metrics, "task_score": float(task.mean())}
+    return state, metrics
+
+
+def make_eval(examples, tokenizer, cfg: RLConfig, graphdefs, template, host_scorer):
+  """extra_eval: greedy responses to held-out prompts: eval_task_score (scorer), eval_reward_mean
+  (reward model, normalised), eval_response_length."""
+  rows = prompts_lib.encode_prompts(examples, tokenizer, cfg.prompt_len, template)
+  policy_gd, _, reward_gd = graphdefs
+  compiled = {}
+
+  def run(params, mesh, rules, extras=None):
+    shards = parallel.batch_shard_count(mesh)
+    n = len(rows)
+    padded = rows + [rows[0]] * (-n % shards)  # fill the mesh; scored once only
+    prompt = np.stack([r["prompt"] for r in padded])
+    length = np.stack([r["prompt_length"] for r in padded])
+
+    def fn(policy, reward, prompt, length):
+      out = rollout(policy_gd, reward_gd, cfg, policy, reward, prompt, length,
+                    jax.random.PRNGKey(0), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    greedy=True)
+      result = {"response": out["response"], "mask": out["mask"], "done": out["done"]}
+      if reward_gd is not None:  # the reward PPO optimises, missing-EOS penalty included
+        result["rm_score"] = out["rm_score"] + jnp.where(out["done"], 0.0,
+                                                         cfg.missing_eos_penalty)
+      return result
+
+    frozen = extras.get(roles.REWARD) if reward_gd is not None else None
+    key = (id(mesh), prompt.shape)
+    if key not in compiled:
+      row_sharding = parallel.named_sharding(mesh, ("batch", None), rules, prompt.shape)
+      len_sharding = parallel.named_sharding(mesh, ("batch",), rules, length.shape)
+      shard_of = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
+      with parallel.activate(mesh, rules):
+        jitted = jax.jit(fn, in_shardings=(shard_of(params[roles.POLICY]), shard_of(frozen),
+                                           row_sharding, len_sharding))
+      compiled[key] = (jitted, row_sharding, len_sharding)
+    fn_compiled, row_sharding, len_sharding = compiled[key]
+    with parallel.activate(mesh, rules):  # every host holds all the eval prompts
+      out = fn_compiled(params[roles.POLICY], frozen, parallel.from_host(prompt, row_sharding),
+                        parallel.from_host(length, len_sharding))
+    mask = parallel.to_host(out["mask"])[:n]
+    result = {"eval_response_length": float(mask.sum(axis=1).mean()),
+              "eval_eos_fraction": float(parallel.to_host(out["done"])[:n].mean())}
+    if "rm_score" in out:
+      result["eval_reward_mean"] = float(parallel.to_host(out["rm_score"])[:n].mean())
+    if host_scorer is not None:
+      scores = host_scorer(parallel.to_host(out["response"])[:n], mask, np.arange(n))
+      result["eval_task_score"] = float(scores.mean())
+      result.update(scorers.per_task("eval_task_score", scores, host_scorer.records[:n]))
+    return result
+
+  return run
+
+
+def read_normalization(reward_dir):
+  """(offset, scale) the reward stage saved beside its checkpoint; (0, 1) without the file."""
+  path = os.path.join(reward_dir, roles.NORMALIZATION_FILE)
+  if not fileio.exists(path):
+    logging.warning("%s not found: the reward model's scores are used unnormalised", path)
+    return 0.0, 1.0
+  norm = fileio.read_json(path)
+  return float(norm["offset"]), float(norm["scale"])
+
+
+def normalized_head(reward_params, offset: float, scale: float, keep=None):
+  """A copy of the reward model whose scalar head gives (score - offset) / scale: the value model
+  then starts in the units of the normalised rewards it learns to predict, rather than with errors
+  of the raw scores' size that would make the first iterations' advantages noise. `keep`: the
+  value model's params (tree); the reward model's LM head and LM-score weight are left out."""
+  value = {k: jax.tree.map(jnp.copy, v) for k, v in reward_params.items()
+           if keep is None or k in keep}
+  value["score"] = reward_params["score"] / scale
+  value["score_bias"] = (reward_params["score_bias"] - offset) / scale
+  return value
+
+
+@gin.configurable
+def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
+               train_data=gin.REQUIRED, eval_data=None, tokenizer="auto", init_from=None, reward_from=None, reward="model",
+               scorer="demo_tasks", eval_examples=128, kl_bound=None, ptx_data=None,
+               on_bad_record="raise", **hparams) -> Stage:
+  """The stage of `algorithm` (gin: bound in gin_configs/stages/rl.gin; `ppo.build.X` or
+  `grpo.build.X` overrides for one of them). `reward`: 'model' (the reward model in REWARD_FROM,
+  default DIR/reward) or 'scorer' (the rule-based SCORER). `hparams` are RLConfig fields."""
+  name = algorithm
+  unknown = sorted(set(hparams) - {f.name for f in dataclasses.fields(RLConfig)})
+  if unknown:
+    raise UserError(f"{name}.build: unknown setting(s) {unknown}")
+  if reward not in ("model", "scorer"):
+    raise UserError(f"REWARD={reward!r}: choose 'model' (the reward model) or 'scorer'")
+  if reward == "scorer" and not scorer:
+    raise UserError("REWARD='scorer' needs SCORER, the name of a rule-based scorer")
+  reward_dir = fileio.absolute(reward_from or os.path.join(workdir, "reward"))
+  if reward == "model" and not fileio.isdir(os.path.join(reward_dir, "checkpoints")):
+    raise UserError(f"REWARD_FROM={reward_dir}: no checkpoints there (run `lmtrain reward` "
+                    "first, set --gin.REWARD_FROM, or use --gin.REWARD=scorer)")
+  offset, scale = read_normalization(reward_dir) if reward == "model" else (0.0, 1.0)
+  cfg = learner.validate(RLConfig(algorithm=algorithm, reward_offset=offset, reward_scale=scale,
+                                 **hparams))
+  method = learner.get_algorithm(algorithm)
+  if cfg.ptx_coef and not ptx_data:
+    raise UserError(f"PTX_COEF={cfg.ptx_coef} needs PTX_DATA (language-model text, or 'demo')")
+
+  train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_ppo_prompts,
+                                 "prompt JSONL")
+  tok = stage_tokenizer(workdir, tokenizer)
+  template = sft_data.ChatTemplate()
+  train_examples = prompts_lib.load_prompts(train, on_error=on_bad_record)
+  eval_list = (prompts_lib.load_prompts(evals, on_error=on_bad_record)[:eval_examples]
+               if evals else [])
+  if scorer:
+    check_scorer(scorer, train_examples, train)
+    if eval_list:
+      check_scorer(scorer, eval_list, evals)
+  train_scorer = (scorers.ResponseScorer(scorer, [ex.record for ex in train_examples], tok)
+                  if scorer else None)
+  eval_scorer = (scorers.ResponseScorer(scorer, [ex.record for ex in eval_list], tok)
+                 if scorer else None)
+
+  policy_cfg = model_cfg
+  value_cfg = dataclasses.replace(model_cfg, head="scalar")
+  reward_cfg = value_cfg
+  rm_json = os.path.join(reward_dir, "model.json")
+  if reward == "model" and fileio.exists(rm_json):  # its head settings; its trunk is the policy's
+    lm_score = bool(fileio.read_json(rm_json).get("lm_score", False))
+    reward_cfg = dataclasses.replace(value_cfg, lm_score=lm_score)
+  policy_gd, policy_abs, policy_names = transformer.abstract_model(policy_cfg)
+  value_gd, value_abs, value_names = transformer.abstract_model(value_cfg)
+  reward_gd, reward_abs, reward_names = transformer.abstract_model(reward_cfg)
+  use_value = method.uses_value
+  use_rm = reward == "model"
+  graphdefs = Graphdefs(policy_gd, value_gd if use_value else None, reward_gd if use_rm else None)
+
+  def abstract_params():
+    tree, names = {roles.POLICY: policy_abs}, {roles.POLICY: policy_names}
+    if use_value:
+      tree[roles.VALUE], names[roles.VALUE] = value_abs, value_names
+    if use_rm:
+      tree[roles.REWARD], names[roles.REWARD] = reward_abs, reward_names
+    return tree, names
+
+  kl_init = core.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+
+  def split_loaded(loaded):
+    params = {roles.POLICY: loaded[roles.POLICY]}
+    extras = {roles.REFERENCE: jax.tree.map(jnp.copy, loaded[roles.POLICY]),
+              roles.KL_CONTROLLER: jax.tree.map(jnp.asarray, kl_init)}
+    if use_value:
+      params[roles.VALUE] = loaded[roles.VALUE]
+    if use_rm:
+      extras[roles.REWARD] = loaded[roles.REWARD]
+    return params, extras
+
+  def split_names(names):
+    params = {k: v for k, v in names.items() if k in (roles.POLICY, roles.VALUE)}
+    extras = {roles.REFERENCE: names[roles.POLICY], roles.KL_CONTROLLER: {k: () for k in kl_init}}
+    if use_rm:
+      extras[roles.REWARD] = names[roles.REWARD]
+    return params, extras
+
+  parent_stage = REGISTRY[algorithm].parent
+  policy_init = ckpt_lib.parent_initializer(workdir, init_from, parent_stage)
+  rm_init = ckpt_lib.parent_initializer(workdir, reward_dir, "reward")
+  # With a scorer as the reward there is no reward model: the value model is the SFT trunk with
+  # a fresh scalar head.
+  value_init = (rm_init if use_rm else
+                ckpt_lib.parent_initializer(workdir, init_from, parent_stage, value_cfg,
+                                            loop_cfg.seed))
+
+  def init_from_parent(abstract):
+    policy, parent = policy_init(abstract[roles.POLICY])
+    loaded = {roles.POLICY: policy}
+    if use_rm:
+      loaded[roles.REWARD], parent["reward_model"] = rm_init(abstract[roles.REWARD])
+    if use_value:
+      if use_rm:  # the same checkpoint: a second copy, trained from here on
+        loaded[roles.VALUE] = normalized_head(loaded[roles.REWARD], offset, scale, value_abs)
+        parent["value_model"] = parent["reward_model"]
+      else:
+        loaded[roles.VALUE], parent["value_model"] = value_init(abstract[roles.VALUE])
+    return loaded, parent
+
+  rows = loop_cfg.batch_size
+  if rows % cfg.num_minibatches:
+    raise UserError(f"BATCH_SIZE={rows} does not divide into NUM_MINIBATCHES="
+                    f"{cfg.num_minibatches}")
+
+  def train_data_fn(process_index, process_count):
+    prompt_iter = prompts_lib.make_prompt_iterator(
+        train, tok, prompt_len=cfg.prompt_len, batch_size=rows, seed=loop_cfg.seed,
+        process_index=process_index, process_count=process_count, on_error=on_bad_record,
+        template=template, group_size=method.samples_per_prompt(cfg))
+    if not cfg.ptx_coef:
+      return prompt_iter
+    ptx_sources, _ = resolve_text_data(workdir, ptx_data, None)
+    corpora, weights = text_corpora(workdir, ptx_sources, tok, what="PTX_DATA",
+                                    on_error=on_bad_record)
+    ptx_iter = loader.make_iterator(
+        corpora, weights=weights, seq_len=loop_cfg.seq_len, batch_size=rows, seed=loop_cfg.seed,
+        process_index=process_index, process_count=process_count, shuffle=True,
+        num_epochs=None)
+    return prompts_lib.ZipIterator(prompt_iter, ptx=ptx_iter)
+
+  seq = cfg.prompt_len + cfg.max_new_tokens
+  # One forward pass of each model; the value model's scalar head has no vocab projection, and
+  # with lm_score the reward pass computes logits too.
+  policy_pass = policy_cfg.flops_per_token(seq) / 3
+  value_pass = value_cfg.flops_per_token(seq) / 3 if use_value else 0
+  reward_pass = reward_cfg.flops_per_token(seq) / 3 if use_rm else 0
+  # sampling, then policy and reference passes; value and reward passes; epochs x (fwd + bwd).
+  flops = 3 * policy_pass + value_pass + reward_pass
+  flops += cfg.epochs * 3 * (policy_pass + value_pass)
+
+  def make_step(ctx):
+    return RLStep(ctx, cfg, graphdefs, tok, train_scorer, reward == "scorer")
+
+  extra_eval = (make_eval(eval_list, tok, cfg, graphdefs, template, eval_scorer)
+                if eval_list else None)
+  summary = {"reward": reward if reward == "scorer" else f"model {reward_dir}",
+             "reward_offset": offset, "reward_scale": scale}
+  if kl_bound is not None:
+    summary["kl_bound"] = float(kl_bound)
+  return Stage(
+      name=name, model_config=policy_cfg, loss_fn=None, train_data=train_data_fn,
+      init_from_parent=init_from_parent, extra_eval=extra_eval, tokenizer_path=tok.path,
+      abstract_params=abstract_params, split_loaded=split_loaded, split_names=split_names,
+      make_step=make_step, updates_per_step=cfg.epochs * cfg.num_minibatches,
+      tokens_per_step=rows * seq, flops_per_token=flops, summary=summary,
+      summary_keys=("kl", "reward_mean", "task_score", "entropy", "response_length"))
