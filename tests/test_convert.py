@@ -22,7 +22,7 @@ from lmtrain.model import generate as generate_lib
 from lmtrain.errors import UserError
 from lmtrain.model import transformer
 from lmtrain.train import checkpoint as ckpt_lib
-from lmtrain.train import optim
+from lmtrain.train import optim, roles
 from lmtrain.train.state import TrainState
 from util import TINY, init_params
 
@@ -361,13 +361,13 @@ def test_reward_checkpoint_exports_as_sequence_classifier(tmp_path, tokenizer_pa
   stage = str(tmp_path / "run" / "reward")
   _write_stage(stage, cfg, params, tokenizer_path, stage="reward")
   norm = {"offset": 0.5, "scale": 2.0, "num_responses": 8}
-  with open(os.path.join(stage, convert.NORMALIZATION_FILE), "w") as f:
+  with open(os.path.join(stage, roles.NORMALIZATION_FILE), "w") as f:
     json.dump(norm, f)
 
   hf_dir = str(tmp_path / "hf")
   files = convert.to_hf(stage, hf_dir)
-  assert convert.NORMALIZATION_FILE in files
-  with open(os.path.join(hf_dir, convert.NORMALIZATION_FILE)) as f:
+  assert roles.NORMALIZATION_FILE in files
+  with open(os.path.join(hf_dir, roles.NORMALIZATION_FILE)) as f:
     assert json.load(f) == norm
   notes = [line for line in capsys.readouterr().err.splitlines() if convert.SCORE_BIAS_KEY in line]
   assert len(notes) == 1 and "0.25" in notes[0]
@@ -393,7 +393,7 @@ def test_reward_checkpoint_exports_as_sequence_classifier(tmp_path, tokenizer_pa
   assert jax.tree.structure(restored) == jax.tree.structure(original)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(original)):
     assert a.dtype == b.dtype and np.array_equal(a, b)
-  assert os.path.exists(os.path.join(back, convert.NORMALIZATION_FILE))
+  assert os.path.exists(os.path.join(back, roles.NORMALIZATION_FILE))
 
 
 # ---------------------------------------------------------------------------- RoPE scaling
