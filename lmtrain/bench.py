@@ -61,7 +61,7 @@ def _setup(cfg, mesh, batch_size, seq_len):
   from lmtrain.model import transformer
   from lmtrain.stages.pretrain import lm_loss
   from lmtrain.train import optim
-  from lmtrain.train.loop import state_shardings
+  from lmtrain.train.state import state_shardings
   from lmtrain.train.state import TrainState
   from lmtrain.train.step import make_train_step
   rules = parallel.axis_rules()

@@ -171,7 +171,7 @@ def run_prepare(args, beam_args):
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   from lmtrain.errors import DivergedError, UserError
-  from lmtrain.train.loop import Preempted
+  from lmtrain.train.monitor import Preempted
   try:
     macros, rest = _split_gin_macros(argv)
     parser = _parser()

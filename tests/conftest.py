@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,6 +9,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+
+# The shared helpers (util, fake_gcs, multihost_worker) sit here, beside the test folders.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def pytest_collection_modifyitems(items):
+  """Everything under e2e/ (whole CLI runs) is slow; CI still runs it."""
+  e2e = os.path.join(HERE, "e2e") + os.sep
+  for item in items:
+    if str(item.fspath).startswith(e2e):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

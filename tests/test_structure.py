@@ -123,9 +123,9 @@ def test_the_walker_sees_imports_and_private_uses(tmp_path):
                                      ("lmtrain.rl.core", None)}
   assert "lmtrain.rl.stage" in graph()["lmtrain.stages.ppo"]
   assert "lmtrain.train.loop" in graph()["lmtrain.rl.stage"]
-  path.write_text("from lmtrain.model import transformer\nfrom lmtrain.train.loop import _close\n"
+  path.write_text("from lmtrain.model import transformer\nfrom lmtrain.train.evaluation import _close\n"
                   "transformer._secret(1)\n")
-  assert private_uses(str(path)) == ["lmtrain.train.loop._close",
+  assert private_uses(str(path)) == ["lmtrain.train.evaluation._close",
                                      "lmtrain.model.transformer._secret"]
   assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
   assert cycles({"p.x": {"p"}, "p": {"p.x"}}) == []  # a package and its own submodule

@@ -1,14 +1,20 @@
-"""Shared test helpers: a tiny model, synthetic packed batches, sharded steps on a chosen mesh."""
+"""Shared test helpers: a tiny model, synthetic packed batches, sharded steps on a chosen mesh, and
+the CLI in a subprocess."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from lmtrain import parallel
 from lmtrain.losses import lm_loss
 from lmtrain.model import transformer
 from lmtrain.train import optim
-from lmtrain.train.loop import state_shardings
+from lmtrain.train.state import state_shardings
 from lmtrain.train.state import TrainState
 from lmtrain.train.step import make_train_step
 
@@ -63,3 +69,20 @@ def sharded_setup(mesh, cfg=TINY, lr=1e-2, microbatches=1, eps=1e-8, loss_fn=lm_
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, parallel.replicated(mesh)))
   return jitted, shardings, batch_sharding, optimizer, graphdef, names
+
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+       "JAX_PLATFORMS": "cpu"}
+
+
+def lmtrain(*args, check=True, **kwargs):
+  proc = subprocess.run([sys.executable, "-m", "lmtrain.cli", *args], env=ENV,
+                        capture_output=True, text=True, timeout=300, **kwargs)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def saved_state(workdir, step):
+  path = os.path.join(workdir, "pretrain", "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)

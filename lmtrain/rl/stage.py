@@ -37,7 +37,10 @@ from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import resolve_sources, resolve_text_data, stage_tokenizer, text_corpora
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train import roles
-from lmtrain.train.loop import LoopConfig, Stage
+from lmtrain.train.evaluation import Evaluation
+from lmtrain.train.loop import Hook, LoopConfig, Stage
+from lmtrain.train.state import TrainState
+from lmtrain.train.step import StepFactory
 
 
 def check_scorer(scorer_name, examples, sources):
@@ -51,18 +54,67 @@ def check_scorer(scorer_name, examples, sources):
                       "prompts without answers") from None
 
 
-class RLStep:
-  """`Stage.make_step` of the RL stage: compiles the rollout and the update, and runs an
-  iteration."""
+class RLStep(StepFactory):
+  """The RL stage's step: its roles' models and state, and an iteration (a jitted rollout, host
+  scoring, a jitted update by the learner)."""
 
-  def __init__(self, ctx, cfg: RLConfig, graphdefs, tokenizer, host_scorer, reward_from_scorer):
-    self.ctx, self.cfg = ctx, cfg
+  def __init__(self, cfg: RLConfig, configs: dict, graphdefs: Graphdefs, tokenizer, host_scorer,
+               reward_from_scorer: bool, rows: int):
+    super().__init__(configs[roles.POLICY])
+    self.cfg, self.configs, self.graphdefs = cfg, configs, graphdefs
     self.policy_gd, self.value_gd, self.reward_gd = graphdefs
     self.tokenizer = tokenizer
     self.host_scorer = host_scorer
     self.reward_from_scorer = reward_from_scorer
+    self.rows = rows
+    self.updates_per_step = cfg.epochs * cfg.num_minibatches
+    self.kl_init = core.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
-  def compile(self, state, first_batch):
+  def models(self):
+    """{policy, value, reward}: the roles this algorithm and reward use."""
+    tree, names = {}, {}
+    for role, config in self.configs.items():
+      _, tree[role], names[role] = transformer.abstract_model(config)
+    return tree, names
+
+  def init_fresh(self, rng):
+    raise UserError("the RL stages start from an SFT (and a reward) checkpoint")
+
+  def init(self, loaded, optimizer, rng):
+    params = {role: loaded[role] for role in (roles.POLICY, roles.VALUE) if role in loaded}
+    extras = {roles.REFERENCE: jax.tree.map(jnp.copy, loaded[roles.POLICY]),
+              roles.KL_CONTROLLER: jax.tree.map(jnp.asarray, self.kl_init)}
+    if roles.REWARD in loaded:
+      extras[roles.REWARD] = loaded[roles.REWARD]
+    return TrainState.create(params, optimizer, rng, extras)
+
+  def state_names(self, names):
+    params = {k: v for k, v in names.items() if k in (roles.POLICY, roles.VALUE)}
+    extras = {roles.REFERENCE: names[roles.POLICY],
+              roles.KL_CONTROLLER: {k: () for k in self.kl_init}}
+    if roles.REWARD in names:
+      extras[roles.REWARD] = names[roles.REWARD]
+    return params, extras
+
+  def work(self, batch_size, seq_len):
+    """Tokens of the prompt + response rows, and FLOPs per token: sampling, then policy and
+    reference passes; value and reward passes; epochs x (forward + backward) of policy and
+    value. The value model's scalar head has no vocab projection; with lm_score the reward pass
+    computes logits too."""
+    del batch_size, seq_len  # PTX rows aside, the work is the rollouts'
+    seq = self.cfg.prompt_len + self.cfg.max_new_tokens
+    one_pass = {role: config.flops_per_token(seq) / 3 for role, config in self.configs.items()}
+    policy, value = one_pass[roles.POLICY], one_pass.get(roles.VALUE, 0)
+    flops = 3 * policy + value + one_pass.get(roles.REWARD, 0)
+    flops += self.cfg.epochs * 3 * (policy + value)
+    return self.rows * seq, flops
+
+  def compile(self, ctx, state, first_batch):
+    self.ctx = ctx
+    self._compile(state, first_batch)
+    return self.iteration
+
+  def _compile(self, state, first_batch):
     ctx, cfg = self.ctx, self.cfg
     rep = parallel.replicated(ctx.mesh)
     prompt_keys = ("prompt", "prompt_length")
@@ -92,9 +144,8 @@ class RLStep:
         do_update, in_shardings=(ctx.shardings, data_shardings, rep),
         out_shardings=(ctx.shardings, rep), donate_argnums=0).lower(
             state, parallel.with_shardings(data, data_shardings), score).compile()
-    return self
 
-  def __call__(self, state, batch):
+  def iteration(self, state, batch):
     data = self.rollout_fn(state, batch)
     task = None
     if self.host_scorer is not None:
@@ -118,7 +169,7 @@ def make_eval(examples, tokenizer, cfg: RLConfig, graphdefs, template, host_scor
   policy_gd, _, reward_gd = graphdefs
   compiled = {}
 
-  def run(params, mesh, rules, extras=None):
+  def run(params, extras, mesh, rules):
     shards = parallel.batch_shard_count(mesh)
     n = len(rows)
     padded = rows + [rows[0]] * (-n % shards)  # fill the mesh; scored once only
@@ -235,39 +286,17 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
   if reward == "model" and fileio.exists(rm_json):  # its head settings; its trunk is the policy's
     lm_score = bool(fileio.read_json(rm_json).get("lm_score", False))
     reward_cfg = dataclasses.replace(value_cfg, lm_score=lm_score)
-  policy_gd, policy_abs, policy_names = transformer.abstract_model(policy_cfg)
-  value_gd, value_abs, value_names = transformer.abstract_model(value_cfg)
-  reward_gd, reward_abs, reward_names = transformer.abstract_model(reward_cfg)
+  policy_gd, _, _ = transformer.abstract_model(policy_cfg)
+  value_gd, value_abs, _ = transformer.abstract_model(value_cfg)
+  reward_gd, _, _ = transformer.abstract_model(reward_cfg)
   use_value = method.uses_value
   use_rm = reward == "model"
   graphdefs = Graphdefs(policy_gd, value_gd if use_value else None, reward_gd if use_rm else None)
-
-  def abstract_params():
-    tree, names = {roles.POLICY: policy_abs}, {roles.POLICY: policy_names}
-    if use_value:
-      tree[roles.VALUE], names[roles.VALUE] = value_abs, value_names
-    if use_rm:
-      tree[roles.REWARD], names[roles.REWARD] = reward_abs, reward_names
-    return tree, names
-
-  kl_init = core.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-
-  def split_loaded(loaded):
-    params = {roles.POLICY: loaded[roles.POLICY]}
-    extras = {roles.REFERENCE: jax.tree.map(jnp.copy, loaded[roles.POLICY]),
-              roles.KL_CONTROLLER: jax.tree.map(jnp.asarray, kl_init)}
-    if use_value:
-      params[roles.VALUE] = loaded[roles.VALUE]
-    if use_rm:
-      extras[roles.REWARD] = loaded[roles.REWARD]
-    return params, extras
-
-  def split_names(names):
-    params = {k: v for k, v in names.items() if k in (roles.POLICY, roles.VALUE)}
-    extras = {roles.REFERENCE: names[roles.POLICY], roles.KL_CONTROLLER: {k: () for k in kl_init}}
-    if use_rm:
-      extras[roles.REWARD] = names[roles.REWARD]
-    return params, extras
+  configs = {roles.POLICY: policy_cfg}
+  if use_value:
+    configs[roles.VALUE] = value_cfg
+  if use_rm:
+    configs[roles.REWARD] = reward_cfg
 
   parent_stage = REGISTRY[algorithm].parent
   policy_init = ckpt_lib.parent_initializer(workdir, init_from, parent_stage)
@@ -312,19 +341,6 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
         num_epochs=None)
     return prompts_lib.ZipIterator(prompt_iter, ptx=ptx_iter)
 
-  seq = cfg.prompt_len + cfg.max_new_tokens
-  # One forward pass of each model; the value model's scalar head has no vocab projection, and
-  # with lm_score the reward pass computes logits too.
-  policy_pass = policy_cfg.flops_per_token(seq) / 3
-  value_pass = value_cfg.flops_per_token(seq) / 3 if use_value else 0
-  reward_pass = reward_cfg.flops_per_token(seq) / 3 if use_rm else 0
-  # sampling, then policy and reference passes; value and reward passes; epochs x (fwd + bwd).
-  flops = 3 * policy_pass + value_pass + reward_pass
-  flops += cfg.epochs * 3 * (policy_pass + value_pass)
-
-  def make_step(ctx):
-    return RLStep(ctx, cfg, graphdefs, tok, train_scorer, reward == "scorer")
-
   extra_eval = (make_eval(eval_list, tok, cfg, graphdefs, template, eval_scorer)
                 if eval_list else None)
   summary = {"reward": reward if reward == "scorer" else f"model {reward_dir}",
@@ -332,9 +348,18 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
   if kl_bound is not None:
     summary["kl_bound"] = float(kl_bound)
   return Stage(
-      name=name, model_config=policy_cfg, loss_fn=None, train_data=train_data_fn,
-      init_from_parent=init_from_parent, extra_eval=extra_eval, tokenizer_path=tok.path,
-      abstract_params=abstract_params, split_loaded=split_loaded, split_names=split_names,
-      make_step=make_step, updates_per_step=cfg.epochs * cfg.num_minibatches,
-      tokens_per_step=rows * seq, flops_per_token=flops, summary=summary,
-      summary_keys=("kl", "reward_mean", "task_score", "entropy", "response_length"))
+      name=name, step=RLStep(cfg, configs, graphdefs, tok, train_scorer, reward == "scorer", rows),
+      train_data=train_data_fn, init_from_parent=init_from_parent,
+      evaluation=Evaluation(measure=extra_eval) if extra_eval else None,
+      hooks=(Hook(recent_means("kl", "reward_mean", "task_score", "entropy", "response_length"),
+                  at_end=True),),
+      tokenizer_path=tok.path, summary=summary)
+
+
+def recent_means(*keys: str):
+  """An end-of-run hook: the mean of each key over the last few steps' metrics, for the summary
+  (a single RL iteration's figures are noisy)."""
+  def means(info):
+    return {k: float(np.mean([r[k] for r in info.recent])) for k in keys
+            if info.recent and all(k in r for r in info.recent)}
+  return means

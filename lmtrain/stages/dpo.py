@@ -14,7 +14,9 @@ from lmtrain.rl import core as rl
 from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import LoopConfig, Stage
+from lmtrain.train.step import LossStep
 
 
 def completion_logprobs(model, batch, side: str):
@@ -50,10 +52,11 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
     return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
                         on_error=on_bad_record, template=template)
 
+  loss = make_dpo_loss(beta, label_smoothing)
   return Stage(
-      name="dpo", model_config=model_cfg, loss_fn=make_dpo_loss(beta, label_smoothing),
-      train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
+      name="dpo", step=LossStep(model_cfg, loss, frozen_reference=True),
+      train_data=batches(train, True),
+      evaluation=Evaluation(data=batches(evals, False), loss_fn=loss, metrics=mean_metrics(
+          "reward_accuracy", "chosen_reward", "rejected_reward", "margin")) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["dpo"].parent),
-      frozen_reference=True,
-      eval_metrics=mean_metrics("reward_accuracy", "chosen_reward", "rejected_reward", "margin"),
       tokenizer_path=tok.path)

@@ -9,7 +9,9 @@ from lmtrain.data import loader, prepare, sources as sources_lib, tokenizer as t
 from lmtrain.errors import UserError
 from lmtrain.losses import lm_loss, perplexity_metrics
 from lmtrain.stages.common import as_list, corpus_data_factory, resolve_text_data, text_corpora
+from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import LoopConfig, Stage
+from lmtrain.train.step import LossStep
 
 
 @gin.configurable
@@ -57,8 +59,10 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
     summary["unigram_perplexity"] = loader.unigram_perplexity(train_corpora, eval_corpora,
                                                               tok.vocab_size)
 
-  return Stage(name="pretrain", model_config=model_cfg, loss_fn=lm_loss,
+  return Stage(name="pretrain", step=LossStep(model_cfg, lm_loss),
                train_data=corpus_data_factory(train_corpora, weights, loop_cfg, train=True),
-               eval_data=(corpus_data_factory(eval_corpora, None, loop_cfg, train=False)
-                          if eval_corpora else None),
-               eval_metrics=perplexity_metrics, summary=summary, tokenizer_path=tok.path)
+               evaluation=(Evaluation(data=corpus_data_factory(eval_corpora, None, loop_cfg,
+                                                               train=False),
+                                      loss_fn=lm_loss, metrics=perplexity_metrics)
+                           if eval_corpora else None),
+               summary=summary, tokenizer_path=tok.path)

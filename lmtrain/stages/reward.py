@@ -15,14 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmtrain import fileio
+from lmtrain import fileio, parallel
 from lmtrain.data import demo, preference, sft as sft_data
 from lmtrain.losses import mean_metrics
+from lmtrain.model import transformer
 from lmtrain.rl import core as rl
 from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib, roles
-from lmtrain.train.loop import LoopConfig, Stage
+from lmtrain.train.evaluation import Evaluation
+from lmtrain.train.loop import Hook, LoopConfig, Stage
+from lmtrain.train.step import LossStep
 
 def pair_scores(model, batch):
   both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
@@ -42,12 +45,14 @@ def reward_loss(model, batch, rng):
 
 
 def normalizer(pairs, tokenizer, template, seq_len, model_config):
-  """finalize hook: offset/scale that give the held-out responses' rewards mean 0, std 1."""
+  """An end-of-run hook: the offset/scale that give the held-out responses' rewards mean 0, std 1,
+  saved beside the checkpoint once the schedule is complete."""
   rows = [preference.encode_pair(p, tokenizer, template, seq_len) for p in pairs]
 
-  def run(params, mesh, rules, stage_dir):
-    from lmtrain import parallel
-    from lmtrain.model import transformer
+  def run(info):
+    if not info.finished:
+      return None
+    params, mesh, rules = info.state.params, info.mesh, info.rules
     graphdef, _, _ = transformer.abstract_model(model_config)
     shards = parallel.batch_shard_count(mesh)
     n = len(rows) // shards * shards
@@ -62,7 +67,7 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
     norm = {"offset": float(scores.mean()), "scale": float(scores.std() + 1e-6),
             "num_responses": int(scores.size)}
     if jax.process_index() == 0:
-      fileio.write_json(os.path.join(stage_dir, roles.NORMALIZATION_FILE), norm)
+      fileio.write_json(os.path.join(info.stage_dir, roles.NORMALIZATION_FILE), norm)
     return {"reward_offset": norm["offset"], "reward_scale": norm["scale"]}
 
   return run
@@ -84,10 +89,10 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
 
   norm_pairs = preference.load_pairs(evals or train, on_error=on_bad_record)[:normalization_pairs]
   return Stage(
-      name="reward", model_config=rm_cfg, loss_fn=reward_loss,
-      train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
+      name="reward", step=LossStep(rm_cfg, reward_loss), train_data=batches(train, True),
+      evaluation=Evaluation(data=batches(evals, False), loss_fn=reward_loss, metrics=mean_metrics(
+          "accuracy", "margin", "chosen_mean", "rejected_mean")) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent,
                                                    rm_cfg, loop_cfg.seed),
-      eval_metrics=mean_metrics("accuracy", "margin", "chosen_mean", "rejected_mean"),
-      finalize=normalizer(norm_pairs, tok, template, loop_cfg.seq_len, rm_cfg),
+      hooks=(Hook(normalizer(norm_pairs, tok, template, loop_cfg.seq_len, rm_cfg), at_end=True),),
       tokenizer_path=tok.path)

@@ -19,17 +19,19 @@ from lmtrain.model import generate as generate_lib
 from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import LoopConfig, Stage
+from lmtrain.train.step import LossStep
 
 
 def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
                 max_new_tokens: int, name: str = "exact_match"):
-  """extra_eval: greedy answers to held-out prompts, scored against their reference answers."""
+  """Evaluation.measure: greedy answers to held-out prompts, scored against their reference answers."""
   scorer = scorers.ResponseScorer(scorer_name, [ex.record for ex in examples], tokenizer)
   prompts = [sft_data.encode_prompt(ex.prompt_turns, tokenizer, template) for ex in examples]
   compiled = {}
 
-  def run(params, mesh, rules, extras=None):
+  def run(params, extras, mesh, rules):
     del extras  # the SFT eval needs only the policy
     shards = parallel.batch_shard_count(mesh)
     batch = math.ceil(len(prompts) / shards) * shards
@@ -77,7 +79,8 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
       extra_eval = answer_eval(with_answers, tok, model_cfg, template, scorer,
                                eval_max_new_tokens)
   return Stage(
-      name="sft", model_config=model_cfg, loss_fn=lm_loss,
-      train_data=batches(train, True), eval_data=batches(evals, False) if evals else None,
+      name="sft", step=LossStep(model_cfg, lm_loss), train_data=batches(train, True),
+      evaluation=Evaluation(data=batches(evals, False) if evals else None, loss_fn=lm_loss,
+                            metrics=perplexity_metrics, measure=extra_eval),
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["sft"].parent),
-      eval_metrics=perplexity_metrics, extra_eval=extra_eval, tokenizer_path=tok.path)
+      tokenizer_path=tok.path)

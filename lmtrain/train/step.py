@@ -1,16 +1,25 @@
-"""The pure train and eval steps shared by every stage.
+"""A stage's training step: the contract the loop builds it by, and the shared loss-only step.
 
-A stage supplies `loss_fn(model, batch, rng) -> (loss_sum, weight, metric_sums)`: a sum over the tokens
-(or pairs, or sequences) of its batch and how many there were. The step divides by the total weight of the
-whole global batch, so gradient accumulation over microbatches gives the same update as one big batch.
+The contract (StepFactory) is optax-like: `init(loaded, optimizer, rng) -> state` makes the train
+state from the models the stage starts from, and `compile(ctx, state, batch)` returns
+`step(state, batch) -> (state, metrics)`, compiled for the shardings in ctx. LossStep serves every
+stage that is a loss: it supplies `loss_fn(model, batch, rng) -> (loss_sum, weight, metric_sums)`,
+a sum over the tokens (or pairs, or sequences) of its batch and how many there were. The step
+divides by the total weight of the whole global batch, so gradient accumulation over microbatches
+gives the same update as one big batch.
 """
 
+import abc
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lmtrain import parallel
+from lmtrain.model import transformer
 from lmtrain.model.transformer import merge
 from lmtrain.train import roles
 from lmtrain.train.state import TrainState
@@ -85,3 +94,83 @@ def make_eval_step(graphdef, loss_fn: LossFn):
     return {"loss_sum": loss_sum, "weight": weight, **sums}
 
   return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What the loop gives a step factory to compile with."""
+  mesh: Any
+  rules: Any
+  shardings: TrainState  # of NamedShardings
+  optimizer: Any
+  schedule: Any
+  microbatches: int = 1
+
+
+class StepFactory(abc.ABC):
+  """How a stage's state is made and stepped.
+
+  model_config: the trained model's config (written to model.json; `lmtrain sample` reads it).
+  updates_per_step: optimizer updates per loop step (the LR schedule counts those).
+  models() -> (abstract tree, logical names) of what the stage starts from: what its parent's
+    checkpoint fills (Stage.init_from_parent) or, with no parent, init_fresh makes.
+  init_fresh(rng) -> that tree, traced, for a stage that starts from scratch.
+  init(loaded, optimizer, rng) -> TrainState, traced: e.g. the trained params and a frozen copy.
+  state_names(names) -> (logical names of the params, of the extras or None) for the shardings.
+  work(batch_size, seq_len) -> (tokens per step, training FLOPs per token) for tokens/s and MFU.
+  compile(ctx, state, batch) -> step(state, batch) -> (state, metrics with loss, learning_rate,
+    grad_norm), compiled for ctx's shardings and the batch's.
+  """
+  updates_per_step = 1
+
+  def __init__(self, model_config: transformer.ModelConfig):
+    self.model_config = model_config
+
+  def models(self):
+    _, abstract, names = transformer.abstract_model(self.model_config)
+    return abstract, names
+
+  def init_fresh(self, rng):
+    return transformer.init_fn(self.model_config)(rng)
+
+  def init(self, loaded, optimizer, rng) -> TrainState:
+    return TrainState.create(loaded, optimizer, rng)
+
+  def state_names(self, names):
+    return names, None
+
+  def work(self, batch_size: int, seq_len: int) -> tuple[int, float]:
+    return batch_size * seq_len, self.model_config.flops_per_token(seq_len)
+
+  @abc.abstractmethod
+  def compile(self, ctx: StepContext, state, batch) -> Callable:
+    ...
+
+
+class LossStep(StepFactory):
+  """The step of a stage that is its loss (pretrain, SFT, reward model, DPO). With
+  frozen_reference, a frozen copy of the starting params is kept as extras[REFERENCE] and the
+  loss receives it as `reference=` (DPO); it is checkpointed with the state, sharded like the
+  params."""
+
+  def __init__(self, model_config, loss_fn: LossFn, frozen_reference: bool = False):
+    super().__init__(model_config)
+    self.loss_fn = loss_fn
+    self.frozen_reference = frozen_reference
+
+  def init(self, loaded, optimizer, rng) -> TrainState:
+    extras = ({roles.REFERENCE: jax.tree.map(jnp.copy, loaded)} if self.frozen_reference
+              else {})
+    return TrainState.create(loaded, optimizer, rng, extras)
+
+  def state_names(self, names):
+    return names, ({roles.REFERENCE: names} if self.frozen_reference else None)
+
+  def compile(self, ctx: StepContext, state, batch):
+    graphdef, _, _ = transformer.abstract_model(self.model_config)
+    step = make_train_step(graphdef, self.loss_fn, ctx.optimizer, ctx.schedule, ctx.microbatches)
+    # Every batch leaf is split over its leading (batch) axis, whatever its rank.
+    batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
+    return jax.jit(step, in_shardings=(ctx.shardings, batch_sharding),
+                   out_shardings=(ctx.shardings, parallel.replicated(ctx.mesh)),
+                   donate_argnums=0).lower(state, batch).compile()

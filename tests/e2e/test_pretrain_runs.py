@@ -1,4 +1,4 @@
-"""Training invariants: gradient accumulation, packing, resume exactness, resharding, NaN and SIGTERM."""
+"""`lmtrain pretrain` runs: what a run writes, resume exactness, resharding, NaN and SIGTERM."""
 
 import json
 import os
@@ -8,18 +8,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from lmtrain.losses import lm_loss
-from lmtrain.model import transformer
-from lmtrain.train.state import TrainState
-import util
+from util import ENV, lmtrain, saved_state
 
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-       "JAX_PLATFORMS": "cpu"}
 COMMON = ["--gin.MODEL=tiny", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64", "--gin.LOG_EVERY=1",
           "--gin.LEARNING_RATE=0.01", "--gin.WARMUP_STEPS=2", "--gin.EVAL_EVERY=0",
           "--gin.EVAL_STEPS=2"]
@@ -28,22 +21,9 @@ MESH_181 = "--gin.MESH_SHAPE={'data': 1, 'fsdp': 8, 'tensor': 1}"
 STEPS = 12
 
 
-def lmtrain(*args, check=True, **kwargs):
-  proc = subprocess.run([sys.executable, "-m", "lmtrain.cli", *args], env=ENV,
-                        capture_output=True, text=True, timeout=300, **kwargs)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-  return proc
-
-
 def train_rows(workdir):
   with open(os.path.join(workdir, "pretrain", "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if "loss" in r]
-
-
-def saved_state(workdir, step):
-  path = os.path.join(workdir, "pretrain", "checkpoints", str(step), "state")
-  return ocp.StandardCheckpointer().restore(path)
 
 
 def steps_saved(workdir):
@@ -154,83 +134,3 @@ def test_nan_loss_exits_3_and_keeps_the_last_good_checkpoint(tokenizer_path, tmp
   assert int(state["step"]) == saved[-1]
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-  mesh = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2})
-  # Rows with very different token counts: a mean of per-microbatch means would differ.
-  batch = util.packed_batch(batch_size=16, seed=3)
-  batch["loss_mask"][::3, 10:] = 0.0
-  params = util.init_params()
-  results = []
-  for micro in (1, 4):
-    # eps 1e-4: see test_sharding.train_three_steps (Adam amplifies 1-ulp near-zero gradients).
-    step, shardings, batch_sharding, optimizer, *_ = util.sharded_setup(
-        mesh, microbatches=micro, eps=1e-4)
-    state = jax.jit(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
-                    out_shardings=shardings)(params)
-    new_state, metrics = step(state, jax.device_put(batch, batch_sharding))
-    results.append((float(metrics["loss"]), float(metrics["grad_norm"]),
-                    jax.device_get(new_state.params)))
-  (l1, g1, p1), (l4, g4, p4) = results
-  assert l4 == pytest.approx(l1, rel=1e-6)
-  assert g4 == pytest.approx(g1, rel=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p4, p1)
-
-
-def test_packed_rows_give_each_documents_own_loss():
-  """A document's per-token losses are the same packed beside others as alone in its own row."""
-  cfg = util.TINY
-  graphdef, _, _ = transformer.abstract_model(cfg)
-  model = transformer.merge(graphdef, util.init_params())
-  rng = np.random.default_rng(0)
-  docs = [rng.integers(4, cfg.vocab_size, n).astype(np.int32) for n in (9, 14, 7)]
-  seq = 32
-
-  def token_losses(inputs, positions, segments):
-    logits = model(jnp.asarray(inputs)[None], jnp.asarray(positions)[None],
-                   jnp.asarray(segments)[None])[0]
-    return -jax.nn.log_softmax(logits)
-
-  packed_in, packed_pos, packed_seg = (np.zeros(seq, np.int32) for _ in range(3))
-  start = 0
-  for i, d in enumerate(docs):
-    packed_in[start:start + len(d)] = d
-    packed_pos[start:start + len(d)] = np.arange(len(d))
-    packed_seg[start:start + len(d)] = i + 1
-    start += len(d)
-  packed = token_losses(packed_in, packed_pos, packed_seg)
-  start = 0
-  for d in docs:
-    alone_in = np.zeros(seq, np.int32)
-    alone_in[:len(d)] = d
-    alone_seg = (np.arange(seq) < len(d)).astype(np.int32)
-    alone = token_losses(alone_in, np.arange(seq), alone_seg)
-    np.testing.assert_allclose(packed[start:start + len(d)], alone[:len(d)], rtol=1e-5, atol=1e-5)
-    start += len(d)
-
-
-def test_lm_loss_matches_hand_computation():
-  """Summed cross-entropy over masked tokens, checked against log-softmax by hand."""
-  cfg = util.TINY
-  graphdef, _, _ = transformer.abstract_model(cfg)
-  model = transformer.merge(graphdef, util.init_params())
-  batch = {k: jnp.asarray(v) for k, v in util.packed_batch(batch_size=2, seq_len=16).items()}
-  loss_sum, weight, _ = lm_loss(model, batch, None)
-  logits = np.asarray(model(batch["inputs"], batch["positions"], batch["segment_ids"]),
-                      np.float64)
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
-  picked = np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
-  mask = np.asarray(batch["loss_mask"])
-  assert float(weight) == mask.sum()
-  assert float(loss_sum) == pytest.approx(-(picked * mask).sum(), rel=1e-5)
-
-
-def test_attention_is_causal():
-  """Changing token t changes no logit before t (no peeking at the future)."""
-  graphdef, _, _ = transformer.abstract_model(util.TINY)
-  model = transformer.merge(graphdef, util.init_params())
-  x = np.random.default_rng(0).integers(4, util.TINY.vocab_size, (1, 16)).astype(np.int32)
-  y = x.copy()
-  y[0, 10] = (y[0, 10] + 1) % util.TINY.vocab_size
-  diff = np.abs(np.asarray(model(jnp.asarray(x)) - model(jnp.asarray(y)))).max(-1)[0]
-  assert (diff[:10] == 0).all() and (diff[10:] > 0).all()

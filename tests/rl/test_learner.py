@@ -16,7 +16,7 @@ from lmtrain.model import transformer
 from lmtrain.rl import core as rl, learner, rollout as rollout_lib, stage as rl_stage
 from lmtrain.rl.config import RLConfig
 from lmtrain.train import optim
-from lmtrain.train.loop import state_shardings
+from lmtrain.train.state import state_shardings
 from lmtrain.train.state import TrainState
 import util
 

@@ -16,7 +16,7 @@ from lmtrain import parallel
 from lmtrain.data import batching, demo, loader, prepare, tokenizer as tokenizer_lib
 from lmtrain.errors import UserError
 from lmtrain.stages import common
-from lmtrain.train import loop
+from lmtrain.train import evaluation
 
 SEQ_LEN = 32
 ONE_WORKER = prepare.direct_runner_args(1)
@@ -292,7 +292,7 @@ def test_unigram_perplexity_from_manifest_counts(tmp_path):
 def test_hosts_run_the_same_number_of_eval_batches(monkeypatch):
   """Host 0 has 3 eval batches, host 1 has 1: both run 3, host 1's last two at weight 0."""
   from jax.experimental import multihost_utils
-  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(evaluation.jax, "process_count", lambda: 2)
   batch = lambda v: {"inputs": np.full((2, 4), v, np.int32), "loss_mask": np.ones((2, 4),
                                                                                   np.float32)}
   counts = {0: 3, 1: 1}
@@ -300,7 +300,7 @@ def test_hosts_run_the_same_number_of_eval_batches(monkeypatch):
     calls = iter(range(10))
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda x, _o=other: np.array([bool(x), next(calls) < counts[_o]]))
-    got = list(loop.host_eval_batches([batch(i + 1) for i in range(counts[me])], 8,
+    got = list(evaluation.host_eval_batches([batch(i + 1) for i in range(counts[me])], 8,
                                       batch(0)))
     assert len(got) == 3
     assert [float(b["loss_mask"].sum()) for b in got] == ([8.0] * 3 if me == 0 else
@@ -309,7 +309,7 @@ def test_hosts_run_the_same_number_of_eval_batches(monkeypatch):
   calls = iter(range(10))
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda x: np.array([bool(x), next(calls) < 1]))
-  assert len(list(loop.host_eval_batches([{"x": np.ones(2)}] * 3, 8, {"x": np.ones(2)}))) == 1
+  assert len(list(evaluation.host_eval_batches([{"x": np.ones(2)}] * 3, 8, {"x": np.ones(2)}))) == 1
 
 
 def test_a_multi_host_tpu_vm_starts_jax_distributed(monkeypatch):

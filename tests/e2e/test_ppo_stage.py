@@ -15,7 +15,7 @@ from lmtrain.model import transformer
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.state import TrainState
 import util
-from test_train import lmtrain
+from util import lmtrain
 
 # The tiny preset (gin_configs/models/tiny.gin), built directly for the parents' checkpoints.
 TINY = transformer.ModelConfig(vocab_size=512, d_model=64, num_layers=2, num_heads=4,

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "multihost_worker.py")
 
 
 def free_port():

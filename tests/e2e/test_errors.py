@@ -14,7 +14,7 @@ import pytest
 
 from lmtrain.data import tokenizer as tokenizer_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--gin.MODEL=tiny", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32"]
 
 

@@ -1,0 +1,64 @@
+"""The train state a run starts from: resumed from the stage's own latest checkpoint, or built from
+its parent's (or fresh) models, laid out on the mesh by the step factory's logical names."""
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from lmtrain import parallel
+from lmtrain.errors import UserError
+from lmtrain.train import optim
+from lmtrain.train.state import TrainState, state_shardings
+
+
+def check_batch(batch_size: int, microbatches: int, mesh):
+  """One-line errors for a batch that does not split into microbatches and over the mesh."""
+  if batch_size % microbatches:
+    raise UserError(f"BATCH_SIZE={batch_size} does not divide into "
+                    f"LoopConfig.microbatches={microbatches}")
+  shards = parallel.batch_shard_count(mesh)
+  if (batch_size // microbatches) % shards:
+    raise UserError(f"BATCH_SIZE={batch_size} (per microbatch {batch_size // microbatches})"
+                    f" is not divisible by the data x fsdp mesh size {shards}")
+
+
+@dataclasses.dataclass
+class Start:
+  state: TrainState
+  shardings: TrainState  # of NamedShardings
+  optimizer: Any
+  schedule: Any
+  resumed_from: int | None  # the step of the checkpoint resumed, None for a new run
+  parent: dict | None  # the parent's lineage entry, for a new chained run
+
+
+def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mesh, rules,
+                checkpointer, train_iter) -> Start:
+  """Restores the latest checkpoint (and the data iterator's position) when there is one; else
+  `init_from_parent(abstract models with shardings) -> (models, parent)` or the factory's fresh
+  init, then the factory's init, both jitted straight into their shardings."""
+  abstract_loaded, loaded_names = step_factory.models()
+  param_names, extras_names = step_factory.state_names(loaded_names)
+  schedule = optim.make_schedule(total_steps=train_steps * step_factory.updates_per_step)
+  optimizer = optim.make_optimizer(schedule)
+
+  def create(loaded, rng):
+    return step_factory.init(loaded, optimizer, rng)
+
+  abstract_state = jax.eval_shape(create, abstract_loaded, jax.random.PRNGKey(0))
+  shardings = state_shardings(mesh, rules, abstract_state, param_names, optimizer, extras_names)
+  rng = jax.random.PRNGKey(seed)
+  with mesh:
+    if checkpointer.latest_step() is not None:
+      state = checkpointer.restore(parallel.with_shardings(abstract_state, shardings), train_iter)
+      return Start(state, shardings, optimizer, schedule, int(state.step), None)
+    loaded_shardings = parallel.tree_shardings(mesh, abstract_loaded, loaded_names, rules)
+    parent = None
+    if init_from_parent is not None:
+      loaded, parent = init_from_parent(parallel.with_shardings(abstract_loaded, loaded_shardings))
+    else:
+      loaded = jax.jit(step_factory.init_fresh, out_shardings=loaded_shardings)(
+          jax.random.fold_in(rng, 1))
+    state = jax.jit(create, out_shardings=shardings)(loaded, rng)
+  return Start(state, shardings, optimizer, schedule, None, parent)
