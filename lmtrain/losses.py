@@ -1,16 +1,91 @@
 """Losses and eval metrics that several stages share, in the loss contract of lmtrain/train/step.py."""
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
+from lmtrain.model.transformer import dense
+
+
+def _chunks(x, chunk: int):
+  """[B, T, ...] -> [n, B, chunk, ...], T zero-padded to a multiple of chunk."""
+  pad = -x.shape[1] % chunk
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(x.shape[0], -1, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x, length: int):
+  """[n, B, chunk] -> [B, length]."""
+  return x.swapaxes(0, 1).reshape(x.shape[1], -1)[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def token_cross_entropy(hidden, head, targets, chunk: int):
+  """[B, T] cross-entropy of `targets` under softmax(hidden @ head) in fp32, `chunk` positions at a
+  time: forward and backward hold one [B, chunk, vocab] block of logits, never [B, T, vocab]. The
+  backward recomputes each block's logits from the saved log-sum-exp."""
+  return _ce_forward(hidden, head, targets, chunk)[0]
+
+
+def _ce_forward(hidden, head, targets, chunk):
+  def block(_, xs):
+    h, y = xs
+    logits = dense(h, head).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    return None, (lse - picked, lse)
+
+  _, (ce, lse) = jax.lax.scan(block, None, (_chunks(hidden, chunk), _chunks(targets, chunk)))
+  length = hidden.shape[1]
+  return _unchunk(ce, length), _unchunk(lse, length)
+
+
+def _ce_fwd(hidden, head, targets, chunk):
+  ce, lse = _ce_forward(hidden, head, targets, chunk)
+  return ce, (hidden, head, targets, lse)
+
+
+def _ce_bwd(chunk, residuals, grad):
+  hidden, head, targets, lse = residuals
+  vocab = head.shape[-1]
+
+  def block(grad_head, xs):
+    h, y, block_lse, g = xs
+    logits = dense(h, head).astype(jnp.float32)
+    # d ce / d logits = softmax - onehot(target), times the incoming gradient.
+    grad_logits = (jnp.exp(logits - block_lse[..., None])
+                   - jax.nn.one_hot(y, vocab, dtype=jnp.float32)) * g[..., None]
+    grad_h = dense(grad_logits.astype(head.dtype), head.T)
+    grad_head = grad_head + (h.reshape(-1, h.shape[-1]).astype(jnp.float32).T
+                             @ grad_logits.reshape(-1, vocab))
+    return grad_head, grad_h
+
+  grad_head, grad_hidden = jax.lax.scan(
+      block, jnp.zeros(head.shape, jnp.float32),
+      (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(lse, chunk),
+       _chunks(grad.astype(jnp.float32), chunk)))
+  grad_hidden = grad_hidden.swapaxes(0, 1).reshape(hidden.shape[0], -1, hidden.shape[-1])
+  return (grad_hidden[:, :hidden.shape[1]].astype(hidden.dtype), grad_head.astype(head.dtype),
+          None)
+
+
+token_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
+
 
 def lm_loss(model, batch, rng):
-  """Summed token cross-entropy where loss_mask is 1, and the number of such tokens."""
+  """Summed token cross-entropy where loss_mask is 1, and the number of such tokens. With the
+  model's logits_chunk, the vocabulary projection runs a block of positions at a time."""
   del rng  # no dropout
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  chunk = model.cfg.logits_chunk
+  if chunk:
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce = token_cross_entropy(hidden, model.head_matrix(), batch["targets"], chunk)
+  else:
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   weight = batch["loss_mask"]
   return jnp.sum(ce * weight), jnp.sum(weight), {}
 

@@ -63,9 +63,12 @@ class ModelConfig:
   head: str = "lm"
   # Scalar head only (reward models): keep the LM head too, and a learned weight (initially 1) that
   # adds weight x the mean log-prob of the response under the trunk's own next-token predictions to
-  # the score (lmtrain.stages.rl.reward_scores). The EOS head alone must learn to compare the answer
+  # the score (lmtrain.rl.core.reward_scores). The EOS head alone must learn to compare the answer
   # with the prompt; the trunk's likelihood already does.
   lm_score: bool = False
+  # Training losses project to the vocabulary this many positions at a time, so that the
+  # [B, T, vocab] fp32 logits never exist (lmtrain.losses.token_cross_entropy); 0: all at once.
+  logits_chunk: int = 0
 
   @property
   def kv_heads(self) -> int:
@@ -96,6 +99,8 @@ class ModelConfig:
     if self.lm_score and self.head != "scalar":
       raise UserError("ModelConfig.lm_score=True needs head='scalar' (it is part of a reward "
                       "score)")
+    if self.logits_chunk < 0:
+      raise UserError(f"ModelConfig.logits_chunk={self.logits_chunk} must be 0 (off) or positive")
     if self.head_size % 2:
       raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
     if self.rope_scaling not in ROPE_SCALINGS:
@@ -393,13 +398,16 @@ class Transformer(nnx.Module):
     x, cache = jax.lax.scan(body, x, (layer_state, cache))
     return self.final_norm(x), cache
 
-  def logits(self, hidden):
+  def head_matrix(self):
+    """The output projection [D, vocab] in the compute dtype (the embedding table's transpose when
+    they are tied)."""
     dt = self.cfg.compute_dtype
     if self.cfg.tie_embeddings:
-      head = self.embed[...].astype(dt).T
-    else:
-      head = self.lm_head[...].astype(dt)
-    logits = dense(hidden, head).astype(jnp.float32)
+      return self.embed[...].astype(dt).T
+    return self.lm_head[...].astype(dt)
+
+  def logits(self, hidden):
+    logits = dense(hidden, self.head_matrix()).astype(jnp.float32)
     return parallel.constrain(logits, ("batch", "length", "act_vocab"))
 
   def scores(self, hidden):

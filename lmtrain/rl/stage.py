@@ -110,12 +110,8 @@ class RLStep(StepFactory):
     return self.rows * seq, flops
 
   def compile(self, ctx, state, first_batch):
-    self.ctx = ctx
-    self._compile(state, first_batch)
-    return self.iteration
-
-  def _compile(self, state, first_batch):
-    ctx, cfg = self.ctx, self.cfg
+    """Compiles the rollout and the update; returns `iteration`."""
+    self.ctx, cfg = ctx, self.cfg
     rep = parallel.replicated(ctx.mesh)
     prompt_keys = ("prompt", "prompt_length")
     batch_shardings = {k: v.sharding for k, v in first_batch.items()}
@@ -144,8 +140,10 @@ class RLStep(StepFactory):
         do_update, in_shardings=(ctx.shardings, data_shardings, rep),
         out_shardings=(ctx.shardings, rep), donate_argnums=0).lower(
             state, parallel.with_shardings(data, data_shardings), score).compile()
+    return self.iteration
 
   def iteration(self, state, batch):
+    """One RL iteration: rollout, host scoring, update -> (state, metrics)."""
     data = self.rollout_fn(state, batch)
     task = None
     if self.host_scorer is not None:

@@ -1,0 +1,65 @@
+"""The shared losses: the chunked token cross-entropy against the full one, forward and gradients,
+and lm_loss with and without it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmtrain.losses import lm_loss, token_cross_entropy
+from lmtrain.model import transformer
+import util
+
+
+def full_cross_entropy(hidden, head, targets):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      jnp.einsum("btd,dv->btv", hidden, head), targets)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 13, 32])  # 13 positions: 4 leaves a ragged last block
+def test_chunked_cross_entropy_equals_the_full_one_with_its_gradients(chunk):
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(3, 13, 16)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(16, 50)) / 4, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (3, 13)), jnp.int32)
+  weight = jnp.asarray(rng.random((3, 13)) > 0.3, jnp.float32)  # masked positions, as in SFT
+
+  def loss(fn):
+    return lambda h, w: jnp.sum(fn(h, w) * weight)
+
+  chunked = lambda h, w: token_cross_entropy(h, w, targets, chunk)
+  full = lambda h, w: full_cross_entropy(h, w, targets)
+  np.testing.assert_allclose(chunked(hidden, head), full(hidden, head), atol=1e-5)
+  got = jax.grad(loss(chunked), argnums=(0, 1))(hidden, head)
+  want = jax.grad(loss(full), argnums=(0, 1))(hidden, head)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+  assert float(jnp.abs(got[0][weight == 0]).max()) == 0.0  # masked positions get no gradient
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lm_loss_is_the_same_with_chunked_logits(tie):
+  cfg = dataclasses.replace(util.TINY, tie_embeddings=tie)
+  graphdef, _, _ = transformer.abstract_model(cfg)
+  chunked_gd, _, _ = transformer.abstract_model(dataclasses.replace(cfg, logits_chunk=5))
+  params = util.init_params(cfg)
+  batch = {k: jnp.asarray(v) for k, v in util.packed_batch(batch_size=2, seq_len=32).items()}
+
+  def loss(gd):
+    def fn(p):
+      loss_sum, weight, _ = lm_loss(transformer.merge(gd, p), batch, None)
+      return loss_sum / weight
+    return jax.value_and_grad(fn)
+
+  (full, full_grads), (chunked, chunked_grads) = loss(graphdef)(params), loss(chunked_gd)(params)
+  assert float(chunked) == pytest.approx(float(full), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), chunked_grads,
+               full_grads)
+
+
+def test_a_negative_chunk_is_a_one_line_error():
+  with pytest.raises(Exception, match="logits_chunk=-1 must be 0"):
+    dataclasses.replace(util.TINY, logits_chunk=-1).validate()
