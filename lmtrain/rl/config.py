@@ -16,7 +16,7 @@ class Graphdefs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """gin: ppo.build / grpo.build arguments (see gin_configs/stages/rl.gin)."""
+  """The RL settings: `make_stage` arguments (bound in gin_configs/stages/rl.gin)."""
   algorithm: str = "ppo"  # a name in lmtrain.rl.learner.ALGORITHMS
   prompt_len: int = 64
   max_new_tokens: int = 32

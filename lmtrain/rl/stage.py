@@ -161,8 +161,8 @@ class RLStep(StepFactory):
 
 
 def make_eval(examples, tokenizer, cfg: RLConfig, graphdefs, template, host_scorer):
-  """extra_eval: greedy responses to held-out prompts: eval_task_score (scorer), eval_reward_mean
-  (reward model, normalised), eval_response_length."""
+  """Evaluation.measure: greedy responses to held-out prompts: eval_task_score (scorer),
+  eval_reward_mean (reward model, normalised), eval_response_length."""
   rows = prompts_lib.encode_prompts(examples, tokenizer, cfg.prompt_len, template)
   policy_gd, _, reward_gd = graphdefs
   compiled = {}
@@ -339,7 +339,7 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
         num_epochs=None)
     return prompts_lib.ZipIterator(prompt_iter, ptx=ptx_iter)
 
-  extra_eval = (make_eval(eval_list, tok, cfg, graphdefs, template, eval_scorer)
+  measure = (make_eval(eval_list, tok, cfg, graphdefs, template, eval_scorer)
                 if eval_list else None)
   summary = {"reward": reward if reward == "scorer" else f"model {reward_dir}",
              "reward_offset": offset, "reward_scale": scale}
@@ -348,7 +348,7 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
   return Stage(
       name=name, step=RLStep(cfg, configs, graphdefs, tok, train_scorer, reward == "scorer", rows),
       train_data=train_data_fn, init_from_parent=init_from_parent,
-      evaluation=Evaluation(measure=extra_eval) if extra_eval else None,
+      evaluation=Evaluation(measure=measure) if measure else None,
       hooks=(Hook(recent_means("kl", "reward_mean", "task_score", "entropy", "response_length"),
                   at_end=True),),
       tokenizer_path=tok.path, summary=summary)

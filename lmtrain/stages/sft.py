@@ -26,7 +26,8 @@ from lmtrain.train.step import LossStep
 
 def answer_eval(examples, tokenizer, model_cfg, template, scorer_name: str,
                 max_new_tokens: int, name: str = "exact_match"):
-  """Evaluation.measure: greedy answers to held-out prompts, scored against their reference answers."""
+  """Evaluation.measure: greedy answers to held-out prompts, scored against their reference
+  answers."""
   scorer = scorers.ResponseScorer(scorer_name, [ex.record for ex in examples], tokenizer)
   prompts = [sft_data.encode_prompt(ex.prompt_turns, tokenizer, template) for ex in examples]
   compiled = {}
@@ -71,16 +72,16 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
     return data_factory(sft_data.make_sft_iterator, sources, tok, loop_cfg, train=train,
                         pack=pack, on_error=on_bad_record, template=template)
 
-  extra_eval = None
+  measure = None
   if evals:
     with_answers = [ex for ex in sft_data.load_examples(evals, on_error=on_bad_record)
                     if "answer" in ex.record][:eval_examples]
     if with_answers:
-      extra_eval = answer_eval(with_answers, tok, model_cfg, template, scorer,
+      measure = answer_eval(with_answers, tok, model_cfg, template, scorer,
                                eval_max_new_tokens)
   return Stage(
       name="sft", step=LossStep(model_cfg, lm_loss), train_data=batches(train, True),
       evaluation=Evaluation(data=batches(evals, False) if evals else None, loss_fn=lm_loss,
-                            metrics=perplexity_metrics, measure=extra_eval),
+                            metrics=perplexity_metrics, measure=measure),
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["sft"].parent),
       tokenizer_path=tok.path)
