@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -161,12 +162,42 @@ def activate(mesh, rules):
     _ACTIVE.pop()
 
 
+def active():
+  """(mesh, rules) in force while tracing, or None."""
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
 def constrain(x, names):
   """Sharding constraint on an activation by logical names; a no-op when no mesh is active."""
   if not _ACTIVE:
     return x
   mesh, rules = _ACTIVE[-1]
   return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, rules, x.shape))
+
+
+def lookup(table, ids, table_names):
+  """table[ids] for a [rows, width] table laid out by `table_names`, without gathering the table.
+
+  Every device already holds all rows of its slice of the width (FSDP shards that axis), so the
+  ids of the batch shards that differ only along the table's mesh axes are gathered (small
+  integers) and each device looks up its slice of the width; the rows then move to the
+  batch-sharded activation layout (an all-to-all). Gathering the table instead would put
+  rows x width floats on every device. A no-op layout-wise when no mesh is active."""
+  if not _ACTIVE:
+    return jnp.take(table, ids, axis=0)
+  mesh, rules = _ACTIVE[-1]
+  table_spec = logical_to_spec(table_names, rules, mesh, table.shape)
+  table_axes = {a for entry in table_spec if entry for a in
+                ((entry,) if isinstance(entry, str) else entry)}
+  batch_entry = logical_to_spec(("batch",), rules, mesh, ids.shape[:1])[0]
+  batch_axes = () if batch_entry is None else (
+      (batch_entry,) if isinstance(batch_entry, str) else tuple(batch_entry))
+  kept = tuple(a for a in batch_axes if a not in table_axes) or None
+  ids = jax.lax.with_sharding_constraint(ids, NamedSharding(mesh, PartitionSpec(kept)))
+  rows = jnp.take(table, ids, axis=0)
+  width = table_spec[1] if len(table_spec) > 1 else None
+  spec = PartitionSpec(kept, *([None] * (ids.ndim - 1)), width)
+  return jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:

@@ -18,19 +18,34 @@ import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lmtrain import parallel
 from lmtrain.errors import UserError
+from lmtrain.model import attention
 
 # Variables get their sharding from our own rules (lmtrain.parallel), not at creation.
 nnx.use_eager_sharding(False)
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
 
+# Activations named with checkpoint_name in Attention, for the policies that keep some of them.
+_QKV = ("query", "key", "value")
 REMAT_POLICIES = {
     "none": None,
+    # Keep only each block's input (the scan carry): everything else is recomputed.
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the rotated queries, keys and values: the backward recomputes the MLP and the attention
+    # core but not the projections.
+    "save_qkv": jax.checkpoint_policies.save_only_these_names(*_QKV),
+    # Also keep the attention core's output, so the output projection needs no recompute either.
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*_QKV, "attention_out"),
+    # save_attention's tensors moved to host memory (pinned_host) and back for the backward:
+    # device memory relief on TPU/GPU at the cost of transfers.
+    "offload_attention": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[*_QKV, "attention_out"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -54,11 +69,15 @@ class ModelConfig:
   rope_original_max_len: int = 8192  # llama3: the context length the model was pre-trained with
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
-  remat: str = "none"  # none | full | save_dots
+  remat: str = "none"  # a key of REMAT_POLICIES: none | full | save_dots | save_qkv | ...
   # Compute dtype; parameters (and optimizer state) stay float32. auto: bfloat16 on TPU/GPU, float32
   # on CPU (tests compare numbers at fp32 precision).
   dtype: str = "auto"
-  attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+  # xla | cudnn | chunked | splash | auto (lmtrain.model.attention): auto is splash on TPU, cuDNN
+  # on GPU in 16-bit compute, else chunked from attention_chunked_from tokens on, else xla.
+  attention_impl: str = "xla"
+  attention_block: int = 512  # chunked and splash: query and key block length
+  attention_chunked_from: int = 2048
   # lm: next-token logits. scalar: one score per position (reward model, PPO value model), no LM head.
   head: str = "lm"
   # Scalar head only (reward models): keep the LM head too, and a learned weight (initially 1) that
@@ -90,8 +109,12 @@ class ModelConfig:
                       f"num_kv_heads={self.kv_heads}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"ModelConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise UserError(f"ModelConfig.attention_impl={self.attention_impl!r}; choose xla or cudnn")
+    if self.attention_impl not in attention.IMPLEMENTATIONS:
+      raise UserError(f"ModelConfig.attention_impl={self.attention_impl!r}; choose one of "
+                      f"{', '.join(attention.IMPLEMENTATIONS)}")
+    if self.attention_block < 1 or self.attention_chunked_from < 1:
+      raise UserError(f"ModelConfig.attention_block={self.attention_block} and "
+                      f"attention_chunked_from={self.attention_chunked_from} must be positive")
     if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
       raise UserError(f"ModelConfig.dtype={self.dtype!r}; choose auto, float32, bfloat16 or float16")
     if self.head not in ("lm", "scalar"):
@@ -229,14 +252,6 @@ def rotary(x, positions, freqs):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions):
-  """[B, 1, T, S] boolean: causal by position, within the same packed segment, never on padding."""
-  same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  causal = q_positions[:, :, None] >= kv_positions[:, None, :]
-  real = (kv_segment_ids != 0)[:, None, :]
-  return (same & causal & real)[:, None, :, :]
-
-
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -248,8 +263,8 @@ class Attention(nnx.Module):
     out_scale = 1.0 / (2 * cfg.num_layers) ** 0.5
     self.o = _param(rngs, _dense_init(n * h, out_scale), (n, h, d), ("heads", "head_dim", "embed"))
 
-  def __call__(self, x, positions, mask):
-    return self.attend(*self.project(x, positions), mask)
+  def __call__(self, x, positions, vis):
+    return self.attend(*self.project(x, positions), vis)
 
   def project(self, x, positions):
     """Rotated queries [B, T, N, H] and keys [B, T, K, H], and values [B, T, K, H]."""
@@ -260,16 +275,19 @@ class Attention(nnx.Module):
     q = parallel.constrain(q, ("batch", "length", "act_heads", None))
     k = parallel.constrain(k, ("batch", "length", "act_kv_heads", None))
     freqs = rope_frequencies(cfg)
-    return rotary(q, positions, freqs), rotary(k, positions, freqs), v
+    q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)
+    return (checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value"))
 
-  def attend(self, q, k, v, mask):
+  def attend(self, q, k, v, vis, cached=False):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=(
-        None if cfg.attention_impl == "xla" else cfg.attention_impl))
-    out = parallel.constrain(out, ("batch", "length", "act_heads", None))
+    impl = attention.resolve(cfg.attention_impl, q.shape[1], dt, cfg.attention_chunked_from,
+                             cached=cached)
+    out = attention.attend(q, k, v, vis, impl, cfg.attention_block)
+    out = checkpoint_name(parallel.constrain(out, ("batch", "length", "act_heads", None)),
+                          "attention_out")
     return dense(out, self.o[...].astype(dt), in_dims=2)
 
-  def cached(self, x, positions, mask, layer_cache, start):
+  def cached(self, x, positions, vis, layer_cache, start):
     """Writes this chunk's keys/values into cache slots start[b].. and attends over the cache."""
     q, k, v = self.project(x, positions)
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
@@ -277,7 +295,7 @@ class Attention(nnx.Module):
                    "v": write(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)}
     layer_cache = jax.tree.map(
         lambda c: parallel.constrain(c, ("batch", "length", "act_kv_heads", None)), layer_cache)
-    return self.attend(q, layer_cache["k"], layer_cache["v"], mask), layer_cache
+    return self.attend(q, layer_cache["k"], layer_cache["v"], vis, cached=True), layer_cache
 
 
 class MLP(nnx.Module):
@@ -305,12 +323,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask):
-    x = x + self.attn(self.attn_norm(x), positions, mask)
+  def __call__(self, x, positions, vis):
+    x = x + self.attn(self.attn_norm(x), positions, vis)
     return self._mlp(x)
 
-  def cached(self, x, positions, mask, layer_cache, start):
-    attn, layer_cache = self.attn.cached(self.attn_norm(x), positions, mask, layer_cache, start)
+  def cached(self, x, positions, vis, layer_cache, start):
+    attn, layer_cache = self.attn.cached(self.attn_norm(x), positions, vis, layer_cache, start)
     return self._mlp(x + attn), layer_cache
 
   def _mlp(self, x):
@@ -348,12 +366,12 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    mask = attention_mask(segment_ids, segment_ids, positions, positions)
+    vis = attention.Visibility(segment_ids, segment_ids, positions, positions)
     x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(carry, state):
-      return nnx.merge(graphdef, state)(carry, positions, mask), None
+      return nnx.merge(graphdef, state)(carry, positions, vis), None
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
@@ -362,10 +380,8 @@ class Transformer(nnx.Module):
     return self.final_norm(x)
 
   def _embed(self, tokens):
-    # Gather from a table whose embed axis is whole (not FSDP-split): the rows then land directly on
-    # the batch-sharded activation layout instead of being rematerialised by the partitioner.
-    table = parallel.constrain(self.embed[...], ("act_vocab", None))
-    x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
+    # Rows looked up where the table lives (parallel.lookup): the token ids travel, not the table.
+    x = parallel.lookup(self.embed[...], tokens, ("vocab", "embed")).astype(self.cfg.compute_dtype)
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -386,14 +402,14 @@ class Transformer(nnx.Module):
     Returns (hidden, updated cache).
     """
     positions = start[:, None] + jnp.arange(tokens.shape[1])
-    slots = jnp.arange(cache["k"].shape[2])
-    mask = (slots[None, None, :] <= positions[:, :, None])[:, None, :, :]
+    slots = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (tokens.shape[0], cache["k"].shape[2]))
+    vis = attention.Visibility(jnp.ones_like(positions), jnp.ones_like(slots), positions, slots)
     x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(carry, layer):
       state, layer_cache = layer
-      return nnx.merge(graphdef, state).cached(carry, positions, mask, layer_cache, start)
+      return nnx.merge(graphdef, state).cached(carry, positions, vis, layer_cache, start)
 
     x, cache = jax.lax.scan(body, x, (layer_state, cache))
     return self.final_norm(x), cache

@@ -1,0 +1,209 @@
+"""Attention implementations: chunked and splash (in Pallas's interpreter on CPU) equal xla
+(forward, gradients, packing, padding, GQA, odd lengths, the KV cache, a mesh); blocks no query can
+see are skipped; `auto`'s choice; the remat policies."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmtrain.losses import lm_loss
+from lmtrain.model import attention
+from lmtrain.model import generate as gen
+from lmtrain.model import transformer
+import util
+
+
+def packed_visibility(batch, length, seed=0):
+  """Rows of 1-3 packed documents (positions restarting) and trailing padding of varying width."""
+  rng = np.random.default_rng(seed)
+  seg, pos = np.zeros((batch, length), np.int32), np.zeros((batch, length), np.int32)
+  for r in range(batch):
+    real = length - int(rng.integers(0, length // 3))
+    cuts = np.sort(rng.choice(np.arange(1, real), size=int(rng.integers(0, 3)), replace=False))
+    for s, (a, b) in enumerate(zip([0, *cuts], [*cuts, real]), start=1):
+      seg[r, a:b], pos[r, a:b] = s, np.arange(b - a)
+  return seg, pos
+
+
+def attention_and_grads(impl, q, k, v, vis, weights, block):
+  def loss(q, k, v):
+    out = attention.attend(q, k, v, vis, impl, block)
+    return jnp.sum(out * weights), out
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return value, out, grads
+
+
+@pytest.mark.parametrize("length,heads,kv_heads,block", [
+    (37, 4, 2, 8),    # odd length, several blocks, the last one partly padded, GQA
+    (32, 4, 4, 16),   # blocks that divide the length, plain multi-head
+    (20, 6, 1, 64),   # one block longer than the sequence, multi-query
+])
+def test_chunked_equals_xla_forward_and_gradients(length, heads, kv_heads, block):
+  rng = np.random.default_rng(length)
+  batch, head_dim = 3, 8
+  q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), jnp.float32)
+          for _ in range(2))
+  seg, pos = packed_visibility(batch, length, seed=length)
+  vis = attention.Visibility(*map(jnp.asarray, (seg, seg, pos, pos)))
+  real = jnp.asarray(seg != 0)[:, :, None, None]
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # padding rows unread
+  ref_loss, ref_out, ref_grads = attention_and_grads("xla", q, k, v, vis, weights, block)
+  loss, out, grads = attention_and_grads("chunked", q, k, v, vis, weights, block)
+  assert abs(float(loss - ref_loss)) < 1e-4
+  np.testing.assert_allclose(out * real, ref_out * real, atol=1e-5)
+  assert np.all(np.asarray(out)[seg == 0] == 0)  # a query that sees nothing: zero, not NaN
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,kv_heads", [(200, 2), (128, 4)])
+def test_splash_equals_xla_forward_and_gradients(length, kv_heads):
+  """The splash kernel's mask wiring (causal by index + segment ids, GQA, a length padded to its
+  128-lane blocks), run by Pallas's interpreter: the TPU kernel's own code on CPU."""
+  rng = np.random.default_rng(length)
+  batch, heads, head_dim = 2, 4, 16
+  q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), jnp.float32)
+          for _ in range(2))
+  seg, pos = packed_visibility(batch, length, seed=length)
+  vis = attention.Visibility(*map(jnp.asarray, (seg, seg, pos, pos)))
+  real = jnp.asarray(seg != 0)[:, :, None, None]
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real
+  ref_loss, ref_out, ref_grads = attention_and_grads("xla", q, k, v, vis, weights, 128)
+  loss, out, grads = attention_and_grads("splash", q, k, v, vis, weights, 128)
+  assert abs(float(loss - ref_loss)) < 1e-4
+  np.testing.assert_allclose(out * real, ref_out * real, atol=1e-5)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, atol=1e-5)
+
+
+def test_splash_on_a_mesh_equals_xla_on_one_device():
+  """Under shard_map over the batch and head axes of a (2, 2, 2) mesh, the model's loss and
+  gradients with splash attention equal xla's on one device."""
+  from lmtrain import parallel
+  batch = jax.tree.map(jnp.asarray, util.packed_batch(seq_len=32))
+  params = util.init_params()
+
+  def loss_and_grads(cfg, mesh):
+    rules = parallel.axis_rules()
+    graphdef, _, names = transformer.abstract_model(cfg)
+    p = jax.device_put(params, parallel.tree_shardings(mesh, params, names, rules))
+    b = jax.device_put(batch, parallel.batch_sharding(mesh, rules))
+    def f(p, b):
+      total, weight, _ = lm_loss(transformer.merge(graphdef, p), b, None)
+      return total / weight
+    with parallel.activate(mesh, rules):
+      return jax.jit(jax.value_and_grad(f))(p, b)
+
+  ref_loss, ref_grads = loss_and_grads(util.TINY, util.mesh_of({"data": 1}))
+  cfg = dataclasses.replace(util.TINY, attention_impl="splash")
+  loss, grads = loss_and_grads(cfg, util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}))
+  assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(grads), jax.device_get(ref_grads))
+
+
+def test_blocks_no_query_sees_are_skipped():
+  """NaN keys and values in blocks that are wholly in the future of a query block, or of another
+  packed segment, leave its output finite: those blocks are never computed (a masked multiply
+  would give 0 x NaN = NaN, as xla's does)."""
+  rng = np.random.default_rng(0)
+  length, block = 32, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(1, length, 2, 8)), jnp.float32) for _ in range(3))
+  seg = np.ones((1, length), np.int32)
+  seg[0, 16:] = 2  # two documents of 16 tokens: blocks 0-1 and 2-3
+  pos = np.concatenate([np.arange(16), np.arange(16)])[None].astype(np.int32)
+  vis = attention.Visibility(*map(jnp.asarray, (seg, seg, pos, pos)))
+  poisoned_k = k.at[:, 8:16].set(jnp.nan)  # block 1: in the future of block 0, another document
+  poisoned_v = v.at[:, 8:16].set(jnp.nan)  # than blocks 2 and 3
+  out = attention.chunked_attention(q, poisoned_k, poisoned_v, vis, block, block)
+  clean = attention.chunked_attention(q, k, v, vis, block, block)
+  np.testing.assert_array_equal(out[:, :8], clean[:, :8])
+  np.testing.assert_array_equal(out[:, 16:], clean[:, 16:])
+  assert np.isnan(np.asarray(out[:, 8:16])).all()  # block 1 reads itself
+  assert np.isnan(np.asarray(attention.attend(q, poisoned_k, poisoned_v, vis, "xla"))).any()
+
+
+def chunked(cfg, block=8):
+  return dataclasses.replace(cfg, attention_impl="chunked", attention_block=block)
+
+
+def test_model_loss_and_gradients_are_the_same_with_chunked_attention():
+  batch = jax.tree.map(jnp.asarray, util.packed_batch(seq_len=36))
+  params = util.init_params()
+
+  def loss_and_grads(cfg):
+    graphdef = transformer.abstract_model(cfg)[0]
+    def f(p):
+      total, weight, _ = lm_loss(transformer.merge(graphdef, p), batch, None)
+      return total / weight
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  ref_loss, ref_grads = loss_and_grads(util.TINY)
+  loss, grads = loss_and_grads(chunked(util.TINY))
+  assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "splash"])
+def test_generation_with_each_attention_equals_xla(impl):
+  """The KV-cache path (prefill of ragged prompts, then one token at a time) gives the same tokens
+  and log-probs with chunked attention, and with splash (which hands the cache path to chunked)."""
+  params = util.init_params()
+  prompts = [[5, 6, 7], list(range(9, 30)), [20], [30, 31, 32, 33]]
+  tokens, lengths = gen.pad_prompts(prompts)
+
+  def sample(cfg):
+    graphdef = transformer.abstract_model(cfg)[0]
+    return jax.device_get(gen.generate(graphdef, params, tokens, lengths, jax.random.PRNGKey(0),
+                                       max_new_tokens=12, eos_id=-1, temperature=0.8))
+
+  cfg = chunked(util.TINY) if impl == "chunked" else dataclasses.replace(
+      util.TINY, attention_impl="splash", attention_chunked_from=1)
+  ref, out = sample(util.TINY), sample(cfg)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_auto_picks_by_backend_dtype_and_length():
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert attention.resolve("auto", 4096, bf16, 2048, backend="tpu") == "splash"
+  assert attention.resolve("auto", 128, bf16, 2048, backend="gpu") == "cudnn"
+  assert attention.resolve("auto", 8192, f32, 2048, backend="gpu") == "chunked"  # cuDNN: 16-bit
+  assert attention.resolve("auto", 1024, f32, 2048, backend="cpu") == "xla"
+  assert attention.resolve("auto", 2048, f32, 2048, backend="cpu") == "chunked"
+  for backend in ("cpu", "gpu"):  # splash only where asked for or on TPU
+    assert "splash" not in {attention.resolve("auto", t, dt, 2048, backend=backend)
+                            for t in (1, 4096) for dt in (bf16, f32)}
+  assert attention.resolve("xla", 8192, f32, 2048, backend="gpu") == "xla"
+  # The KV-cache path: positions are not indices there, so splash gives way.
+  assert attention.resolve("auto", 1, bf16, 2048, backend="tpu", cached=True) == "xla"
+  assert attention.resolve("splash", 4096, bf16, 2048, backend="tpu", cached=True) == "chunked"
+
+
+@pytest.mark.parametrize("policy", sorted(set(transformer.REMAT_POLICIES) - {"none"}))
+def test_every_remat_policy_gives_the_same_gradients(policy):
+  batch = jax.tree.map(jnp.asarray, util.packed_batch(seq_len=16))
+  params = util.init_params()
+
+  def grads(cfg):
+    graphdef = transformer.abstract_model(cfg)[0]
+    def f(p):
+      total, weight, _ = lm_loss(transformer.merge(graphdef, p), batch, None)
+      return total / weight
+    return jax.jit(jax.grad(f))(params)
+
+  for impl in ("xla", "chunked"):
+    cfg = chunked(util.TINY) if impl == "chunked" else util.TINY
+    ref = grads(cfg)
+    out = grads(dataclasses.replace(cfg, remat=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out, ref)
+
+
+def test_unknown_attention_impl_is_refused():
+  with pytest.raises(Exception, match="attention_impl='flash'; choose one of xla, cudnn, chunked"):
+    dataclasses.replace(util.TINY, attention_impl="flash").validate()
