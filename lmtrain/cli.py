@@ -74,6 +74,9 @@ def _parser():
   p = sub.add_parser("report", help="plots and a markdown summary of a work dir's stages")
   from lmtrain import report
   report.add_arguments(p)
+  p = sub.add_parser("plan", help="memory per device, fit, FLOPs, time and cost of a run")
+  from lmtrain import plan
+  plan.add_arguments(p)
   p = sub.add_parser("bench", help="print throughput, MFU, memory and compile-time figures")
   from lmtrain import bench
   bench.add_arguments(p)
@@ -206,6 +209,9 @@ def main(argv=None):
     elif args.command == "report":
       from lmtrain import report
       report.run(args)
+    elif args.command == "plan":
+      from lmtrain import plan
+      plan.run(args)
     elif args.command == "bench":
       from lmtrain import bench
       bench.run(args)

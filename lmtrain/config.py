@@ -146,3 +146,10 @@ def call(fn, where: str, *args, **kwargs):
     if "No values supplied by Gin" in str(e) or "REQUIRED" in str(e):
       raise UserError(f"{where}: {str(e).splitlines()[0]}") from None
     raise
+
+
+def preset_config(preset: str):
+  """The ModelConfig of model preset `preset` (gin_configs/models/), outside any run."""
+  from lmtrain.model import transformer
+  setup("pretrain", macros={"MODEL": preset})
+  return transformer.model_config()

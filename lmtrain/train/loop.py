@@ -22,6 +22,7 @@ from tqdm import tqdm
 from lmtrain import fileio, parallel
 from lmtrain.errors import DivergedError, UserError
 from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train import memory as memory_lib
 from lmtrain.train import metrics as metrics_lib
 from lmtrain.train.evaluation import Evaluation, Evaluator, close_iterator
 from lmtrain.train.monitor import LateMetrics, Preempted, SigtermFlag, Throughput, Watchdog
@@ -50,6 +51,11 @@ class LoopConfig:
   # ends the job instead of idling every chip; rerunning resumes from the last checkpoint.
   # None: never. Set it well above the longest eval or checkpoint save.
   hang_timeout_s: float | None = None
+  # Before allocating, refuse (one line) a run whose train state and estimated activations exceed
+  # one device's memory (lmtrain.plan). device_memory_gib: the figure to check against where the
+  # runtime reports none (CPU), or a smaller budget; None: the device's own.
+  check_memory: bool = True
+  device_memory_gib: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +125,16 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
   # The state: resumed, or from the parent (or fresh), and the run's files.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
   train_iter = stage.train_data(jax.process_index(), jax.process_count())
+  def preflight(abstract_state, shardings):
+    device_gib = cfg.device_memory_gib or memory_lib.device_memory_gib()
+    if cfg.check_memory and device_gib is not None:
+      local_batch = cfg.batch_size // cfg.microbatches // parallel.batch_shard_count(mesh)
+      memory = memory_lib.memory_plan(abstract_state, shardings, stage.step.model_config,
+                                    local_batch, cfg.seq_len, mesh, device_gib)
+      memory_lib.check_fits(memory, stage.name, jax.devices()[0].device_kind)
+
   start = start_state(stage.step, stage.init_from_parent, cfg.train_steps, cfg.seed, mesh, rules,
-                      checkpointer, train_iter)
+                      checkpointer, train_iter, preflight)
   state = start.state
   if jax.process_index() == 0:
     fileio.write_text(os.path.join(stage_dir, "config.gin"),

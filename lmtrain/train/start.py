@@ -34,10 +34,11 @@ class Start:
 
 
 def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mesh, rules,
-                checkpointer, train_iter) -> Start:
+                checkpointer, train_iter, preflight=None) -> Start:
   """Restores the latest checkpoint (and the data iterator's position) when there is one; else
   `init_from_parent(abstract models with shardings) -> (models, parent)` or the factory's fresh
-  init, then the factory's init, both jitted straight into their shardings."""
+  init, then the factory's init, both jitted straight into their shardings. `preflight(abstract
+  state, shardings)` runs before anything is allocated (the memory check)."""
   abstract_loaded, loaded_names = step_factory.models()
   param_names, extras_names = step_factory.state_names(loaded_names)
   schedule = optim.make_schedule(total_steps=train_steps * step_factory.updates_per_step)
@@ -48,6 +49,8 @@ def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mes
 
   abstract_state = jax.eval_shape(create, abstract_loaded, jax.random.PRNGKey(0))
   shardings = state_shardings(mesh, rules, abstract_state, param_names, optimizer, extras_names)
+  if preflight is not None:
+    preflight(abstract_state, shardings)
   rng = jax.random.PRNGKey(seed)
   with mesh:
     if checkpointer.latest_step() is not None:

@@ -221,3 +221,16 @@ def test_a_hung_step_exits_with_code_4_and_keeps_the_checkpoint(data, tmp_path):
                          " for "), last
   assert "LoopConfig.hang_timeout_s=3" in last
   assert os.listdir(tmp_path / "run" / "pretrain" / "checkpoints") == ["2"]
+
+
+def test_a_run_that_cannot_fit_device_memory_is_refused_before_allocating(data, tmp_path):
+  workdir = str(tmp_path / "w")
+  line = error_line(run_cli(*stage_args(data, workdir, "--gin_param",
+                                        "LoopConfig.device_memory_gib = 0.0001")))
+  assert line.startswith("lmtrain: error: pretrain: needs about ")
+  assert "per device but a cpu has 0.0001 GiB" in line and "lmtrain plan" in line
+  assert "LoopConfig.check_memory=False" in line
+  assert not os.path.exists(os.path.join(workdir, "pretrain", "checkpoints", "0"))
+  ok = run_cli(*stage_args(data, workdir, "--gin_param", "LoopConfig.device_memory_gib = 0.0001",
+                           "--gin_param", "LoopConfig.check_memory = False"))
+  assert ok.returncode == 0, ok.stderr[-2000:]
