@@ -26,6 +26,8 @@ def add_arguments(p):
   p.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step")
   p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, or auto (bf16 on TPU/GPU)")
   p.add_argument("--remat", default=None, help="none | full | save_dots (default: the preset's)")
+  p.add_argument("--attention_impl", default=None,
+                 help="xla | cudnn | chunked | auto (default: the preset's)")
   p.add_argument("--mesh", default="{'data': 1, 'fsdp': -1, 'tensor': 1}",
                  help="mesh shape over data/fsdp/tensor")
   p.add_argument("--compile_layers", default="4,32",
@@ -39,9 +41,7 @@ def add_arguments(p):
 
 def _model_config(preset, **overrides):
   from lmtrain import config
-  from lmtrain.model import transformer
-  config.setup("pretrain", macros={"MODEL": preset})
-  cfg = transformer.model_config()
+  cfg = config.preset_config(preset)
   return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -243,7 +243,8 @@ def run(args):
   if args.model not in BENCH_PRESETS:
     raise UserError(f"--model {args.model}: choose one of {', '.join(BENCH_PRESETS)}")
   seq_len = args.seq_len or (256 if args.model == "bench_tiny" else 512)
-  cfg = _model_config(args.model, dtype=args.dtype, remat=args.remat)
+  cfg = _model_config(args.model, dtype=args.dtype, remat=args.remat,
+                      attention_impl=args.attention_impl)
   mesh = parallel.make_mesh(ast.literal_eval(args.mesh))
   if args.generate:
     result = {"model": args.model, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
