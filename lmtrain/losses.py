@@ -10,14 +10,14 @@ import optax
 from lmtrain.model.transformer import dense
 
 
-def _chunks(x, chunk: int):
+def position_blocks(x, chunk: int):
   """[B, T, ...] -> [n, B, chunk, ...], T zero-padded to a multiple of chunk."""
   pad = -x.shape[1] % chunk
   x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
   return x.reshape(x.shape[0], -1, chunk, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _unchunk(x, length: int):
+def unblock_positions(x, length: int):
   """[n, B, chunk] -> [B, length]."""
   return x.swapaxes(0, 1).reshape(x.shape[1], -1)[:, :length]
 
@@ -38,9 +38,10 @@ def _ce_forward(hidden, head, targets, chunk):
     picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
     return None, (lse - picked, lse)
 
-  _, (ce, lse) = jax.lax.scan(block, None, (_chunks(hidden, chunk), _chunks(targets, chunk)))
+  _, (ce, lse) = jax.lax.scan(block, None, (position_blocks(hidden, chunk),
+                                            position_blocks(targets, chunk)))
   length = hidden.shape[1]
-  return _unchunk(ce, length), _unchunk(lse, length)
+  return unblock_positions(ce, length), unblock_positions(lse, length)
 
 
 def _ce_fwd(hidden, head, targets, chunk):
@@ -65,8 +66,8 @@ def _ce_bwd(chunk, residuals, grad):
 
   grad_head, grad_hidden = jax.lax.scan(
       block, jnp.zeros(head.shape, jnp.float32),
-      (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(lse, chunk),
-       _chunks(grad.astype(jnp.float32), chunk)))
+      (position_blocks(hidden, chunk), position_blocks(targets, chunk), position_blocks(lse, chunk),
+       position_blocks(grad.astype(jnp.float32), chunk)))
   grad_hidden = grad_hidden.swapaxes(0, 1).reshape(hidden.shape[0], -1, hidden.shape[-1])
   return (grad_hidden[:, :hidden.shape[1]].astype(hidden.dtype), grad_head.astype(head.dtype),
           None)

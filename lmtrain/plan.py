@@ -1,4 +1,4 @@
-"""`lmtrain plan`: will a run fit, how long will it take, what will it cost, before any chip is paid.
+"""`lmtrain plan`: will a run fit, how long will it take, what will it cost, before paying for it.
 
 Per-device memory of the train state is exact: the abstract state a stage would create (trained
 params, AdamW's two moments, frozen roles) laid out by the same shardings the loop uses, so a shape
@@ -71,9 +71,10 @@ def cpu_hardware() -> Hardware:
 def chips_of_slice(name: str) -> tuple[str, int]:
   """'v5p-8' -> ('v5p', 4): TPU slice names count TensorCores on v4/v5p, chips on v5e/v6e."""
   kind, _, count = name.partition("-")
-  if kind not in HARDWARE or not count.isdigit():
-    raise UserError(f"--slice {name!r}: expected KIND-N with KIND one of "
-                    f"{', '.join(k for k in HARDWARE if k.startswith('v'))}, e.g. v5p-8")
+  tpus = [k for k, h in HARDWARE.items() if h.name.startswith("TPU")]
+  if kind not in tpus or not count.isdigit():
+    raise UserError(f"--slice {name!r}: expected KIND-N with KIND one of {', '.join(tpus)}, "
+                    f"e.g. v5p-8")
   hardware = HARDWARE[kind]
   return kind, max(1, int(count) // hardware.cores_per_chip)
 
@@ -131,7 +132,7 @@ def compute_plan(cfg, seq_len: int, tokens: float, chips: int, hardware: Hardwar
           "chinchilla_tokens": CHINCHILLA_TOKENS_PER_PARAM * cfg.param_count()}
 
 
-def _number(text: str) -> float:
+def _number(text: str, flag: str) -> float:
   """'7e9', '175B', '300B', '1.4T', '6.7M' -> float."""
   suffixes = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
   text = text.strip().lower().replace("_", "").replace(",", "")
@@ -140,7 +141,7 @@ def _number(text: str) -> float:
       return float(text[:-1]) * suffixes[text[-1]]
     return float(text)
   except ValueError:
-    raise UserError(f"{text!r} is not a number (e.g. 7e9, 175B, 1.4T)") from None
+    raise UserError(f"{flag} {text!r} is not a number (e.g. 7e9, 175B, 1.4T)") from None
 
 
 def add_arguments(p):
@@ -178,7 +179,7 @@ def add_arguments(p):
 def _model(args) -> transformer.ModelConfig:
   import ast
   if args.params:
-    cfg = shape_for_params(_number(args.params))
+    cfg = shape_for_params(_number(args.params, "--params"))
   else:
     from lmtrain import config
     cfg = config.preset_config(args.model or "1b")
@@ -227,7 +228,8 @@ def plan(args) -> dict:
   if args.measure:
     memory.activations, memory.activations_measured = measure_activations(
         cfg, local, args.seq_len), True
-  tokens = _number(args.tokens) if args.tokens else CHINCHILLA_TOKENS_PER_PARAM * cfg.param_count()
+  tokens = (_number(args.tokens, "--tokens") if args.tokens
+            else CHINCHILLA_TOKENS_PER_PARAM * cfg.param_count())
   sustained = args.sustained_tflops * 1e12 if args.sustained_tflops else None
   compute = compute_plan(cfg, args.seq_len, tokens, chips, hardware, args.mfu, sustained,
                          args.price_per_chip_hour)

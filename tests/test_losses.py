@@ -1,5 +1,6 @@
 """The shared losses: the chunked token cross-entropy against the full one, forward and gradients,
-and lm_loss with and without it."""
+lm_loss with and without it, and the chunked log-probs and entropies that DPO, the reward model's
+LM score and PPO/GRPO take."""
 
 import dataclasses
 
@@ -58,6 +59,35 @@ def test_lm_loss_is_the_same_with_chunked_logits(tie):
   assert float(chunked) == pytest.approx(float(full), rel=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), chunked_grads,
                full_grads)
+
+
+@pytest.mark.parametrize("chunk", [4, 7])  # 7 leaves a ragged last block of the 17 positions
+def test_token_logprobs_and_entropy_are_the_same_in_chunks(chunk):
+  from lmtrain.rl import core
+  cfg = util.TINY
+  graphdef, _, _ = transformer.abstract_model(cfg)
+  chunked_gd, _, _ = transformer.abstract_model(dataclasses.replace(cfg, logits_chunk=chunk))
+  params = util.init_params(cfg)
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(4, cfg.vocab_size, (3, 18)), jnp.int32)
+  mask = jnp.asarray(rng.random((3, 17)) > 0.3, jnp.float32)
+
+  def objective(gd):
+    def f(p):
+      model = transformer.merge(gd, p)
+      hidden = model.hidden(tokens[:, :-1])
+      logp, ent = core.token_logprobs(model, hidden, tokens[:, 1:], mask, temperature=0.7,
+                                      with_entropy=True)
+      return jnp.sum(logp * 0.3) + jnp.sum(ent * 0.1), (logp, ent)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+  (want, (want_logp, want_ent)), want_grads = objective(graphdef)
+  (got, (got_logp, got_ent)), got_grads = objective(chunked_gd)
+  np.testing.assert_allclose(got_logp, want_logp, atol=1e-5)
+  np.testing.assert_allclose(got_ent, want_ent, atol=1e-5)
+  assert np.all(np.asarray(got_logp)[np.asarray(mask) == 0] == 0)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grads, want_grads)
 
 
 def test_a_negative_chunk_is_a_one_line_error():

@@ -103,3 +103,15 @@ def test_activation_estimate_follows_remat_and_attention():
   assert none > full > chunked
   # xla's fp32 scores of one layer at 8k: 32 heads x 8192^2 x 4 bytes, twice (logits, probs).
   assert full - chunked == 2 * 32 * 8192 * (8192 - 512) * 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--params", "lots"], "--params 'lots' is not a number"),
+    (["--slice", "v100-8"], "--slice 'v100-8': expected KIND-N with KIND one of v4, v5e, v5p, v6e"),
+    (["--stage", "rlhf"], "--stage 'rlhf'; choose one of pretrain, sft, reward, dpo, ppo, grpo"),
+])
+def test_bad_flags_are_one_line_errors(args, message):
+  proc = subprocess.run([sys.executable, "-m", "lmtrain.cli", "plan", *args], env=ENV,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip() == f"lmtrain: error: {message}"

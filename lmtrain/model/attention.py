@@ -5,26 +5,26 @@ key/value head n // (N / K), grouped-query attention) and a `Visibility`: query 
 
     q_segment[t] == kv_segment[s] != 0   and   q_position[t] >= kv_position[s]
 
-so segment 0 is padding, packed documents never see each other, and causality is by position. Training
-passes the tokens' own segment ids and positions; the KV-cache path passes the cache slots as the key
-positions, every slot in segment 1 (a slot past a query's position is not yet written).
+so segment 0 is padding, packed documents never see each other, and causality is by position.
+Training passes the tokens' own segment ids and positions; the KV-cache path passes the cache slots
+as the key positions, every slot in segment 1 (a slot past a query's position is not yet written).
 
 - `xla`: `jax.nn.dot_product_attention` on a dense [B, 1, T, S] mask. Memory grows with T x S: fp32
   logits for every head, the masked half included.
 - `cudnn`: the same call with cuDNN's fused kernel (GPU, bf16/fp16).
-- `chunked`: blockwise attention with an online softmax (pure JAX, any backend), forward and backward
-  written as one custom VJP, so the saved state is the output and one log-sum-exp per query: memory
-  O(T x block), never O(T x S). A block pair that no query of it can see (entirely above the causal
-  diagonal, or of disjoint packed segments) is skipped, forward and backward.
+- `chunked`: blockwise attention with an online softmax (pure JAX, any backend), forward and
+  backward written as one custom VJP, so the saved state is the output and one log-sum-exp per
+  query: memory O(T x block), never O(T x S). A block pair that no query of it can see (entirely
+  above the causal diagonal, or of disjoint packed segments) is skipped, forward and backward.
 - `splash`: the Pallas splash-attention kernel (TPU; Pallas's interpreter elsewhere, for tests), its
   causal mask by index plus segment ids, under shard_map over the batch and head axes when a mesh is
   active. Causal by index equals causal by position wherever positions rise with the index inside
   each segment: packed and padded training rows, left-padded rollouts. The KV-cache path, where they
   do not, uses `chunked` (or `xla` for short steps) instead.
 
-A query that sees no key (a padding row) comes out as zero from `chunked` and as an average of the
-values from `xla`; nothing downstream reads those rows (the loss masks them, and no real query sees a
-padding key).
+A query that sees no key (a padding row) comes out as zero from `chunked` and as an average of
+the values from `xla`; nothing downstream reads those rows (the loss masks them, and no real query
+sees a padding key).
 """
 
 import functools

@@ -402,7 +402,8 @@ class Transformer(nnx.Module):
     Returns (hidden, updated cache).
     """
     positions = start[:, None] + jnp.arange(tokens.shape[1])
-    slots = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (tokens.shape[0], cache["k"].shape[2]))
+    length = cache["k"].shape[2]
+    slots = jnp.broadcast_to(jnp.arange(length), (tokens.shape[0], length))
     vis = attention.Visibility(jnp.ones_like(positions), jnp.ones_like(slots), positions, slots)
     x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)

@@ -10,6 +10,8 @@ contiguous: padding is skipped, never treated as a zero-reward time step. Every 
 import jax
 import jax.numpy as jnp
 
+from lmtrain import losses
+
 
 def masked_sum(x, mask, axis=None, keepdims=False):
   """Sum of x over valid tokens; `where` (not x * mask) so inf/NaN on padding cannot leak."""
@@ -59,7 +61,7 @@ def reward_scores(model, tokens, positions, segment_ids, response_mask):
   score = gather_last(model.scores(hidden), (segment_ids > 0).astype(jnp.float32))
   if model.cfg.lm_score:
     mask = response_mask[:, 1:].astype(jnp.float32)
-    logprobs = sequence_logprobs(model.logits(hidden[:, :-1]), tokens[:, 1:], mask)
+    logprobs, _ = token_logprobs(model, hidden[:, :-1], tokens[:, 1:], mask)
     mean = logprobs.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
     score = score + model.lm_score_weight[...] * mean
   return score
@@ -80,6 +82,32 @@ def entropy(logits, mask, temperature: float = 1.0):
   """[B, T] entropy of softmax(logits / temperature) at each valid token, 0 on padding."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   return jnp.where(mask > 0, -jnp.sum(jnp.exp(logp) * logp, axis=-1), 0.0)
+
+
+def token_logprobs(model, hidden, tokens, mask, temperature: float = 1.0,
+                   with_entropy: bool = False):
+  """([B, T] log-probs of `tokens`, [B, T] entropies or None) under softmax(model.logits(hidden)
+  / temperature), 0 where mask is 0; hidden[:, t] predicts tokens[:, t].
+
+  With the model's logits_chunk, the vocabulary projection runs that many positions at a time in
+  a scan whose body is rematerialised (jax.checkpoint), so forward and backward hold one
+  [B, chunk, vocab] block of logits, never [B, T, vocab]."""
+  def block(h, y, m):
+    logits = model.logits(h)
+    ent = entropy(logits, m, temperature) if with_entropy else jnp.zeros(y.shape, jnp.float32)
+    return sequence_logprobs(logits, y, m, temperature), ent
+
+  chunk = model.cfg.logits_chunk
+  if not chunk:
+    logp, ent = block(hidden, tokens, mask)
+  else:
+    body = jax.checkpoint(lambda carry, xs: (carry, block(*xs)))
+    _, (logp, ent) = jax.lax.scan(body, None, (losses.position_blocks(hidden, chunk),
+                                               losses.position_blocks(tokens, chunk),
+                                               losses.position_blocks(mask, chunk)))
+    length = tokens.shape[1]
+    logp, ent = losses.unblock_positions(logp, length), losses.unblock_positions(ent, length)
+  return logp, (ent if with_entropy else None)
 
 
 def kl_penalty(logp, ref_logp, mask, kind: str = "k1"):

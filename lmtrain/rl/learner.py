@@ -49,12 +49,11 @@ def evaluate_roles(policy_graphdef, value_graphdef, cfg: RLConfig, params, extra
   values on a minibatch of rollouts, before any update: the "old" quantities of the losses."""
   args = (mb["prompt"], mb["prompt_length"], mb["response"], mb["mask"])
   policy = transformer.merge(policy_graphdef, params[roles.POLICY])
-  logp, logits = response_logprobs(policy, *args, cfg.temperature)
+  logp, ent = response_logprobs(policy, *args, cfg.temperature, with_entropy=True)
   reference = transformer.merge(policy_graphdef, extras[roles.REFERENCE])
   ref_logp, _ = response_logprobs(reference, *args, cfg.temperature)
   out = {"logp": logp, "ref_logp": ref_logp,
-         "entropy": core.masked_mean(core.entropy(logits, mb["mask"], cfg.temperature),
-                                     mb["mask"], axis=1)}
+         "entropy": core.masked_mean(ent, mb["mask"], axis=1)}
   if value_graphdef is not None:
     out["values"] = response_values(transformer.merge(value_graphdef, params[roles.VALUE]), *args)
   return out
@@ -65,13 +64,12 @@ def minibatch_loss(graphdefs: Graphdefs, cfg: RLConfig, params, mb, kl_coef, ptx
   algorithm = get_algorithm(cfg.algorithm)
   mask = mb["mask"]
   policy = transformer.merge(graphdefs.policy, params[roles.POLICY])
-  logp, logits = response_logprobs(policy, mb["prompt"], mb["prompt_length"], mb["response"],
-                                   mask, cfg.temperature)
+  logp, ent = response_logprobs(policy, mb["prompt"], mb["prompt_length"], mb["response"],
+                                mask, cfg.temperature, with_entropy=bool(cfg.entropy_coef))
   loss, metrics = core.ppo_policy_loss(logp, mb["logp"], mb["advantages"], mask, cfg.clip_eps)
   metrics["policy_loss"] = loss
   if cfg.entropy_coef:
-    ent = core.masked_mean(core.entropy(logits, mask, cfg.temperature), mask)
-    loss = loss - cfg.entropy_coef * ent
+    loss = loss - cfg.entropy_coef * core.masked_mean(ent, mask)
   term, term_metrics = algorithm.loss(cfg, params, graphdefs, mb, logp, kl_coef)
   loss = loss + term
   metrics.update(term_metrics)

@@ -38,10 +38,11 @@ def response_hidden(model, prompt, prompt_length, response, response_mask):
   return hidden[:, prompt.shape[1] - 1:]
 
 
-def response_logprobs(model, prompt, prompt_length, response, mask, temperature):
-  """([B, N] log-probs of the response tokens, [B, N, V] logits)."""
-  logits = model.logits(response_hidden(model, prompt, prompt_length, response, mask))
-  return core.sequence_logprobs(logits, response, mask, temperature), logits
+def response_logprobs(model, prompt, prompt_length, response, mask, temperature,
+                      with_entropy=False):
+  """([B, N] log-probs of the response tokens, [B, N] entropies or None): core.token_logprobs."""
+  hidden = response_hidden(model, prompt, prompt_length, response, mask)
+  return core.token_logprobs(model, hidden, response, mask, temperature, with_entropy)
 
 
 def response_values(model, prompt, prompt_length, response, mask):

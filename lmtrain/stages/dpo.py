@@ -22,10 +22,10 @@ from lmtrain.train.step import LossStep
 def completion_logprobs(model, batch, side: str):
   """[B] summed log-probs of the response tokens of `side` (chosen or rejected)."""
   tokens = batch[f"{side}_inputs"]
-  logits = model(tokens[:, :-1], batch[f"{side}_positions"][:, :-1],
-                 batch[f"{side}_segment_ids"][:, :-1])
+  hidden = model.hidden(tokens[:, :-1], batch[f"{side}_positions"][:, :-1],
+                        batch[f"{side}_segment_ids"][:, :-1])
   mask = batch[f"{side}_loss_mask"][:, 1:]
-  return rl.sequence_logprobs(logits, tokens[:, 1:], mask).sum(-1)
+  return rl.token_logprobs(model, hidden, tokens[:, 1:], mask)[0].sum(-1)
 
 
 def make_dpo_loss(beta: float, label_smoothing: float):

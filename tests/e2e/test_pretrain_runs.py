@@ -19,7 +19,8 @@ from util import ENV, lmtrain, saved_state
 COMMON = ["--gin.MODEL=tiny", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64", "--gin.LOG_EVERY=1",
           "--gin.LEARNING_RATE=0.01", "--gin.WARMUP_STEPS=2", "--gin.EVAL_EVERY=0",
           "--gin.EVAL_STEPS=2",
-          "--gin_param", "model_config.overrides = {'attention_impl': 'chunked', 'attention_block': 16}"]
+          "--gin_param",
+          "model_config.overrides = {'attention_impl': 'chunked', 'attention_block': 16}"]
 MESH_222 = "--gin.MESH_SHAPE={'data': 2, 'fsdp': 2, 'tensor': 2}"
 MESH_181 = "--gin.MESH_SHAPE={'data': 1, 'fsdp': 8, 'tensor': 1}"
 STEPS = 12
