@@ -27,7 +27,7 @@ def add_arguments(p):
   p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, or auto (bf16 on TPU/GPU)")
   p.add_argument("--remat", default=None, help="none | full | save_dots (default: the preset's)")
   p.add_argument("--attention_impl", default=None,
-                 help="xla | cudnn | chunked | auto (default: the preset's)")
+                 help="xla | cudnn | chunked | splash | auto (default: the preset's)")
   p.add_argument("--mesh", default="{'data': 1, 'fsdp': -1, 'tensor': 1}",
                  help="mesh shape over data/fsdp/tensor")
   p.add_argument("--compile_layers", default="4,32",

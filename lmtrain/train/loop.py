@@ -52,7 +52,7 @@ class LoopConfig:
   # None: never. Set it well above the longest eval or checkpoint save.
   hang_timeout_s: float | None = None
   # Before allocating, refuse (one line) a run whose train state and estimated activations exceed
-  # one device's memory (lmtrain.plan). device_memory_gib: the figure to check against where the
+  # one device's memory (lmtrain/train/memory.py, as `lmtrain plan` reports it). device_memory_gib: the figure to check against where the
   # runtime reports none (CPU), or a smaller budget; None: the device's own.
   check_memory: bool = True
   device_memory_gib: float | None = None
@@ -125,12 +125,13 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
   # The state: resumed, or from the parent (or fresh), and the run's files.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
   train_iter = stage.train_data(jax.process_index(), jax.process_count())
-  def preflight(abstract_state, shardings):
+
+  def preflight(abstract_state, shardings):  # before anything is allocated
     device_gib = cfg.device_memory_gib or memory_lib.device_memory_gib()
     if cfg.check_memory and device_gib is not None:
       local_batch = cfg.batch_size // cfg.microbatches // parallel.batch_shard_count(mesh)
       memory = memory_lib.memory_plan(abstract_state, shardings, stage.step.model_config,
-                                    local_batch, cfg.seq_len, mesh, device_gib)
+                                      local_batch, cfg.seq_len, mesh, device_gib)
       memory_lib.check_fits(memory, stage.name, jax.devices()[0].device_kind)
 
   start = start_state(stage.step, stage.init_from_parent, cfg.train_steps, cfg.seed, mesh, rules,

@@ -45,7 +45,8 @@ def activation_bytes(cfg: transformer.ModelConfig, local_batch: int, seq_len: in
   mlp = cfg.mlp_dim / tensor
   qkv = b * t * (heads + 2 * kv) * c
   impl = attention.resolve(cfg.attention_impl, t, cfg.compute_dtype, cfg.attention_chunked_from)
-  keys = min(t, cfg.attention_block) if impl == "chunked" else t
+  # Only xla holds a query's scores against every key; the fused and blockwise paths one block.
+  keys = t if impl == "xla" else min(t, cfg.attention_block)
   scores = b * cfg.num_heads / tensor * t * keys * 4  # fp32 logits of one block row (or all)
   layer = b * t * (4 * d + 2 * heads + 3 * mlp) * c + qkv + 2 * scores  # live during a block
   kept = {  # per layer, saved for the backward
