@@ -114,4 +114,5 @@ def test_bad_flags_are_one_line_errors(args, message):
   proc = subprocess.run([sys.executable, "-m", "lmtrain.cli", "plan", *args], env=ENV,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
-  assert proc.stderr.strip() == f"lmtrain: error: {message}"
+  assert proc.stderr.strip().startswith(f"lmtrain: error: {message}")
+  assert len(proc.stderr.strip().splitlines()) == 1
