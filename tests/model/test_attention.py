@@ -36,14 +36,21 @@ def attention_and_grads(impl, q, k, v, vis, weights, block):
   return value, out, grads
 
 
-@pytest.mark.parametrize("length,heads,kv_heads,block", [
-    (37, 4, 2, 8),    # odd length, several blocks, the last one partly padded, GQA
-    (32, 4, 4, 16),   # blocks that divide the length, plain multi-head
-    (20, 6, 1, 64),   # one block longer than the sequence, multi-query
-])
-def test_chunked_equals_xla_forward_and_gradients(length, heads, kv_heads, block):
+def mean_loss_and_grads(cfg, params, batch):
+  """The token-mean LM loss of `cfg` on `batch` and its gradients, jitted."""
+  graphdef = transformer.abstract_model(cfg)[0]
+
+  def f(p, b):
+    total, weight, _ = lm_loss(transformer.merge(graphdef, p), b, None)
+    return total / weight
+
+  return jax.jit(jax.value_and_grad(f))(params, batch)
+
+
+def check_against_xla(impl, batch, length, heads, kv_heads, head_dim, block):
+  """`impl` on random queries, keys and values over packed, padded rows: the output on every row
+  that sees a key, the loss and the gradients equal xla's. Returns (output, segment ids)."""
   rng = np.random.default_rng(length)
-  batch, head_dim = 3, 8
   q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), jnp.float32)
           for _ in range(2))
@@ -52,33 +59,29 @@ def test_chunked_equals_xla_forward_and_gradients(length, heads, kv_heads, block
   real = jnp.asarray(seg != 0)[:, :, None, None]
   weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # padding rows unread
   ref_loss, ref_out, ref_grads = attention_and_grads("xla", q, k, v, vis, weights, block)
-  loss, out, grads = attention_and_grads("chunked", q, k, v, vis, weights, block)
+  loss, out, grads = attention_and_grads(impl, q, k, v, vis, weights, block)
   assert abs(float(loss - ref_loss)) < 1e-4
   np.testing.assert_allclose(out * real, ref_out * real, atol=1e-5)
-  assert np.all(np.asarray(out)[seg == 0] == 0)  # a query that sees nothing: zero, not NaN
   for g, ref in zip(grads, ref_grads):
     np.testing.assert_allclose(g, ref, atol=1e-5)
+  return out, seg
+
+
+@pytest.mark.parametrize("length,heads,kv_heads,block", [
+    (37, 4, 2, 8),    # odd length, several blocks, the last one partly padded, GQA
+    (32, 4, 4, 16),   # blocks that divide the length, plain multi-head
+    (20, 6, 1, 64),   # one block longer than the sequence, multi-query
+])
+def test_chunked_equals_xla_forward_and_gradients(length, heads, kv_heads, block):
+  out, seg = check_against_xla("chunked", 3, length, heads, kv_heads, 8, block)
+  assert np.all(np.asarray(out)[seg == 0] == 0)  # a query that sees nothing: zero, not NaN
 
 
 @pytest.mark.parametrize("length,kv_heads", [(200, 2), (128, 4)])
 def test_splash_equals_xla_forward_and_gradients(length, kv_heads):
   """The splash kernel's mask wiring (causal by index + segment ids, GQA, a length padded to its
   128-lane blocks), run by Pallas's interpreter: the TPU kernel's own code on CPU."""
-  rng = np.random.default_rng(length)
-  batch, heads, head_dim = 2, 4, 16
-  q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
-  k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), jnp.float32)
-          for _ in range(2))
-  seg, pos = packed_visibility(batch, length, seed=length)
-  vis = attention.Visibility(*map(jnp.asarray, (seg, seg, pos, pos)))
-  real = jnp.asarray(seg != 0)[:, :, None, None]
-  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real
-  ref_loss, ref_out, ref_grads = attention_and_grads("xla", q, k, v, vis, weights, 128)
-  loss, out, grads = attention_and_grads("splash", q, k, v, vis, weights, 128)
-  assert abs(float(loss - ref_loss)) < 1e-4
-  np.testing.assert_allclose(out * real, ref_out * real, atol=1e-5)
-  for g, ref in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, ref, atol=1e-5)
+  check_against_xla("splash", 2, length, 4, kv_heads, 16, 128)
 
 
 def test_splash_on_a_mesh_equals_xla_on_one_device():
@@ -90,14 +93,11 @@ def test_splash_on_a_mesh_equals_xla_on_one_device():
 
   def loss_and_grads(cfg, mesh):
     rules = parallel.axis_rules()
-    graphdef, _, names = transformer.abstract_model(cfg)
+    names = transformer.abstract_model(cfg)[2]
     p = jax.device_put(params, parallel.tree_shardings(mesh, params, names, rules))
     b = jax.device_put(batch, parallel.batch_sharding(mesh, rules))
-    def f(p, b):
-      total, weight, _ = lm_loss(transformer.merge(graphdef, p), b, None)
-      return total / weight
     with parallel.activate(mesh, rules):
-      return jax.jit(jax.value_and_grad(f))(p, b)
+      return mean_loss_and_grads(cfg, p, b)
 
   ref_loss, ref_grads = loss_and_grads(util.TINY, util.mesh_of({"data": 1}))
   cfg = dataclasses.replace(util.TINY, attention_impl="splash")
@@ -135,16 +135,8 @@ def chunked(cfg, block=8):
 def test_model_loss_and_gradients_are_the_same_with_chunked_attention():
   batch = jax.tree.map(jnp.asarray, util.packed_batch(seq_len=36))
   params = util.init_params()
-
-  def loss_and_grads(cfg):
-    graphdef = transformer.abstract_model(cfg)[0]
-    def f(p):
-      total, weight, _ = lm_loss(transformer.merge(graphdef, p), batch, None)
-      return total / weight
-    return jax.jit(jax.value_and_grad(f))(params)
-
-  ref_loss, ref_grads = loss_and_grads(util.TINY)
-  loss, grads = loss_and_grads(chunked(util.TINY))
+  ref_loss, ref_grads = mean_loss_and_grads(util.TINY, params, batch)
+  loss, grads = mean_loss_and_grads(chunked(util.TINY), params, batch)
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
 
@@ -189,18 +181,10 @@ def test_auto_picks_by_backend_dtype_and_length():
 def test_every_remat_policy_gives_the_same_gradients(policy):
   batch = jax.tree.map(jnp.asarray, util.packed_batch(seq_len=16))
   params = util.init_params()
-
-  def grads(cfg):
-    graphdef = transformer.abstract_model(cfg)[0]
-    def f(p):
-      total, weight, _ = lm_loss(transformer.merge(graphdef, p), batch, None)
-      return total / weight
-    return jax.jit(jax.grad(f))(params)
-
   for impl in ("xla", "chunked"):
     cfg = chunked(util.TINY) if impl == "chunked" else util.TINY
-    ref = grads(cfg)
-    out = grads(dataclasses.replace(cfg, remat=policy))
+    _, ref = mean_loss_and_grads(cfg, params, batch)
+    _, out = mean_loss_and_grads(dataclasses.replace(cfg, remat=policy), params, batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out, ref)
 
 
