@@ -21,7 +21,9 @@ from lmtrain.errors import UserError
 from lmtrain.model import transformer
 from lmtrain.train import optim, roles
 from lmtrain.train.memory import GIB, kv_cache_bytes, measure_activations, memory_plan
+from lmtrain.train.metrics import PEAK_FLOPS
 from lmtrain.train.state import TrainState, state_shardings
+
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022, compute-optimal training
 
 
@@ -34,14 +36,19 @@ class Hardware:
   cores_per_chip: int = 1  # TPU slice names count TensorCores (v4-8, v5p-8 are 4 chips)
 
 
+# Peaks from the loop's own table (lmtrain/train/metrics.py, keyed by device kind); V100 is not a
+# device the loop meets, so its FP16 tensor-core figure stands here.
 HARDWARE = {
-    "v4": Hardware("TPU v4", 275e12, 32, "cloud.google.com/tpu/docs/v4", 2),
-    "v5e": Hardware("TPU v5e", 197e12, 16, "cloud.google.com/tpu/docs/v5e"),
-    "v5p": Hardware("TPU v5p", 459e12, 95, "cloud.google.com/tpu/docs/v5p", 2),
-    "v6e": Hardware("TPU v6e", 918e12, 32, "cloud.google.com/tpu/docs/v6e"),
-    "a100": Hardware("NVIDIA A100 80GB", 312e12, 80, "NVIDIA A100 datasheet (dense BF16)"),
-    "h100": Hardware("NVIDIA H100 SXM", 989e12, 80, "NVIDIA H100 datasheet (dense BF16)"),
-    "h200": Hardware("NVIDIA H200 SXM", 989e12, 141e9 / GIB, "NVIDIA H200 datasheet (141 GB)"),
+    "v4": Hardware("TPU v4", PEAK_FLOPS["TPU v4"], 32, "cloud.google.com/tpu/docs/v4", 2),
+    "v5e": Hardware("TPU v5e", PEAK_FLOPS["TPU v5e"], 16, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": Hardware("TPU v5p", PEAK_FLOPS["TPU v5p"], 95, "cloud.google.com/tpu/docs/v5p", 2),
+    "v6e": Hardware("TPU v6e", PEAK_FLOPS["TPU v6e"], 32, "cloud.google.com/tpu/docs/v6e"),
+    "a100": Hardware("NVIDIA A100 80GB", PEAK_FLOPS["NVIDIA A100"], 80,
+                     "NVIDIA A100 datasheet (dense BF16)"),
+    "h100": Hardware("NVIDIA H100 SXM", PEAK_FLOPS["NVIDIA H100"], 80,
+                     "NVIDIA H100 datasheet (dense BF16)"),
+    "h200": Hardware("NVIDIA H200 SXM", PEAK_FLOPS["NVIDIA H200"], 141e9 / GIB,
+                     "NVIDIA H200 datasheet (141 GB)"),
     "v100": Hardware("NVIDIA V100 SXM2 32GB", 125e12, 32, "NVIDIA V100 datasheet (FP16 tensor)"),
 }
 
@@ -94,26 +101,22 @@ def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules):
   would create it (AdamW over the trained roles, frozen roles in extras)."""
   if stage not in STAGE_ROLES:
     raise UserError(f"--stage {stage!r}; choose one of {', '.join(STAGE_ROLES)}")
-  trees, names, trained = {}, {}, set()
+  trees, names, trained = {}, {}, []
   for role, head, is_trained in STAGE_ROLES[stage]:
-    role_cfg = dataclasses.replace(cfg, head=head, lm_score=False)
-    _, trees[role], names[role] = transformer.abstract_model(role_cfg)
+    _, trees[role], names[role] = transformer.abstract_model(
+        dataclasses.replace(cfg, head=head, lm_score=False))
     if is_trained:
-      trained.add(role)
-  single = stage not in ("ppo", "grpo")  # loss stages train one params tree; RL a dict of roles
+      trained.append(role)
+  frozen = [r for r in trees if r not in trained]
+
+  def params_of(tree):  # loss stages train one params tree; PPO/GRPO a dict of roles
+    return tree[trained[0]] if stage not in ("ppo", "grpo") else {r: tree[r] for r in trained}
+
   optimizer = optim.make_optimizer(optax.constant_schedule(0.0))  # the state's shapes only
-
-  def create():
-    params = {r: trees[r] for r in trained}
-    params = next(iter(params.values())) if single else params
-    extras = {r: trees[r] for r in trees if r not in trained}
-    return TrainState.create(params, optimizer, jax.random.PRNGKey(0), extras)
-
-  abstract_state = jax.eval_shape(create)
-  param_names = {r: names[r] for r in trained}
-  param_names = next(iter(param_names.values())) if single else param_names
-  extras_names = {r: names[r] for r in trees if r not in trained}
-  shardings = state_shardings(mesh, rules, abstract_state, param_names, optimizer, extras_names)
+  abstract_state = jax.eval_shape(lambda: TrainState.create(
+      params_of(trees), optimizer, jax.random.PRNGKey(0), {r: trees[r] for r in frozen}))
+  shardings = state_shardings(mesh, rules, abstract_state, params_of(names), optimizer,
+                              {r: names[r] for r in frozen})
   return abstract_state, shardings
 
 
@@ -291,8 +294,8 @@ def render(result: dict) -> str:
       f"  total {c['total_flops']:.3e} FLOPs at {c['flops_per_chip_per_s'] / 1e12:.3g} TFLOP/s "
       f"per chip: {_duration(c['seconds'])} on {hw['chips']} chip(s) = "
       f"{c['chip_hours']:,.0f} chip-hours ({c['chip_years']:,.1f} chip-years)",
-      f"  cost {'at your price: ' + format(c['cost'], ',.0f') if c['cost'] is not None else ''}"
-      f"{'pass --price_per_chip_hour' if c['cost'] is None else ''}"]
+      "  cost " + ("pass --price_per_chip_hour" if c["cost"] is None
+                   else f"at your price: {c['cost']:,.0f}")]
   return "\n".join(lines)
 
 

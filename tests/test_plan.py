@@ -1,6 +1,7 @@
 """`lmtrain plan`: parameter and byte counts against published figures and hand arithmetic, fitting,
 the GPT-3 compute example, slice names, and the CLI's text and JSON."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -97,9 +98,9 @@ def test_activation_estimate_follows_remat_and_attention():
   cfg = transformer.ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                                 mlp_dim=11008, dtype="bfloat16")
   none = memory.activation_bytes(cfg, 1, 8192)
-  full = memory.activation_bytes(cfg.__class__(**{**cfg.__dict__, "remat": "full"}), 1, 8192)
+  full = memory.activation_bytes(dataclasses.replace(cfg, remat="full"), 1, 8192)
   chunked = memory.activation_bytes(
-      cfg.__class__(**{**cfg.__dict__, "remat": "full", "attention_impl": "chunked"}), 1, 8192)
+      dataclasses.replace(cfg, remat="full", attention_impl="chunked"), 1, 8192)
   assert none > full > chunked
   # xla's fp32 scores of one layer at 8k: 32 heads x 8192^2 x 4 bytes, twice (logits, probs).
   assert full - chunked == 2 * 32 * 8192 * (8192 - 512) * 4
