@@ -200,6 +200,26 @@ def lookup(table, ids, table_names):
   return jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, spec))
 
 
+def decode_rules(rules):
+  """`rules` for weights read at every decode step: the mesh axes that split the batch (those of
+  `batch`: data, fsdp) taken out of every other name's rule, tensor parallelism kept.
+
+  Under the training rules an FSDP-sharded weight is all-gathered where it is used, i.e. once per
+  layer per generated token inside a decode loop; laid out by these rules before the loop, each
+  device holds whole weights along the batch axes (its tensor slice of them) and the loop gathers
+  none. Activations keep their layout: `batch` itself is unchanged."""
+  rule_map = dict(rules)
+  batch = rule_map.get("batch")
+  batch_axes = set() if batch is None else {batch} if isinstance(batch, str) else set(batch)
+  out = []
+  for name, axes in rules:
+    if name != "batch" and axes is not None:
+      kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a not in batch_axes)
+      axes = None if not kept else kept[0] if len(kept) == 1 else kept
+    out.append((name, axes))
+  return tuple(out)
+
+
 def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:
   return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), rules)
 

@@ -23,6 +23,12 @@ class RLConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  # The policy's weight matrices while it decodes, and the frozen reference's and reward model's
+  # in the train state: auto (the compute dtype: bfloat16 on TPU/GPU, float32 on CPU) | float32 |
+  # bfloat16. Matrices are cast to the compute dtype where they are used, so storing them in it
+  # changes no output and halves their bytes on accelerators.
+  rollout_dtype: str = "auto"
+  frozen_dtype: str = "auto"
   kl_coef: float = 0.05
   kl_estimator: str = "k1"  # k1 | k2 | k3 | abs (PPO's reward penalty; GRPO's loss uses k3)
   kl_target: float | None = None  # adaptive KL controller target (None: fixed kl_coef)
@@ -36,6 +42,15 @@ class RLConfig:
   vf_coef: float = 0.1
   entropy_coef: float = 0.0
   whiten_advantages: bool = True
+  # gae (PPO's, with its value model) | grpo | dr_grpo | rloo | reinforce_baseline (GRPO's
+  # critic-free group baselines: lmtrain.rl.core.group_advantages); None: the algorithm's own.
+  advantage_estimator: str | None = None
+  # How the per-token policy loss (and GRPO's KL term) is averaged over a minibatch: token |
+  # sequence | dr_grpo (lmtrain.rl.core.aggregation_weights). The value loss, entropy bonus and
+  # metrics of a value model are token means.
+  loss_aggregation: str = "token"
+  kl_clip: float | None = None  # clamp each token's KL estimate to [-kl_clip, kl_clip]
+  reward_clip: float | None = None  # clamp each sequence's (normalised) score to [-c, c]
   missing_eos_penalty: float = -1.0
   group_size: int = 1  # GRPO: samples per prompt
   ptx_coef: float = 0.0
@@ -49,6 +64,15 @@ class RLConfig:
     if self.epochs < 1 or self.num_minibatches < 1:
       raise UserError(f"PPO_EPOCHS={self.epochs} and NUM_MINIBATCHES={self.num_minibatches} "
                       "must be positive")
+    for name, value in (("ROLLOUT_DTYPE", self.rollout_dtype), ("FROZEN_DTYPE", self.frozen_dtype)):
+      if value not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"{name}={value!r}: choose auto, float32, bfloat16 or float16")
+    if self.loss_aggregation not in ("token", "sequence", "dr_grpo"):
+      raise UserError(f"LOSS_AGGREGATION={self.loss_aggregation!r}: choose token, sequence or "
+                      "dr_grpo")
+    for name, value in (("KL_CLIP", self.kl_clip), ("REWARD_CLIP", self.reward_clip)):
+      if value is not None and not value > 0:
+        raise UserError(f"{name}={value}: must be positive (or None: no clipping)")
     if self.temperature <= 0:
       raise UserError(f"TEMPERATURE={self.temperature} must be positive")
     if self.kl_target is not None and self.kl_target <= 0:

@@ -24,6 +24,34 @@ def masked_mean(x, mask, axis=None, keepdims=False):
   return masked_sum(x, mask, axis, keepdims) / jnp.maximum(count, 1e-8)
 
 
+def weighted_sum(x, weights):
+  """sum(x * weights) over positions with weight > 0 (padding, even inf/NaN, cannot leak)."""
+  return jnp.sum(jnp.where(weights > 0, x * weights, 0.0))
+
+
+AGGREGATIONS = ("token", "sequence", "dr_grpo")
+
+
+def aggregation_weights(mask, mode: str = "token"):
+  """[B, T] weights w such that weighted_sum(x, w) aggregates a per-token x over the batch:
+
+  token: every valid token counts the same (the masked mean over all tokens);
+  sequence: every sequence counts the same (each row's masked mean, averaged over rows);
+  dr_grpo: a constant 1 / (B * T), T the generation budget: the token sum without any length
+    normalisation (Liu et al. 2025, "Dr. GRPO").
+
+  Computed once on a whole minibatch, the weights make the sum over any split of its rows
+  (microbatches) equal to the minibatch's aggregate."""
+  mask = (mask > 0).astype(jnp.float32)
+  if mode == "token":
+    return mask / jnp.maximum(jnp.sum(mask), 1e-8)
+  if mode == "sequence":
+    return mask / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1e-8) / mask.shape[0]
+  if mode == "dr_grpo":
+    return mask / (mask.shape[0] * mask.shape[1])
+  raise ValueError(f"unknown loss aggregation {mode!r}: expected {', '.join(AGGREGATIONS)}")
+
+
 def masked_var(x, mask, axis=None, keepdims=False):
   """Population variance (no Bessel correction) of x over valid tokens."""
   mean = masked_mean(x, mask, axis, keepdims=True)
@@ -131,6 +159,11 @@ def kl_penalty(logp, ref_logp, mask, kind: str = "k1"):
   return jnp.where(mask > 0, kl, 0.0)
 
 
+def clip_kl(kl, bound=None):
+  """Per-token KL estimates clamped to [-bound, bound] (None: unchanged)."""
+  return kl if bound is None else jnp.clip(kl, -bound, bound)
+
+
 def per_token_rewards(score, kl, mask, kl_coef):
   """[B, T] PPO rewards: -kl_coef * kl_t at each valid token, plus the sequence `score` [B] at the
   last valid token; 0 on padding. Summed over t it is score - kl_coef * sum_t kl_t."""
@@ -162,33 +195,37 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
   return advantages, returns
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2):
-  """Clipped surrogate: masked mean over tokens of max(-A * ratio, -A * clip(ratio, 1 +- eps)).
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, weights=None):
+  """Clipped surrogate max(-A * ratio, -A * clip(ratio, 1 +- eps)) aggregated over the tokens by
+  `weights` (aggregation_weights; None: the masked mean over tokens).
 
-  Metrics: `clipfrac`, the fraction of valid tokens where the clipped term is strictly larger
-  (there the token gives no gradient); `approx_kl`, the masked mean of (logp - old_logp)^2 / 2
-  (the k2 estimator of KL(old || new)); `ratio_mean`. With logp == old_logp (the first minibatch)
-  the ratio is exactly 1, clipfrac and approx_kl 0.
+  Metrics, aggregated the same way: `clipfrac`, the share where the clipped term is strictly
+  larger (there the token gives no gradient); `approx_kl`, (logp - old_logp)^2 / 2 (the k2
+  estimator of KL(old || new)); `ratio_mean`. With logp == old_logp (the first minibatch) the
+  ratio is exactly 1, clipfrac and approx_kl 0.
   """
+  weights = aggregation_weights(mask) if weights is None else weights
   log_ratio = jnp.where(mask > 0, logp - old_logp, 0.0)
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
-  metrics = {"clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-             "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
-             "ratio_mean": masked_mean(ratio, mask)}
+  loss = weighted_sum(jnp.maximum(unclipped, clipped), weights)
+  metrics = {"clipfrac": weighted_sum((clipped > unclipped).astype(jnp.float32), weights),
+             "approx_kl": weighted_sum(0.5 * jnp.square(log_ratio), weights),
+             "ratio_mean": weighted_sum(ratio, weights)}
   return loss, metrics
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
-  """0.5 * masked mean of max((v - R)^2, (clip(v, old +- eps) - R)^2); metric `value_clipfrac`,
-  the fraction of valid tokens where the clipped term is strictly larger (no gradient there)."""
+def ppo_value_loss(values, old_values, returns, mask, clip_eps: float = 0.2, weights=None):
+  """0.5 * max((v - R)^2, (clip(v, old +- eps) - R)^2) aggregated by `weights` (None: the masked
+  mean over tokens); metric `value_clipfrac`, the share where the clipped term is strictly
+  larger (no gradient there)."""
+  weights = aggregation_weights(mask) if weights is None else weights
   clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
   unclipped = jnp.square(values - returns)
   clipped = jnp.square(clipped_values - returns)
-  loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
-  return loss, {"value_clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask)}
+  loss = 0.5 * weighted_sum(jnp.maximum(unclipped, clipped), weights)
+  return loss, {"value_clipfrac": weighted_sum((clipped > unclipped).astype(jnp.float32), weights)}
 
 
 def explained_variance(values, returns, mask):
@@ -252,13 +289,33 @@ def dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_reje
   return jnp.mean(losses), metrics
 
 
-def group_advantages(scores, group_size: int, eps: float = 1e-6):
-  """GRPO advantages [B] for scores [B] in contiguous groups of `group_size` (samples of one
-  prompt): (s - group mean) / (group std + eps), population std. A group of equal scores gets
-  exactly 0 (s - mean can be a rounding error away from 0, which eps would not cancel), so it gives
-  no gradient."""
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
+
+
+def group_advantages(scores, group_size: int, estimator: str = "grpo", eps: float = 1e-6):
+  """Critic-free advantages [B] for scores [B] in contiguous groups of `group_size` (the samples
+  of one prompt), by `estimator`:
+
+  grpo: (s - group mean) / (group std + eps), population std (Shao et al. 2024);
+  dr_grpo: s - group mean, no std normalisation (Liu et al. 2025);
+  rloo: s minus the mean of the group's other samples, i.e. K / (K - 1) x (s - group mean)
+    (Ahmadian et al. 2024's leave-one-out baseline);
+  reinforce_baseline: s - group mean, then divided by the std of those over the whole batch
+    (REINFORCE++ with a group baseline: batch-level, not per-group, normalisation).
+
+  A group of equal scores gets exactly 0 (s - mean can be a rounding error away from 0, which eps
+  would not cancel), so it gives no gradient."""
   groups = scores.astype(jnp.float32).reshape(-1, group_size)
   centered = groups - jnp.mean(groups, axis=-1, keepdims=True)
-  normalised = centered / (jnp.std(groups, axis=-1, keepdims=True) + eps)
+  if estimator == "grpo":
+    out = centered / (jnp.std(groups, axis=-1, keepdims=True) + eps)
+  elif estimator == "dr_grpo":
+    out = centered
+  elif estimator == "rloo":
+    out = centered * (group_size / (group_size - 1))
+  elif estimator == "reinforce_baseline":
+    out = centered / (jnp.std(centered) + eps)
+  else:
+    raise ValueError(f"unknown estimator {estimator!r}: expected {', '.join(GROUP_ESTIMATORS)}")
   spread = jnp.max(groups, axis=-1, keepdims=True) - jnp.min(groups, axis=-1, keepdims=True)
-  return jnp.where(spread > 0, normalised, 0.0).reshape(scores.shape)
+  return jnp.where(spread > 0, out, 0.0).reshape(scores.shape)

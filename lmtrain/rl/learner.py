@@ -60,25 +60,65 @@ def evaluate_roles(policy_graphdef, value_graphdef, cfg: RLConfig, params, extra
 
 
 def minibatch_loss(graphdefs: Graphdefs, cfg: RLConfig, params, mb, kl_coef, ptx=None):
-  """The objective on one minibatch -> (loss, metrics)."""
+  """The objective on (a microbatch of) one minibatch -> (loss, metrics).
+
+  Every term is a weighted sum over tokens whose weights (mb's agg_weight and token_weight,
+  ptx's ptx_weight) were computed on the whole minibatch, so the losses, gradients and metrics
+  of its microbatches add up to the minibatch's."""
   algorithm = get_algorithm(cfg.algorithm)
   mask = mb["mask"]
   policy = transformer.merge(graphdefs.policy, params[roles.POLICY])
   logp, ent = response_logprobs(policy, mb["prompt"], mb["prompt_length"], mb["response"],
                                 mask, cfg.temperature, with_entropy=bool(cfg.entropy_coef))
-  loss, metrics = core.ppo_policy_loss(logp, mb["logp"], mb["advantages"], mask, cfg.clip_eps)
+  loss, metrics = core.ppo_policy_loss(logp, mb["logp"], mb["advantages"], mask, cfg.clip_eps,
+                                       mb["agg_weight"])
   metrics["policy_loss"] = loss
   if cfg.entropy_coef:
-    loss = loss - cfg.entropy_coef * core.masked_mean(ent, mask)
+    loss = loss - cfg.entropy_coef * core.weighted_sum(ent, mb["token_weight"])
   term, term_metrics = algorithm.loss(cfg, params, graphdefs, mb, logp, kl_coef)
   loss = loss + term
   metrics.update(term_metrics)
   if ptx is not None:
-    ptx_sum, ptx_weight, _ = lm_loss(policy, ptx, None)
-    ptx_loss = ptx_sum / jnp.maximum(ptx_weight, 1e-9)
+    ptx_loss, _, _ = lm_loss(policy, {**ptx, "loss_mask": ptx["ptx_weight"]}, None)
     loss = loss + cfg.ptx_coef * ptx_loss
     metrics["ptx_loss"] = ptx_loss
   return loss, metrics
+
+
+def _weights(cfg: RLConfig, mb, ptx):
+  """The minibatch's token weights (minibatch_loss), from the whole minibatch."""
+  mb = {**mb, "agg_weight": core.aggregation_weights(mb["mask"], cfg.loss_aggregation),
+        "token_weight": core.aggregation_weights(mb["mask"], "token")}
+  if ptx is not None:
+    ptx_mask = ptx["loss_mask"].astype(jnp.float32)
+    ptx = {**ptx, "ptx_weight": ptx_mask / jnp.maximum(jnp.sum(ptx_mask), 1e-9)}
+  return mb, ptx
+
+
+def accumulated(grad_fn, microbatches: int):
+  """grad_fn(params, mb, kl_coef, ptx) -> ((loss, metrics), grads), summed over `microbatches`
+  microbatches of mb (and of ptx) in a scan: one microbatch's activations live at a time.
+  Microbatch j takes rows j, j + n, ..., so each stays spread over the devices of the batch."""
+  if microbatches == 1:
+    return grad_fn
+
+  def split(tree):
+    return jax.tree.map(lambda x: parallel.constrain(
+        x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1),
+        (None, "batch") + (None,) * (x.ndim - 1)), tree)
+
+  def run(params, mb, kl_coef, ptx):
+    parts = (split(mb), split(ptx) if ptx is not None else None)
+    first = jax.tree.map(lambda x: x[0], parts)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, first[0], kl_coef, first[1]))
+
+    def add(total, part):
+      return jax.tree.map(jnp.add, total, grad_fn(params, part[0], kl_coef, part[1])), None
+
+    return jax.lax.scan(add, zeros, parts)[0]
+
+  return run
 
 
 def _rows(tree, index):
@@ -92,12 +132,31 @@ def _split(tree, m):
   return jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), tree)
 
 
+def check_minibatches(rows: int, cfg: RLConfig, microbatches: int, shards: int):
+  """One-line errors for rollouts that do not split into minibatches, microbatches and over the
+  mesh's batch shards (a split the mesh does not divide would silently run less sharded)."""
+  m = cfg.num_minibatches
+  if rows % m:
+    raise UserError(f"BATCH_SIZE={rows} does not divide into NUM_MINIBATCHES={m}")
+  if (rows // m) % microbatches:
+    raise UserError(f"a minibatch of {rows // m} rollouts (BATCH_SIZE={rows} / NUM_MINIBATCHES="
+                    f"{m}) does not divide into MICROBATCHES={microbatches}")
+  per = rows // m // microbatches
+  if per % shards:
+    raise UserError(f"{per} rollouts per {'microbatch' if microbatches > 1 else 'minibatch'} "
+                    f"(BATCH_SIZE={rows} / NUM_MINIBATCHES={m}"
+                    f"{f' / MICROBATCHES={microbatches}' if microbatches > 1 else ''}) do not "
+                    f"divide over the mesh's {shards} batch shards (data x fsdp)")
+
+
 def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, state, data,
-           score):
+           score, microbatches: int = 1):
   """One iteration's optimisation of a rollout `data` whose sequence scores are `score` [B]
-  (reward model or scorer, before the missing-EOS penalty). Epoch 0 takes its minibatches in the
-  shuffled order; later epochs reshuffle. Returns (new state, metrics averaged over the
-  minibatches, per-minibatch metrics [E*M])."""
+  (reward model or scorer, before REWARD_CLIP and the missing-EOS penalty). Epoch 0 takes its
+  minibatches in the shuffled order; later epochs reshuffle. Each minibatch's gradient is
+  accumulated over `microbatches` (the same update within fp32 rounding, less activation
+  memory). Returns (new state, metrics averaged over the minibatches, per-minibatch metrics
+  [E*M])."""
   algorithm = get_algorithm(cfg.algorithm)
   value_graphdef = value_graphdef if algorithm.uses_value else None
   graphdefs = Graphdefs(policy_graphdef, value_graphdef)
@@ -105,9 +164,10 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   kl_coef = kl_ctl["kl_coef"]
   rows = data["mask"].shape[0]
   m = cfg.num_minibatches
-  if rows % m:
-    raise UserError(f"BATCH_SIZE={rows} does not divide into NUM_MINIBATCHES={m}")
+  check_minibatches(rows, cfg, microbatches, shards=1)
   batch = {k: data[k] for k in ROW_KEYS}
+  if cfg.reward_clip is not None:
+    score = jnp.clip(score, -cfg.reward_clip, cfg.reward_clip)
   batch["score"] = score + jnp.where(data["done"], 0.0, cfg.missing_eos_penalty)
   batch.update(algorithm.score_features(cfg, batch))
   rng = jax.random.fold_in(state.rng, 1)
@@ -129,7 +189,8 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   order = [jnp.arange(rows)] + [jax.random.permutation(jax.random.fold_in(rng, e), rows)
                                 for e in range(1, cfg.epochs)]
   order = jnp.stack(order).reshape(cfg.epochs * m, rows // m)
-  grad_fn = jax.value_and_grad(functools.partial(minibatch_loss, graphdefs, cfg), has_aux=True)
+  grad_fn = accumulated(jax.value_and_grad(functools.partial(minibatch_loss, graphdefs, cfg),
+                                           has_aux=True), microbatches)
   train_keys = ("prompt", "prompt_length", "response", "mask", "logp", "ref_logp", "values",
                 "advantages", "returns")
   train_batch = {k: batch[k] for k in train_keys if k in batch}
@@ -137,8 +198,8 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   def one_minibatch(carry, xs):
     params, opt_state, count = carry
     i, index = xs
-    mb = _rows(train_batch, index)
-    ptx_mb = jax.tree.map(lambda x: x[i % m], ptx) if ptx else None
+    mb, ptx_mb = _weights(cfg, _rows(train_batch, index),
+                          jax.tree.map(lambda x: x[i % m], ptx) if ptx else None)
     (loss, metrics), grads = grad_fn(params, mb, kl_coef, ptx_mb)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

@@ -2,8 +2,15 @@
 
 A batch is a left-padded prompt [B, P] followed directly by its response [B, N]; `mask` [B, N] is 1
 on the response's tokens up to and including its EOS.
+
+The rollout decodes with the policy laid out for inference (`decode_layout`): once per rollout
+its weights are cast to ROLLOUT_DTYPE and gathered along the batch axes (tensor parallelism kept),
+so the decode loop reads local weights and gathers none per generated token.
 """
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 
 from lmtrain import parallel
@@ -59,16 +66,38 @@ def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, sc
   return (scores - offset) / scale
 
 
+def decode_layout(graphdef, params, dtype: str):
+  """(the policy's params for decoding, a context that traces the decode loop with the matching
+  rules): weight matrices in `dtype` (a ROLLOUT_DTYPE setting; transformer.cast_matrices) and, under an active mesh, laid
+  out by parallel.decode_rules: one gather of the weights per rollout instead of one per layer
+  per token. Costs a copy of the weights that is whole along the batch axes (counted in the RL
+  stage's memory plan)."""
+  model = transformer.merge(graphdef, params)
+  _, _, names = transformer.split_params(model)
+  params = transformer.cast_matrices(params, names, transformer.resolve_dtype(dtype, model.cfg))
+  active = parallel.active()
+  if active is None:
+    return params, contextlib.nullcontext()
+  mesh, rules = active
+  rules = parallel.decode_rules(rules)
+  params = jax.lax.with_sharding_constraint(
+      params, parallel.tree_shardings(mesh, params, names, rules))
+  return params, parallel.activate(mesh, rules)
+
+
 def rollout(policy_graphdef, reward_graphdef, cfg: RLConfig, policy_params, reward_params,
             prompt, prompt_length, rng, *, eos_id: int, pad_id: int, greedy: bool = False):
   """Samples a response to each prompt and scores it with the reward model (when there is one).
 
   Returns {response [B, N], mask [B, N] float (1 up to and including EOS), done [B], rm_score [B]
-  (normalised; only with a reward model)}."""
-  out = generate_lib.sample_sequences(
-      policy_graphdef, policy_params, prompt, prompt_length, rng,
-      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-      top_p=cfg.top_p, greedy=greedy, eos_id=eos_id, pad_id=pad_id, left_padded=True)
+  (normalised; only with a reward model)}. The policy decodes in `cfg.rollout_dtype`
+  (decode_layout)."""
+  params, decoding = decode_layout(policy_graphdef, policy_params, cfg.rollout_dtype)
+  with decoding:
+    out = generate_lib.sample_sequences(
+        policy_graphdef, params, prompt, prompt_length, rng,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, greedy=greedy, eos_id=eos_id, pad_id=pad_id, left_padded=True)
   response = parallel.constrain(out.tokens, ("batch", None))
   mask = parallel.constrain(out.mask.astype(jnp.float32), ("batch", None))
   result = {"response": response, "mask": mask, "done": out.done}

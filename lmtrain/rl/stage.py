@@ -36,6 +36,7 @@ from lmtrain.rl.rollout import rollout
 from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import resolve_sources, resolve_text_data, stage_tokenizer, text_corpora
 from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train import memory as memory_lib
 from lmtrain.train import roles
 from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import Hook, LoopConfig, Stage
@@ -69,6 +70,8 @@ class RLStep(StepFactory):
     self.rows = rows
     self.updates_per_step = cfg.epochs * cfg.num_minibatches
     self.kl_init = core.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    self.names = {role: transformer.abstract_model(c)[2] for role, c in configs.items()}
+    self.frozen_dtype = transformer.resolve_dtype(cfg.frozen_dtype, configs[roles.POLICY])
 
   def models(self):
     """{policy, value, reward}: the roles this algorithm and reward use."""
@@ -82,10 +85,12 @@ class RLStep(StepFactory):
 
   def init(self, loaded, optimizer, rng):
     params = {role: loaded[role] for role in (roles.POLICY, roles.VALUE) if role in loaded}
-    extras = {roles.REFERENCE: jax.tree.map(jnp.copy, loaded[roles.POLICY]),
+    frozen = lambda role, tree: transformer.cast_matrices(
+        jax.tree.map(jnp.copy, tree), self.names[role], self.frozen_dtype)
+    extras = {roles.REFERENCE: frozen(roles.POLICY, loaded[roles.POLICY]),
               roles.KL_CONTROLLER: jax.tree.map(jnp.asarray, self.kl_init)}
     if roles.REWARD in loaded:
-      extras[roles.REWARD] = loaded[roles.REWARD]
+      extras[roles.REWARD] = frozen(roles.REWARD, loaded[roles.REWARD])
     return TrainState.create(params, optimizer, rng, extras)
 
   def state_names(self, names):
@@ -109,6 +114,22 @@ class RLStep(StepFactory):
     flops += self.cfg.epochs * 3 * (policy + value)
     return self.rows * seq, flops
 
+  def memory(self, mesh, batch_size, seq_len, microbatches):
+    """The decode copy of the policy (whole along the batch axes, in ROLLOUT_DTYPE) and the KV
+    cache of the rollouts beside the state; one microbatch of prompt + response rows trains."""
+    del seq_len  # PTX rows aside, the trained rows are the rollouts'
+    cfg, policy = self.cfg, self.configs[roles.POLICY]
+    _, abstract, names = transformer.abstract_model(policy)
+    dtype = transformer.resolve_dtype(cfg.rollout_dtype, policy)
+    decode = jax.eval_shape(lambda tree: transformer.cast_matrices(tree, names, dtype), abstract)
+    shardings = parallel.tree_shardings(mesh, decode, names,
+                                        parallel.decode_rules(parallel.axis_rules()))
+    length = cfg.prompt_len + cfg.max_new_tokens
+    extra = {"decode weights": memory_lib.tree_bytes(decode, shardings),
+             "KV cache": memory_lib.kv_cache_bytes(policy, batch_size, length - 1, mesh)}
+    rows = batch_size // cfg.num_minibatches // microbatches // parallel.batch_shard_count(mesh)
+    return extra, (max(rows, 1), length)
+
   def compile(self, ctx, state, first_batch):
     """Compiles the rollout and the update; returns `iteration`."""
     self.ctx, cfg = ctx, self.cfg
@@ -125,9 +146,13 @@ class RLStep(StepFactory):
       out.update({k: v for k, v in batch.items() if k.startswith(learner.PTX_PREFIX)})
       return out
 
+    # The mesh check (shards=...) is not enforced yet: the test and demo configs run minibatches
+    # smaller than the 8-device test mesh's batch shards.
+    learner.check_minibatches(self.rows, cfg, ctx.microbatches, shards=1)
+
     def do_update(state, data, score):
       new_state, metrics, _ = learner.update(self.policy_gd, self.value_gd, cfg, ctx.optimizer,
-                                             ctx.schedule, state, data, score)
+                                             ctx.schedule, state, data, score, ctx.microbatches)
       return new_state, metrics
 
     self.rollout_fn = jax.jit(do_rollout, in_shardings=(ctx.shardings, batch_shardings)).lower(

@@ -128,10 +128,13 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
 
   def preflight(abstract_state, shardings):  # before anything is allocated
     device_gib = cfg.device_memory_gib or memory_lib.device_memory_gib()
+    extra, (rows, length) = stage.step.memory(mesh, cfg.batch_size, cfg.seq_len, cfg.microbatches)
+    memory = memory_lib.memory_plan(abstract_state, shardings, stage.step.model_config, rows,
+                                    length, mesh, device_gib)
+    memory.parts.update(extra)
+    if jax.process_index() == 0:
+      print(f"{stage.name}: memory per device: {memory.summary()}", flush=True)
     if cfg.check_memory and device_gib is not None:
-      local_batch = cfg.batch_size // cfg.microbatches // parallel.batch_shard_count(mesh)
-      memory = memory_lib.memory_plan(abstract_state, shardings, stage.step.model_config,
-                                      local_batch, cfg.seq_len, mesh, device_gib)
       memory_lib.check_fits(memory, stage.name, jax.devices()[0].device_kind)
 
   start = start_state(stage.step, stage.init_from_parent, cfg.train_steps, cfg.seed, mesh, rules,

@@ -18,7 +18,8 @@ from lmtrain.model import attention, transformer
 GIB = 2**30
 
 
-def _bytes_per_device(abstract_tree, sharding_tree) -> int:
+def tree_bytes(abstract_tree, sharding_tree) -> int:
+  """Bytes per device of a tree laid out by `sharding_tree` (its largest shard of each leaf)."""
   def one(x, sharding):
     return math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
   return sum(jax.tree.leaves(jax.tree.map(one, abstract_tree, sharding_tree)))
@@ -26,10 +27,10 @@ def _bytes_per_device(abstract_tree, sharding_tree) -> int:
 
 def state_bytes(abstract_state, shardings) -> dict:
   """Exact per-device bytes of a train state's parts (the largest shard of each leaf)."""
-  params = _bytes_per_device(abstract_state.params, shardings.params)
+  params = tree_bytes(abstract_state.params, shardings.params)
   return {"trained params": params, "gradients": params,
-          "optimizer state": _bytes_per_device(abstract_state.opt_state, shardings.opt_state),
-          "frozen models": _bytes_per_device(abstract_state.extras, shardings.extras)}
+          "optimizer state": tree_bytes(abstract_state.opt_state, shardings.opt_state),
+          "frozen models": tree_bytes(abstract_state.extras, shardings.extras)}
 
 
 def activation_bytes(cfg: transformer.ModelConfig, local_batch: int, seq_len: int,

@@ -118,6 +118,9 @@ class StepFactory(abc.ABC):
   init(loaded, optimizer, rng) -> TrainState, traced: e.g. the trained params and a frozen copy.
   state_names(names) -> (logical names of the params, of the extras or None) for the shardings.
   work(batch_size, seq_len) -> (tokens per step, training FLOPs per token) for tokens/s and MFU.
+  memory(mesh, batch_size, seq_len, microbatches) -> ({part: bytes per device} the train state
+    does not show (e.g. a rollout's KV cache), (sequences, length) of one device's forward +
+    backward) for the memory plan.
   compile(ctx, state, batch) -> step(state, batch) -> (state, metrics with loss, learning_rate,
     grad_norm), compiled for ctx's shardings and the batch's.
   """
@@ -141,6 +144,9 @@ class StepFactory(abc.ABC):
 
   def work(self, batch_size: int, seq_len: int) -> tuple[int, float]:
     return batch_size * seq_len, self.model_config.flops_per_token(seq_len)
+
+  def memory(self, mesh, batch_size: int, seq_len: int, microbatches: int):
+    return {}, (batch_size // microbatches // parallel.batch_shard_count(mesh), seq_len)
 
   @abc.abstractmethod
   def compile(self, ctx: StepContext, state, batch) -> Callable:

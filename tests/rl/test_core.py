@@ -268,3 +268,53 @@ def test_gather_last_reads_the_eos_position():
   changed[2, 5:] = -100.0
   np.testing.assert_array_equal(rl.gather_last(changed, mask), got)
   np.testing.assert_array_equal(rl.gather_last(values[..., 0], mask), got[:, 0])
+
+
+def test_group_estimators_by_hand():
+  # one group of 4 (mean 0.5), one group of 2 equal scores
+  s = np.array([1.0, 0.0, 0.0, 1.0], np.float32)
+  two = np.array([0.5, 0.5, 3.0, 3.0], np.float32)
+  out = {e: np.asarray(rl.group_advantages(s, 4, e)) for e in rl.GROUP_ESTIMATORS}
+  # population std of (1, 0, 0, 1) is 0.5
+  np.testing.assert_allclose(out["grpo"], np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-6),
+                             rtol=1e-6)
+  np.testing.assert_allclose(out["dr_grpo"], [0.5, -0.5, -0.5, 0.5])
+  # leave-one-out: 1 - mean(0, 0, 1) = 2/3; 0 - mean(1, 0, 1) = -2/3
+  np.testing.assert_allclose(out["rloo"], [2 / 3, -2 / 3, -2 / 3, 2 / 3], rtol=1e-6)
+  np.testing.assert_allclose(out["rloo"], [s[i] - np.delete(s, i).mean() for i in range(4)],
+                             rtol=1e-6)
+  # groups of 2: (1, 0) (0, 1) (0.5, 0.5) (3, 3) centred to (.5, -.5, -.5, .5, 0, 0, 0, 0), whose
+  # std over the batch is sqrt(1 / 8): each nonzero advantage is +-0.5 * sqrt(8) = +-sqrt(2)
+  batch = np.asarray(rl.group_advantages(np.concatenate([s, two]), 2, "reinforce_baseline"))
+  np.testing.assert_allclose(batch, np.sqrt(2) * np.array([1, -1, -1, 1, 0, 0, 0, 0]), rtol=1e-5)
+  for e in rl.GROUP_ESTIMATORS:  # equal scores: exactly 0
+    np.testing.assert_array_equal(np.asarray(rl.group_advantages(two, 2, e)), 0.0)
+  with pytest.raises(ValueError, match="unknown estimator 'gae'"):
+    rl.group_advantages(s, 2, "gae")
+
+
+def test_loss_aggregations_by_hand():
+  mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.float32)  # lengths 3 and 1, budget T=4
+  x = np.array([[1.0, 2.0, 3.0, np.inf], [10.0, np.nan, 0.0, 0.0]], np.float32)
+  agg = lambda mode: float(rl.weighted_sum(x, rl.aggregation_weights(mask, mode)))
+  assert agg("token") == pytest.approx((1 + 2 + 3 + 10) / 4)
+  assert agg("sequence") == pytest.approx((2.0 + 10.0) / 2)
+  assert agg("dr_grpo") == pytest.approx((1 + 2 + 3 + 10) / (2 * 4))
+  # weights from the whole batch: the rows' sums add up to the batch's aggregate
+  for mode in rl.AGGREGATIONS:
+    w = rl.aggregation_weights(mask, mode)
+    parts = sum(float(rl.weighted_sum(x[i:i + 1], w[i:i + 1])) for i in range(2))
+    assert parts == pytest.approx(agg(mode))
+  logp, old = np.log(np.full((2, 4), 0.5, np.float32)), np.log(np.full((2, 4), 0.25, np.float32))
+  adv = np.ones((2, 4), np.float32)
+  # ratio 2, clipped at 1.2 for a positive advantage: the loss is -1.2 on every token
+  loss, metrics = rl.ppo_policy_loss(logp, old, adv, mask, 0.2,
+                                     rl.aggregation_weights(mask, "dr_grpo"))
+  assert float(loss) == pytest.approx(-1.2 * 4 / 8)
+  assert float(metrics["clipfrac"]) == pytest.approx(4 / 8)
+
+
+def test_kl_clip():
+  kl = jnp.array([-3.0, 0.5, 7.0])
+  np.testing.assert_array_equal(rl.clip_kl(kl, 2.0), [-2.0, 0.5, 2.0])
+  assert rl.clip_kl(kl, None) is kl

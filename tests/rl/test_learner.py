@@ -3,6 +3,7 @@ that both actually raise a rule-based score with bounded KL."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 from lmtrain import parallel
+from lmtrain.errors import UserError
 from lmtrain.model import generate as generate_lib
 from lmtrain.model import transformer
 from lmtrain.rl import core as rl, learner, rollout as rollout_lib, stage as rl_stage
@@ -146,8 +148,9 @@ def test_first_minibatch_is_exact_and_frozen_roles_stay_bit_identical():
                                           data["rm_score"])
   # policy == reference: the KL is exactly 0; the first minibatch sees the rollout's own policy
   assert float(metrics["kl"]) == 0.0
-  assert float(per_mb["ratio_mean"][0]) == 1.0
+  # approx_kl, a weighted sum of squared log-ratios, is exactly 0 only if every ratio is exactly 1
   assert float(per_mb["approx_kl"][0]) == 0.0
+  assert float(per_mb["ratio_mean"][0]) == pytest.approx(1.0, abs=1e-6)
   assert float(per_mb["clipfrac"][0]) == 0.0
   assert float(per_mb["approx_kl"][-1]) > 0  # later minibatches see an updated policy
   jax.tree.map(np.testing.assert_array_equal, before["reference"], new_state.extras["reference"])
@@ -335,3 +338,148 @@ def test_prompt_batches_and_zipped_iterator_state_round_trip(tokenizer_path, tmp
   got = next(fresh)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key])
+
+
+# --- the rollout path at scale: decode layout, microbatches, the split checks
+
+
+def _while_body_gathers(hlo: str):
+  """Result types of the all-gathers in the compiled HLO's while-loop bodies (and everything
+  they call): the decode loop and the layer scans inside it."""
+  comps, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1)
+      comps[current] = []
+    elif current:
+      comps[current].append(line)
+  callees = {name: set(re.findall(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)",
+                                  "\n".join(lines))) for name, lines in comps.items()}
+  todo = [b for lines in comps.values() for line in lines
+          for b in re.findall(r"body=%?([\w.\-]+)", line)]
+  seen = set()
+  while todo:
+    name = todo.pop()
+    if name in comps and name not in seen:
+      seen.add(name)
+      todo.extend(callees[name])
+  return [re.search(r"= (\S+) all-gather\(", line).group(1)
+          for name in seen for line in comps[name] if " all-gather(" in line]
+
+
+def _compiled_decode(fn, mesh):
+  rules = parallel.axis_rules()
+  _, abstract, names = transformer.abstract_model(POLICY)
+  shardings = parallel.tree_shardings(mesh, abstract, names, rules)
+  rows = parallel.named_sharding(mesh, ("batch", None), rules, (8, PROMPT_LEN))
+  per_row = parallel.named_sharding(mesh, ("batch",), rules, (8,))
+  with parallel.activate(mesh, rules):
+    return jax.jit(fn, in_shardings=(shardings, rows, per_row)), shardings, rows, per_row
+
+
+def test_decode_loop_gathers_no_weights_and_greedy_tokens_equal_the_training_layout():
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW)
+  pgd, _, _ = transformer.abstract_model(POLICY)
+  kwargs = dict(eos_id=EOS, pad_id=PAD, greedy=True)
+
+  def training_layout(params, prompt, length):  # the FSDP-sharded weights, as they are trained
+    return generate_lib.sample_sequences(pgd, params, prompt, length, jax.random.PRNGKey(0),
+                                         max_new_tokens=NEW, left_padded=True, **kwargs).tokens
+
+  def decode_layout(params, prompt, length):
+    return rollout_lib.rollout(pgd, None, cfg, params, None, prompt, length,
+                               jax.random.PRNGKey(0), **kwargs)["response"]
+
+  params = util.init_params(POLICY, 0)
+  prompt, length = prompts(8)
+  mesh = util.mesh_of({"fsdp": 4})
+  tokens, gathered = {}, {}
+  for name, fn in (("training", training_layout), ("decode", decode_layout)):
+    jitted, shardings, rows, per_row = _compiled_decode(fn, mesh)
+    with parallel.activate(mesh, parallel.axis_rules()):
+      args = (jax.device_put(params, shardings), jax.device_put(prompt, rows),
+              jax.device_put(length, per_row))
+      gathered[name] = [t for t in _while_body_gathers(jitted.lower(*args).compile().as_text())
+                        if t.startswith("f32")]
+      tokens[name] = np.asarray(jitted(*args))
+  assert len(gathered["training"]) >= 2 * 9  # every weight, again for every token
+  assert gathered["decode"] == []
+  np.testing.assert_array_equal(tokens["decode"], tokens["training"])
+  one_device = generate_lib.generate(pgd, params, prompt, length, jax.random.PRNGKey(0),
+                                     max_new_tokens=NEW, left_padded=True, **kwargs).tokens
+  np.testing.assert_array_equal(tokens["decode"], one_device)
+
+
+def test_frozen_and_rollout_matrices_in_the_compute_dtype_change_no_output():
+  cfg16 = dataclasses.replace(POLICY, dtype="bfloat16")
+  gd, _, names = transformer.abstract_model(cfg16)
+  params = util.init_params(POLICY, 0)
+  cast = transformer.cast_matrices(params, names, jnp.bfloat16)
+  dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(cast)}
+  assert dtypes["['embed']"] == jnp.bfloat16 and dtypes["['layers']['attn']['q']"] == jnp.bfloat16
+  assert dtypes["['final_norm']['scale']"] == jnp.float32  # vectors stay as they are
+  tokens = jnp.asarray(prompts(4)[0])
+  full = transformer.merge(gd, params)(tokens)
+  np.testing.assert_array_equal(np.asarray(transformer.merge(gd, cast)(tokens)), np.asarray(full))
+  stored = sum(x.nbytes for x in jax.tree.leaves(cast))
+  assert stored < 0.52 * sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("algorithm,aggregation", [("ppo", "token"), ("grpo", "sequence")])
+def test_microbatches_give_the_same_update(algorithm, aggregation):
+  cfg = RLConfig(algorithm=algorithm, group_size=2 if algorithm == "grpo" else 1,
+                  prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
+                  loss_aggregation=aggregation, entropy_coef=0.01)
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
+  data = make_rollout(graphdefs, cfg, state, *prompts(16))
+  pgd, vgd, _ = graphdefs
+  results = []
+  for micro in (1, 4):
+    fn = jax.jit(functools.partial(learner.update, pgd, vgd, cfg, optimizer, schedule,
+                                   microbatches=micro))
+    new_state, metrics, _ = fn(state, data, data["rm_score"])
+    results.append((jax.tree.map(np.asarray, new_state.params),
+                    {k: float(v) for k, v in metrics.items()}))
+  (p1, m1), (p4, m4) = results
+  for key in m1:
+    assert m4[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+  # Adam divides by sqrt(v): where a gradient is ~0, rounding moves the step by up to ~lr/100
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p4)
+  changed = jax.tree.map(lambda a, b: float(np.max(np.abs(a - np.asarray(b)))), p1,
+                         state.params)
+  assert max(jax.tree.leaves(changed)) > 1e-4  # the update is not a no-op
+
+
+def test_minibatch_splits_that_the_mesh_does_not_divide_are_one_line_errors():
+  cfg = RLConfig(num_minibatches=2)
+  learner.check_minibatches(32, cfg, 2, shards=8)
+  for rows, micro, shards, text in (
+      (30, 1, 1, "BATCH_SIZE=30 does not divide into NUM_MINIBATCHES=2"),
+      (32, 3, 1, "a minibatch of 16 rollouts (BATCH_SIZE=32 / NUM_MINIBATCHES=2) does not "
+                 "divide into MICROBATCHES=3"),
+      (32, 4, 8, "4 rollouts per microbatch (BATCH_SIZE=32 / NUM_MINIBATCHES=2 / "
+                 "MICROBATCHES=4) do not divide over the mesh's 8 batch shards"),
+      (8, 1, 8, "4 rollouts per minibatch (BATCH_SIZE=8 / NUM_MINIBATCHES=2) do not divide")):
+    with pytest.raises(UserError, match=re.escape(text)):
+      learner.check_minibatches(rows, cfg, micro, shards)
+  for bad, text in (({"advantage_estimator": "rloo"}, "PPO uses gae"),
+                    ({"algorithm": "grpo", "group_size": 2, "advantage_estimator": "gae"},
+                     "GRPO takes grpo, dr_grpo, rloo, reinforce_baseline"),
+                    ({"loss_aggregation": "mean"}, "LOSS_AGGREGATION='mean'"),
+                    ({"kl_clip": 0.0}, "KL_CLIP=0.0"),
+                    ({"rollout_dtype": "int8"}, "ROLLOUT_DTYPE='int8'")):
+    with pytest.raises(UserError, match=re.escape(text)):
+      learner.validate(RLConfig(**bad))
+
+
+def test_reward_clip_bounds_the_scores_before_the_eos_penalty():
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, reward_clip=0.5,
+                  missing_eos_penalty=-1.0, epochs=1, num_minibatches=1)
+  graphdefs, optimizer, schedule, state = setup(cfg)
+  data = make_rollout(graphdefs, cfg, state, *prompts(4))
+  data["done"] = jnp.array([True, True, False, True])
+  _, metrics, _ = run_update(graphdefs, cfg, optimizer, schedule, state, data,
+                             jnp.array([3.0, -3.0, 0.2, 0.1]))
+  # (0.5 - 0.5 + (0.2 - 1) + 0.1) / 4
+  assert float(metrics["reward_mean"]) == pytest.approx(-0.7 / 4)
