@@ -125,11 +125,15 @@ def named_sharding(mesh, names, rules, shape=None) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
 
 
+def is_axis_names(x) -> bool:
+  """Whether x is one leaf of a logical-names tree: a tuple of axis names (or None)."""
+  return isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x)
+
+
 def tree_shardings(mesh, abstract_tree, names_tree, rules):
   """NamedShardings for a pytree of arrays given a matching pytree of logical-name tuples."""
-  return jax.tree.map(
-      lambda a, n: named_sharding(mesh, n, rules, a.shape), abstract_tree, names_tree,
-      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x))
+  return jax.tree.map(lambda a, n: named_sharding(mesh, n, rules, a.shape), abstract_tree,
+                      names_tree, is_leaf=is_axis_names)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -464,9 +464,7 @@ def cast_matrices(params, names, dtype):
   matrices stored in the compute dtype give bit-identical outputs with half the bytes."""
   def cast(x, axes):
     return x.astype(dtype) if _MATRIX_AXES & set(axes) else x
-  return jax.tree.map(cast, params, names,
-                      is_leaf=lambda x: isinstance(x, tuple) and all(
-                          isinstance(e, (str, type(None))) for e in x))
+  return jax.tree.map(cast, params, names, is_leaf=parallel.is_axis_names)
 
 
 def merge(graphdef, params):

@@ -23,6 +23,7 @@ from lmtrain.rl.grpo import GRPO
 from lmtrain.rl.ppo import PPO
 from lmtrain.rl.rollout import response_logprobs, response_values
 from lmtrain.train import roles
+from lmtrain.train.step import scan_sum, split_microbatches
 
 ALGORITHMS = {a.name: a for a in (PPO(), GRPO())}
 
@@ -97,26 +98,14 @@ def _weights(cfg: RLConfig, mb, ptx):
 
 def accumulated(grad_fn, microbatches: int):
   """grad_fn(params, mb, kl_coef, ptx) -> ((loss, metrics), grads), summed over `microbatches`
-  microbatches of mb (and of ptx) in a scan: one microbatch's activations live at a time.
-  Microbatch j takes rows j, j + n, ..., so each stays spread over the devices of the batch."""
+  microbatches of mb (and of ptx) split as the loss stages' are (step.split_microbatches)."""
   if microbatches == 1:
     return grad_fn
 
-  def split(tree):
-    return jax.tree.map(lambda x: parallel.constrain(
-        x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1),
-        (None, "batch") + (None,) * (x.ndim - 1)), tree)
-
   def run(params, mb, kl_coef, ptx):
-    parts = (split(mb), split(ptx) if ptx is not None else None)
-    first = jax.tree.map(lambda x: x[0], parts)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, params, first[0], kl_coef, first[1]))
-
-    def add(total, part):
-      return jax.tree.map(jnp.add, total, grad_fn(params, part[0], kl_coef, part[1])), None
-
-    return jax.lax.scan(add, zeros, parts)[0]
+    parts = (split_microbatches(mb, microbatches),
+             split_microbatches(ptx, microbatches) if ptx is not None else None)
+    return scan_sum(lambda part: grad_fn(params, part[0], kl_coef, part[1]), parts)
 
   return run
 

@@ -68,9 +68,9 @@ def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, sc
 
 def decode_layout(graphdef, params, dtype: str):
   """(the policy's params for decoding, a context that traces the decode loop with the matching
-  rules): weight matrices in `dtype` (a ROLLOUT_DTYPE setting; transformer.cast_matrices) and, under an active mesh, laid
-  out by parallel.decode_rules: one gather of the weights per rollout instead of one per layer
-  per token. Costs a copy of the weights that is whole along the batch axes (counted in the RL
+  rules): weight matrices in `dtype` (a ROLLOUT_DTYPE setting; transformer.cast_matrices) and,
+  under an active mesh, laid out by parallel.decode_rules: one gather of the weights per rollout
+  instead of one per layer per token. Costs a copy of the weights that is whole along the batch axes (counted in the RL
   stage's memory plan)."""
   model = transformer.merge(graphdef, params)
   _, _, names = transformer.split_params(model)

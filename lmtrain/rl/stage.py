@@ -146,10 +146,6 @@ class RLStep(StepFactory):
       out.update({k: v for k, v in batch.items() if k.startswith(learner.PTX_PREFIX)})
       return out
 
-    # The mesh check (shards=...) is not enforced yet: the test and demo configs run minibatches
-    # smaller than the 8-device test mesh's batch shards.
-    learner.check_minibatches(self.rows, cfg, ctx.microbatches, shards=1)
-
     def do_update(state, data, score):
       new_state, metrics, _ = learner.update(self.policy_gd, self.value_gd, cfg, ctx.optimizer,
                                              ctx.schedule, state, data, score, ctx.microbatches)

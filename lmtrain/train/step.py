@@ -42,6 +42,14 @@ def split_microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+def scan_sum(fn, xs):
+  """sum_i fn(xs[i]) over the leading axis of every leaf of xs, in a scan: one element's
+  intermediates (e.g. a microbatch's activations) live at a time."""
+  first = jax.tree.map(lambda x: x[0], xs)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
+  return jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, fn(x)), None), zeros, xs)[0]
+
+
 def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbatches: int = 1):
   """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight."""
 
@@ -59,15 +67,8 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
     else:
       micro = split_microbatches(batch, num_microbatches)
       rngs = jax.random.split(step_rng, num_microbatches)
-      shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rngs[0],
-                              state.extras)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-      def accumulate(acc, xs):
-        out = grad_fn(state.params, *xs, state.extras)
-        return jax.tree.map(jnp.add, acc, out), None
-
-      ((loss_sum, (weight, sums)), grads), _ = jax.lax.scan(accumulate, zeros, (micro, rngs))
+      (loss_sum, (weight, sums)), grads = scan_sum(
+          lambda xs: grad_fn(state.params, *xs, state.extras), (micro, rngs))
     denom = jnp.maximum(weight, 1e-9)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -455,7 +455,7 @@ def test_minibatch_splits_that_the_mesh_does_not_divide_are_one_line_errors():
   cfg = RLConfig(num_minibatches=2)
   learner.check_minibatches(32, cfg, 2, shards=8)
   for rows, micro, shards, text in (
-      (30, 1, 1, "BATCH_SIZE=30 does not divide into NUM_MINIBATCHES=2"),
+      (31, 1, 1, "BATCH_SIZE=31 does not divide into NUM_MINIBATCHES=2"),
       (32, 3, 1, "a minibatch of 16 rollouts (BATCH_SIZE=32 / NUM_MINIBATCHES=2) does not "
                  "divide into MICROBATCHES=3"),
       (32, 4, 8, "4 rollouts per microbatch (BATCH_SIZE=32 / NUM_MINIBATCHES=2 / "
