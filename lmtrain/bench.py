@@ -7,6 +7,7 @@ new token. Compare figures from one run (the machine is noisy); nothing here is 
 
 import dataclasses
 import json
+import re
 import resource
 import statistics
 import time
@@ -37,6 +38,31 @@ def add_arguments(p):
                  help="measure generation (KV cache vs full recomputation) instead of training")
   p.add_argument("--prompt_len", type=int, default=64, help="with --generate: prompt tokens")
   p.add_argument("--new_tokens", type=int, default=128, help="with --generate: tokens generated")
+
+
+def while_body_all_gathers(hlo: str) -> list[str]:
+  """Result types (e.g. 'f32[256,768]') of the all-gathers in a compiled HLO text's while-loop
+  bodies and everything they call: for a decode loop, the weights gathered again per token."""
+  comps, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1)
+      comps[current] = []
+    elif current:
+      comps[current].append(line)
+  callees = {name: set(re.findall(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)",
+                                  "\n".join(lines))) for name, lines in comps.items()}
+  todo = [b for lines in comps.values() for line in lines
+          for b in re.findall(r"body=%?([\w.\-]+)", line)]
+  seen = set()
+  while todo:
+    name = todo.pop()
+    if name in comps and name not in seen:
+      seen.add(name)
+      todo.extend(callees[name])
+  return [re.search(r"= (\S+) all-gather\(", line).group(1)
+          for name in seen for line in comps[name] if " all-gather(" in line]
 
 
 def _model_config(preset, **overrides):
@@ -70,7 +96,7 @@ def _setup(cfg, mesh, batch_size, seq_len):
   optimizer = optim.make_optimizer(schedule)
   abstract_state = jax.eval_shape(
       lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
-  shardings = state_shardings(mesh, rules, abstract_state, names, optimizer)
+  shardings = state_shardings(mesh, rules, abstract_state, names)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   step = make_train_step(graphdef, lm_loss, optimizer, schedule)
   with mesh, parallel.activate(mesh, rules):

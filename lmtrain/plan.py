@@ -20,7 +20,7 @@ from lmtrain import parallel
 from lmtrain.errors import UserError
 from lmtrain.model import transformer
 from lmtrain.train import optim, roles
-from lmtrain.train.memory import GIB, kv_cache_bytes, measure_activations, memory_plan
+from lmtrain.train.memory import GIB, measure_activations, memory_plan
 from lmtrain.train.metrics import PEAK_FLOPS
 from lmtrain.train.state import TrainState, state_shardings
 
@@ -96,9 +96,10 @@ def shape_for_params(n: float, vocab: int = 32000) -> transformer.ModelConfig:
                                  num_heads=d // 128, mlp_dim=mlp)
 
 
-def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules):
+def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dtype="auto"):
   """(abstract train state, its shardings) of `stage` for model `cfg` on `mesh`, as the stage
-  would create it (AdamW over the trained roles, frozen roles in extras)."""
+  would create it (AdamW over the trained roles; frozen roles in extras, their matrices in
+  `frozen_dtype` for PPO/GRPO, as FROZEN_DTYPE stores them)."""
   if stage not in STAGE_ROLES:
     raise UserError(f"--stage {stage!r}; choose one of {', '.join(STAGE_ROLES)}")
   trees, names, trained = {}, {}, []
@@ -108,6 +109,11 @@ def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules):
     if is_trained:
       trained.append(role)
   frozen = [r for r in trees if r not in trained]
+  if stage in ("ppo", "grpo"):
+    dtype = transformer.resolve_dtype(frozen_dtype, cfg)
+    for r in frozen:
+      trees[r] = jax.eval_shape(
+          lambda tree, r=r: transformer.cast_matrices(tree, names[r], dtype), trees[r])
 
   def params_of(tree):  # loss stages train one params tree; PPO/GRPO a dict of roles
     return tree[trained[0]] if stage not in ("ppo", "grpo") else {r: tree[r] for r in trained}
@@ -115,7 +121,7 @@ def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules):
   optimizer = optim.make_optimizer(optax.constant_schedule(0.0))  # the state's shapes only
   abstract_state = jax.eval_shape(lambda: TrainState.create(
       params_of(trees), optimizer, jax.random.PRNGKey(0), {r: trees[r] for r in frozen}))
-  shardings = state_shardings(mesh, rules, abstract_state, params_of(names), optimizer,
+  shardings = state_shardings(mesh, rules, abstract_state, params_of(names),
                               {r: names[r] for r in frozen})
   return abstract_state, shardings
 
@@ -161,6 +167,10 @@ def add_arguments(p):
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--rollouts", type=int, default=None, help="ppo/grpo: rows of the KV cache "
                  "(default: the batch); prompt + response length is --seq_len")
+  for flag, what in (("--frozen_dtype", "the reference's and reward model's stored matrices"),
+                     ("--rollout_dtype", "the policy's decode copy")):
+    p.add_argument(flag, default="auto", help=f"ppo/grpo: {what}: auto (the compute dtype), "
+                   "float32 or bfloat16")
   where = p.add_mutually_exclusive_group()
   where.add_argument("--slice", default=None, help="a TPU slice, e.g. v5p-8 (4 chips), v5e-256")
   where.add_argument("--hardware", default=None, help=", ".join([*HARDWARE, "cpu"]))
@@ -223,11 +233,14 @@ def plan(args) -> dict:
     raise UserError(f"--batch_size {batch} does not split into {args.microbatches} microbatches "
                     f"over {shards} data x fsdp shards")
   local = batch // shards // args.microbatches
-  abstract_state, shardings = stage_state(args.stage, cfg, mesh, parallel.axis_rules())
+  abstract_state, shardings = stage_state(args.stage, cfg, mesh, parallel.axis_rules(),
+                                          args.frozen_dtype)
   memory = memory_plan(abstract_state, shardings, cfg, local, args.seq_len, mesh,
                        hardware.memory_gib)
-  if args.stage in ("ppo", "grpo"):
-    memory.parts["KV cache"] = kv_cache_bytes(cfg, args.rollouts or batch, args.seq_len, mesh)
+  if args.stage in ("ppo", "grpo"):  # the decode copy of the policy and the KV cache
+    from lmtrain.rl.rollout import rollout_memory
+    memory.parts.update(rollout_memory(cfg, args.rollout_dtype, mesh, args.rollouts or batch,
+                                       args.seq_len))
   if args.measure:
     memory.activations, memory.activations_measured = measure_activations(
         cfg, local, args.seq_len), True

@@ -5,7 +5,9 @@ MODE: `train` (the real per-host data shards), `merged` (a single process readin
 and concatenating them, i.e. the same global batches as a 2-process run), `fail` (process 1 dies at
 the first step boundary); `ppo` and `ppo-merged`: the same for PPO (from WORKDIR/pretrain, with the
 demo prompts and the rule-based scorer as the reward, so the host-side scoring gathers every
-host's responses); `sft` and `sft-merged`: SFT on the demo tasks, with its generated-answer eval.
+host's responses); `grpo` and `grpo-merged`: the same for GRPO (groups of 2 samples per prompt);
+`sft` and `sft-merged`: SFT on the demo tasks, with its generated-answer eval; `reward` and
+`reward-merged`: the reward model on the demo pairs, with its normalisation on the policy's samples.
 """
 
 import json
@@ -29,22 +31,29 @@ if nproc > 1:
 import jax  # noqa: E402
 
 from lmtrain.model import transformer  # noqa: E402
-from lmtrain.stages import ppo, pretrain, sft  # noqa: E402
+from lmtrain.stages import grpo, ppo, pretrain, reward, sft  # noqa: E402
 from lmtrain.train import loop  # noqa: E402
 
 common = {"MODEL": "tiny", "BATCH_SIZE": "8", "TRAIN_STEPS": str(steps), "LOG_EVERY": "1",
           "EVAL_EVERY": "0", "CHECKPOINT_EVERY": "2", "WARMUP_STEPS": "1",
           "TOKENIZER": repr(tokenizer), "MESH_SHAPE": "{'data': 2, 'fsdp': 2, 'tensor': 2}"}
-if mode.startswith("ppo"):
-  config_text = config.setup("ppo", macros={
-      **common, "LEARNING_RATE": "0.001", "REWARD": "'scorer'", "INIT_FROM": repr(
-          os.path.join(workdir, "pretrain")), "PROMPT_LEN": "48", "MAX_NEW_TOKENS": "8"},
-      params=["ppo.build.eval_examples = 8"])
-  build = ppo.build
+init_from = repr(os.path.join(workdir, "pretrain"))
+if mode.startswith(("ppo", "grpo")):
+  name = mode.split("-")[0]
+  config_text = config.setup(name, macros={
+      **common, "LEARNING_RATE": "0.001", "REWARD": "'scorer'", "INIT_FROM": init_from,
+      "PROMPT_LEN": "48", "MAX_NEW_TOKENS": "8", "GROUP_SIZE": "2" if name == "grpo" else "1"},
+      params=[f"{name}.build.eval_examples = 8"])
+  build = ppo.build if name == "ppo" else grpo.build
+elif mode.startswith("reward"):
+  config_text = config.setup("reward", macros={
+      **common, "SEQ_LEN": "64", "LEARNING_RATE": "0.003", "INIT_FROM": init_from},
+      params=["reward.build.normalization_pairs = 6"])  # 6 prompts on 4 batch shards: padded
+  build = reward.build
 elif mode.startswith("sft"):
   config_text = config.setup("sft", macros={
-      **common, "SEQ_LEN": "64", "LEARNING_RATE": "0.003", "INIT_FROM": repr(
-          os.path.join(workdir, "pretrain"))}, params=["sft.build.eval_examples = 8"])
+      **common, "SEQ_LEN": "64", "LEARNING_RATE": "0.003", "INIT_FROM": init_from},
+      params=["sft.build.eval_examples = 8"])
   build = sft.build
 else:
   config_text = config.setup("pretrain", macros={
@@ -68,7 +77,8 @@ class Recording:
   def __next__(self):
     batches = [next(p) for p in self.parts]
     batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    seen.extend(batch["inputs" if "inputs" in batch else "prompt"][:, -8:].tolist())
+    key = next(k for k in ("inputs", "prompt", "chosen_inputs") if k in batch)
+    seen.extend(batch[key][:, -8:].tolist())
     if mode == "fail" and pid == 1 and len(seen) > 8:
       os._exit(7)  # dies without a word, as a crashed host would
     return batch

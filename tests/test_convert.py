@@ -501,7 +501,7 @@ def test_tokenizer_takes_llama_special_ids(llama_tokenizer_path, tmp_path):
   assert ids[0] == 1 and ids[-1] == 2 and mask[-1] == 1.0 and (ids[:-1] != 2).all()
   prompt = sft_data.encode_prompt([("user", "the dog")], tok)
   assert prompt[0] == 1 and ids[:len(prompt)].tolist() == prompt.tolist()
-  tokens, _, n = preference.encode_side([("user", "the dog")], "the fox", tok, None, 64)
+  [(tokens, _, n)] = preference.encode_sides([("user", "the dog")], ["the fox"], tok, None, 64)
   assert tokens[n - 1] == 2 and (tokens[n:] == tok.pad_id).all()
 
   # Pad must differ from EOS, and BOS/EOS must exist.

@@ -53,10 +53,22 @@ def test_frozen_roles_and_kv_cache_of_ppo(llama):
   # bytes every chip holds.
   scalar_head_split = 6_738_415_616 - 32000 * 4096 + 4096
   assert mem["trained params"] == 4 * (6_738_415_616 + scalar_head_split) // 4 + 4
-  assert mem["frozen models"] == 4 * (6_738_415_616 + scalar_head_split) // 4 + 4
+  # The frozen reference and reward model store their matrices in bf16 (FROZEN_DTYPE auto on a
+  # TPU), their norm gains and score vector (65 x 4096 + 4096 numbers) in fp32.
+  vectors = 65 * 4096
+  policy_matrices = 6_738_415_616 - vectors
+  reward_matrices = policy_matrices - 32000 * 4096
+  assert mem["frozen models"] == (2 * (policy_matrices + reward_matrices)
+                                  + 4 * (2 * vectors + 4096)) // 4 + 4
+  # The policy's decode copy: bf16 matrices, whole on every chip (no tensor axis here).
+  assert mem["decode weights"] == 2 * policy_matrices + 4 * vectors
   # bf16 keys and values: 2 x 32 layers x 8 rows x 1024 positions x 32 heads x 128, over 4 chips.
   assert mem["KV cache"] == 2 * 32 * 8 * 1024 * 32 * 128 * 2 // 4
   assert mem["trained params"] > pretrain["trained params"]
+  fp32 = json.loads(run_plan("--model", "llama2_7b", "--stage", "ppo", "--slice", "v5p-8",
+                             "--seq_len", "1024", "--batch_size", "8", "--frozen_dtype",
+                             "float32", "--json"))["memory_per_device_bytes"]
+  assert fp32["frozen models"] == 4 * (6_738_415_616 + scalar_head_split) // 4 + 4
 
 
 def test_a_70b_model_does_not_fit_a_v5p_8():

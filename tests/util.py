@@ -60,7 +60,7 @@ def sharded_setup(mesh, cfg=TINY, lr=1e-2, microbatches=1, eps=1e-8, loss_fn=lm_
   optimizer = optim.make_optimizer(schedule, weight_decay=0.1, clip_norm=1.0, eps=eps)
   abstract_state = jax.eval_shape(
       lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
-  shardings = state_shardings(mesh, rules, abstract_state, names, optimizer)
+  shardings = state_shardings(mesh, rules, abstract_state, names)
   step = make_train_step(graphdef, loss_fn, optimizer, schedule, microbatches)
   batch_sharding = (parallel.batch_sharding(mesh, rules) if batch_example is None else
                     {k: parallel.batch_sharding(mesh, rules, np.ndim(v))

@@ -69,24 +69,44 @@ def load_pairs(sources: Sequence[str] | str, *, on_error: str = "raise") -> list
   return pairs
 
 
-def encode_side(turns, response: str, tokenizer, template, seq_len: int):
-  """(tokens [seq_len] right-padded, response mask [seq_len], real-token count). The mask is 1 on
-  the response tokens and their EOS. Too long: keep the end, so the response and its EOS (where a
-  reward model reads its score) survive and the prompt loses its start."""
-  ids, mask = sft.encode_example(list(turns) + [("assistant", response)], tokenizer, template)
-  ids, mask = ids[-seq_len:], mask[-seq_len:]
-  tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
-  tokens[:len(ids)] = ids
-  response = np.zeros(seq_len, np.float32)
-  response[:len(mask)] = mask
-  return tokens, response, len(ids)
+def fit_pair(prompt, responses, seq_len: int):
+  """(prompt ids, [response ids]) cut so that the prompt plus the longest response fit seq_len, the
+  prompt the same for every response: responses lose their end first, down to half of seq_len (or
+  their own length), then the prompt loses its start (its end, the assistant prefix the responses
+  follow, stays)."""
+  longest = max(len(r) for r in responses)
+  if len(prompt) + longest <= seq_len:
+    return prompt, responses
+  budget = max(seq_len - len(prompt), min(longest, seq_len // 2))
+  return prompt[len(prompt) - (seq_len - budget):], [r[:budget] for r in responses]
+
+
+def encode_sides(turns, responses, tokenizer, template, seq_len: int):
+  """[(tokens [seq_len] right-padded, response mask [seq_len], real-token count)] for each response
+  after the same prompt turns (fit_pair cuts long ones). The mask is 1 on the response's tokens and
+  its EOS, where a reward model reads its score (the last real token, if the cut took the EOS)."""
+  prompt = sft.encode_prompt(list(turns), tokenizer, template)
+  tails = []
+  for response in responses:
+    ids, _ = sft.encode_example(list(turns) + [("assistant", response)], tokenizer, template)
+    tails.append(ids[len(prompt):])
+  prompt, tails = fit_pair(prompt, tails, seq_len)
+  out = []
+  for tail in tails:
+    tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
+    mask = np.zeros(seq_len, np.float32)
+    n = len(prompt) + len(tail)
+    tokens[:n] = np.concatenate([prompt, tail])
+    mask[len(prompt):n] = 1.0
+    out.append((tokens, mask, n))
+  return out
 
 
 def encode_pair(pair: Pair, tokenizer, template, seq_len: int) -> dict[str, np.ndarray]:
   row = {"margin": np.float32(pair.margin)}
-  for side in ("chosen", "rejected"):
-    tokens, response, n = encode_side(pair.prompt_turns, getattr(pair, side), tokenizer, template,
-                                      seq_len)
+  sides = encode_sides(pair.prompt_turns, (pair.chosen, pair.rejected), tokenizer, template,
+                       seq_len)
+  for side, (tokens, response, n) in zip(("chosen", "rejected"), sides):
     row[f"{side}_inputs"] = tokens
     row[f"{side}_loss_mask"] = response
     row[f"{side}_segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)

@@ -40,6 +40,12 @@ class RLConfig:
   clip_eps: float = 0.2
   value_clip_eps: float = 0.2
   vf_coef: float = 0.1
+  # The value model's own optimizer (algorithms with one): its peak learning rate (the policy's
+  # schedule shape; None: LEARNING_RATE) and gradient-norm clip (None: make_optimizer's). With
+  # either set, policy and value are clipped and stepped separately; with neither, one
+  # optimizer clips their joint gradient.
+  value_learning_rate: float | None = None
+  value_clip_norm: float | None = None
   entropy_coef: float = 0.0
   whiten_advantages: bool = True
   # gae (PPO's, with its value model) | grpo | dr_grpo | rloo | reinforce_baseline (GRPO's
@@ -70,9 +76,11 @@ class RLConfig:
     if self.loss_aggregation not in ("token", "sequence", "dr_grpo"):
       raise UserError(f"LOSS_AGGREGATION={self.loss_aggregation!r}: choose token, sequence or "
                       "dr_grpo")
-    for name, value in (("KL_CLIP", self.kl_clip), ("REWARD_CLIP", self.reward_clip)):
+    for name, value in (("KL_CLIP", self.kl_clip), ("REWARD_CLIP", self.reward_clip),
+                        ("VALUE_LEARNING_RATE", self.value_learning_rate),
+                        ("VALUE_CLIP_NORM", self.value_clip_norm)):
       if value is not None and not value > 0:
-        raise UserError(f"{name}={value}: must be positive (or None: no clipping)")
+        raise UserError(f"{name}={value}: must be positive (or None)")
     if self.temperature <= 0:
       raise UserError(f"TEMPERATURE={self.temperature} must be positive")
     if self.kl_target is not None and self.kl_target <= 0:

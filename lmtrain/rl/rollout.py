@@ -18,6 +18,7 @@ from lmtrain.model import generate as generate_lib
 from lmtrain.model import transformer
 from lmtrain.rl import core
 from lmtrain.rl.config import RLConfig
+from lmtrain.train import memory as memory_lib
 
 
 def sequences(prompt, prompt_length, response, response_mask):
@@ -83,6 +84,19 @@ def decode_layout(graphdef, params, dtype: str):
   params = jax.lax.with_sharding_constraint(
       params, parallel.tree_shardings(mesh, params, names, rules))
   return params, parallel.activate(mesh, rules)
+
+
+def rollout_memory(policy_config, rollout_dtype: str, mesh, rollouts: int, length: int) -> dict:
+  """Per-device bytes a rollout adds to the train state: the decode copy of the policy
+  (decode_layout: whole along the batch axes, in ROLLOUT_DTYPE) and the KV cache of `rollouts`
+  rows of `length` tokens. For the RL stage's memory plan and `lmtrain plan`."""
+  _, abstract, names = transformer.abstract_model(policy_config)
+  dtype = transformer.resolve_dtype(rollout_dtype, policy_config)
+  decode = jax.eval_shape(lambda tree: transformer.cast_matrices(tree, names, dtype), abstract)
+  rules = parallel.decode_rules(parallel.axis_rules())
+  return {"decode weights": memory_lib.tree_bytes(
+              decode, parallel.tree_shardings(mesh, decode, names, rules)),
+          "KV cache": memory_lib.kv_cache_bytes(policy_config, rollouts, length, mesh)}
 
 
 def rollout(policy_graphdef, reward_graphdef, cfg: RLConfig, policy_params, reward_params,

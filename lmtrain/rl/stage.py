@@ -25,6 +25,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lmtrain import fileio, parallel
 from lmtrain.data import demo, loader, prompts as prompts_lib, scorers, sft as sft_data
@@ -32,11 +33,11 @@ from lmtrain.errors import UserError
 from lmtrain.model import transformer
 from lmtrain.rl import core, learner
 from lmtrain.rl.config import Graphdefs, RLConfig
-from lmtrain.rl.rollout import rollout
+from lmtrain.rl.rollout import rollout, rollout_memory
 from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import resolve_sources, resolve_text_data, stage_tokenizer, text_corpora
 from lmtrain.train import checkpoint as ckpt_lib
-from lmtrain.train import memory as memory_lib
+from lmtrain.train import optim
 from lmtrain.train import roles
 from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import Hook, LoopConfig, Stage
@@ -83,6 +84,29 @@ class RLStep(StepFactory):
   def init_fresh(self, rng):
     raise UserError("the RL stages start from an SFT (and a reward) checkpoint")
 
+  def check_batch(self, batch_size, microbatches, mesh):
+    """MICROBATCHES splits each minibatch: the rollouts must split into NUM_MINIBATCHES x
+    MICROBATCHES parts that the mesh's batch shards divide."""
+    learner.check_minibatches(batch_size, self.cfg, microbatches,
+                              parallel.batch_shard_count(mesh))
+
+  def optimizer(self, schedule, make_schedule):
+    """One optimizer over {policy, value}, or with VALUE_LEARNING_RATE / VALUE_CLIP_NORM one
+    each (optax.multi_transform): its own peak LR (same schedule shape) and its own clip."""
+    cfg = self.cfg
+    joint = super().optimizer(schedule, make_schedule)
+    if roles.VALUE not in self.configs or (cfg.value_learning_rate is None and
+                                           cfg.value_clip_norm is None):
+      return joint
+    value_schedule = (schedule if cfg.value_learning_rate is None else
+                      make_schedule(learning_rate=cfg.value_learning_rate))
+    clip = {} if cfg.value_clip_norm is None else {"clip_norm": cfg.value_clip_norm}
+    tree, _ = self.models()
+    labels = {role: jax.tree.map(lambda _, r=role: r, tree[role])
+              for role in (roles.POLICY, roles.VALUE)}
+    return optax.multi_transform(
+        {roles.POLICY: joint, roles.VALUE: optim.make_optimizer(value_schedule, **clip)}, labels)
+
   def init(self, loaded, optimizer, rng):
     params = {role: loaded[role] for role in (roles.POLICY, roles.VALUE) if role in loaded}
     frozen = lambda role, tree: transformer.cast_matrices(
@@ -118,15 +142,10 @@ class RLStep(StepFactory):
     """The decode copy of the policy (whole along the batch axes, in ROLLOUT_DTYPE) and the KV
     cache of the rollouts beside the state; one microbatch of prompt + response rows trains."""
     del seq_len  # PTX rows aside, the trained rows are the rollouts'
-    cfg, policy = self.cfg, self.configs[roles.POLICY]
-    _, abstract, names = transformer.abstract_model(policy)
-    dtype = transformer.resolve_dtype(cfg.rollout_dtype, policy)
-    decode = jax.eval_shape(lambda tree: transformer.cast_matrices(tree, names, dtype), abstract)
-    shardings = parallel.tree_shardings(mesh, decode, names,
-                                        parallel.decode_rules(parallel.axis_rules()))
+    cfg = self.cfg
     length = cfg.prompt_len + cfg.max_new_tokens
-    extra = {"decode weights": memory_lib.tree_bytes(decode, shardings),
-             "KV cache": memory_lib.kv_cache_bytes(policy, batch_size, length - 1, mesh)}
+    extra = rollout_memory(self.configs[roles.POLICY], cfg.rollout_dtype, mesh, batch_size,
+                           length - 1)
     rows = batch_size // cfg.num_minibatches // microbatches // parallel.batch_shard_count(mesh)
     return extra, (max(rows, 1), length)
 
@@ -340,9 +359,7 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
     return loaded, parent
 
   rows = loop_cfg.batch_size
-  if rows % cfg.num_minibatches:
-    raise UserError(f"BATCH_SIZE={rows} does not divide into NUM_MINIBATCHES="
-                    f"{cfg.num_minibatches}")
+  learner.check_minibatches(rows, cfg, loop_cfg.microbatches, shards=1)  # the mesh's: check_batch
 
   def train_data_fn(process_index, process_count):
     prompt_iter = prompts_lib.make_prompt_iterator(

@@ -2,9 +2,11 @@
 
 loss = -log sigmoid(r_chosen - r_rejected - margin), with r read at each sequence's last real token
 (its EOS); with `lm_score`, r also adds a learned weight x the response's mean log-prob under the
-trunk's own LM head (rl.reward_scores). After training, the rewards of the held-out responses give a
-normalisation (offset, scale) saved beside the checkpoint, which PPO applies so its KL coefficient
-means the same across RMs.
+trunk's own LM head (rl.reward_scores). After training, the rewards of the parent (SFT) policy's own
+samples for the training prompts (NORMALIZATION = 'policy', as lm-human-preferences does; or of the
+held-out pairs' responses, 'preference') give a normalisation (offset, scale) saved beside the
+checkpoint, which PPO applies so that its first rollouts' rewards have mean 0 and std 1 and its KL
+coefficient, EOS penalty and value clip mean the same across RMs.
 """
 
 import dataclasses
@@ -16,10 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmtrain import fileio, parallel
-from lmtrain.data import demo, preference, sft as sft_data
+from lmtrain.data import demo, preference, prompts as prompts_lib, sft as sft_data
+from lmtrain.errors import UserError
 from lmtrain.losses import mean_metrics
 from lmtrain.model import transformer
 from lmtrain.rl import core as rl
+from lmtrain.rl import rollout as rollout_lib
+from lmtrain.rl.config import RLConfig
 from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib, roles
@@ -44,28 +49,91 @@ def reward_loss(model, batch, rng):
   return loss * n, n, {k: v * n for k, v in metrics.items()}
 
 
-def normalizer(pairs, tokenizer, template, seq_len, model_config):
-  """An end-of-run hook: the offset/scale that give the held-out responses' rewards mean 0, std 1,
-  saved beside the checkpoint once the schedule is complete."""
-  rows = [preference.encode_pair(p, tokenizer, template, seq_len) for p in pairs]
+NORMALIZATION_SOURCES = ("policy", "preference")
+
+
+def _on_mesh(rows, mesh, rules):
+  """Rows that every host holds whole, stacked, padded with copies of the first to fill the
+  mesh's batch shards (their results are dropped), as global arrays split over the batch."""
+  padded = rows + [rows[0]] * (-len(rows) % parallel.batch_shard_count(mesh))
+  stacked = {k: np.stack([r[k] for r in padded]) for k in rows[0]}
+  return {k: parallel.from_host(v, parallel.batch_sharding(mesh, rules, v.ndim))
+          for k, v in stacked.items()}
+
+
+def preference_scores(rm_graphdef, rm_params, rows, mesh, rules):
+  """[2n] reward-model scores of the n encoded pairs' chosen and rejected responses, on any mesh
+  and any number of hosts."""
+  def score(params, batch):
+    return jnp.stack(pair_scores(transformer.merge(rm_graphdef, params), batch))
+
+  with parallel.activate(mesh, rules):
+    scores = parallel.to_host(jax.jit(score)(rm_params, _on_mesh(rows, mesh, rules)))
+  return scores[:, :len(rows)].ravel()
+
+
+def policy_scores(policy_graphdef, policy_params, rm_graphdef, rm_params, prompt_rows, mesh,
+                  rules, *, new_tokens: int, temperature: float, seed: int, eos_id: int,
+                  pad_id: int):
+  """([n] reward-model scores, [n] EOS flags) of one response sampled by the policy for each of the
+  n encoded prompts (prompts.encode_prompts rows), through the RL stages' own rollout."""
+  cfg = RLConfig(prompt_len=prompt_rows[0]["prompt"].shape[0], max_new_tokens=new_tokens,
+                 temperature=temperature)
+
+  def sample_and_score(policy, reward, batch):
+    out = rollout_lib.rollout(policy_graphdef, rm_graphdef, cfg, policy, reward, batch["prompt"],
+                              batch["prompt_length"], jax.random.PRNGKey(seed), eos_id=eos_id,
+                              pad_id=pad_id)
+    return out["rm_score"], out["done"]
+
+  rows = [{k: r[k] for k in ("prompt", "prompt_length")} for r in prompt_rows]
+  with parallel.activate(mesh, rules):
+    scores, done = jax.jit(sample_and_score)(policy_params, rm_params,
+                                             _on_mesh(rows, mesh, rules))
+    scores, done = parallel.to_host(scores), parallel.to_host(done)
+  return scores[:len(rows)], done[:len(rows)]
+
+
+def normalizer(source: str, pairs, tokenizer, template, seq_len, rm_config, load_policy=None,
+               *, new_tokens: int = 16, temperature: float = 1.0, seed: int = 0):
+  """An end-of-run hook: the offset/scale that give the rewards of `source`'s responses mean 0,
+  std 1, saved beside the checkpoint (roles.NORMALIZATION_FILE) before the last checkpoint is
+  (lmtrain/train/loop.py), so a run cut off before it is written redoes it.
+
+  source 'policy': one response of the parent policy (load_policy: abstract params -> (params,
+  lineage)) sampled for each distinct prompt of `pairs`, as PPO's first rollouts will see them;
+  'preference': both responses of each pair."""
+  rm_graphdef, _, _ = transformer.abstract_model(rm_config)
+  if source == "policy":
+    prompt_len = seq_len - new_tokens
+    if prompt_len < 2:
+      raise UserError(f"reward.build.normalization_new_tokens={new_tokens} leaves "
+                      f"{prompt_len} of SEQ_LEN={seq_len} tokens for the prompts")
+    distinct = list({p.prompt_turns: p for p in pairs}.values())
+    examples = [sft_data.Example(tuple(p.prompt_turns), p.record) for p in distinct]
+    rows = prompts_lib.encode_prompts(examples, tokenizer, prompt_len, template)
+    policy_config = dataclasses.replace(rm_config, head="lm", lm_score=False)
+  else:
+    rows = [preference.encode_pair(p, tokenizer, template, seq_len) for p in pairs]
 
   def run(info):
     if not info.finished:
       return None
-    params, mesh, rules = info.state.params, info.mesh, info.rules
-    graphdef, _, _ = transformer.abstract_model(model_config)
-    shards = parallel.batch_shard_count(mesh)
-    n = len(rows) // shards * shards
-    batch = {k: np.stack([r[k] for r in rows[:n]]) for k in rows[0]}
-
-    def score_all(p, b):
-      return jnp.concatenate(pair_scores(transformer.merge(graphdef, p), b))
-
-    with parallel.activate(mesh, rules):
-      scores = np.asarray(jax.device_get(jax.jit(score_all)(
-          params, parallel.global_batch(batch, mesh, rules))))
+    norm = {"source": source}
+    if source == "policy":
+      graphdef, abstract, names = transformer.abstract_model(policy_config)
+      shardings = parallel.tree_shardings(info.mesh, abstract, names, info.rules)
+      policy, lineage = load_policy(parallel.with_shardings(abstract, shardings))
+      scores, done = policy_scores(
+          graphdef, policy, rm_graphdef, info.state.params, rows, info.mesh, info.rules,
+          new_tokens=new_tokens, temperature=temperature, seed=seed, eos_id=tokenizer.eos_id,
+          pad_id=tokenizer.pad_id)
+      norm.update(policy=lineage["path"], new_tokens=new_tokens, temperature=temperature,
+                  eos_fraction=float(done.mean()))
+    else:
+      scores = preference_scores(rm_graphdef, info.state.params, rows, info.mesh, info.rules)
     norm = {"offset": float(scores.mean()), "scale": float(scores.std() + 1e-6),
-            "num_responses": int(scores.size)}
+            "num_responses": int(scores.size), **norm}
     if jax.process_index() == 0:
       fileio.write_json(os.path.join(info.stage_dir, roles.NORMALIZATION_FILE), norm)
     return {"reward_offset": norm["offset"], "reward_scale": norm["scale"]}
@@ -76,7 +144,8 @@ def normalizer(pairs, tokenizer, template, seq_len, model_config):
 @gin.configurable
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
           tokenizer="auto", init_from=None, on_bad_record="raise",
-          normalization_pairs=256, lm_score=False) -> Stage:
+          normalization="policy", normalization_pairs=256, normalization_new_tokens=16,
+          normalization_temperature=1.0, lm_score=False) -> Stage:
   train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_preference_data,
                                  "preference JSONL")
   tok = stage_tokenizer(workdir, tokenizer)
@@ -87,12 +156,22 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
     return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
                         on_error=on_bad_record, template=template)
 
-  norm_pairs = preference.load_pairs(evals or train, on_error=on_bad_record)[:normalization_pairs]
+  if normalization not in NORMALIZATION_SOURCES:
+    raise UserError(f"NORMALIZATION={normalization!r}: choose one of {NORMALIZATION_SOURCES}")
+  if normalization_pairs < 1:
+    raise UserError(f"reward.build.normalization_pairs={normalization_pairs} must be at least 1")
+  # The policy's samples answer the training prompts; the preference responses are held out.
+  norm_pairs = preference.load_pairs(train if normalization == "policy" else (evals or train),
+                                     on_error=on_bad_record)[:normalization_pairs]
+  parent = ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent)
+  norm_hook = normalizer(normalization, norm_pairs, tok, template, loop_cfg.seq_len, rm_cfg,
+                         parent, new_tokens=normalization_new_tokens,
+                         temperature=normalization_temperature, seed=loop_cfg.seed)
   return Stage(
       name="reward", step=LossStep(rm_cfg, reward_loss), train_data=batches(train, True),
       evaluation=Evaluation(data=batches(evals, False), loss_fn=reward_loss, metrics=mean_metrics(
           "accuracy", "margin", "chosen_mean", "rejected_mean")) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent,
                                                    rm_cfg, loop_cfg.seed),
-      hooks=(Hook(normalizer(norm_pairs, tok, template, loop_cfg.seq_len, rm_cfg), at_end=True),),
+      hooks=(Hook(norm_hook, at_end=True),),
       tokenizer_path=tok.path)

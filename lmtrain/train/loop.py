@@ -26,7 +26,7 @@ from lmtrain.train import memory as memory_lib
 from lmtrain.train import metrics as metrics_lib
 from lmtrain.train.evaluation import Evaluation, Evaluator, close_iterator
 from lmtrain.train.monitor import LateMetrics, Preempted, SigtermFlag, Throughput, Watchdog
-from lmtrain.train.start import check_batch, start_state
+from lmtrain.train.start import start_state
 from lmtrain.train.step import StepContext, StepFactory
 
 
@@ -120,7 +120,7 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
   wall_start = time.time()
   stage_dir = make_stage_dir(workdir, stage.name)
   mesh, rules = parallel.make_mesh(), parallel.axis_rules()
-  check_batch(cfg.batch_size, cfg.microbatches, mesh)
+  stage.step.check_batch(cfg.batch_size, cfg.microbatches, mesh)
 
   # The state: resumed, or from the parent (or fresh), and the run's files.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
@@ -193,6 +193,19 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
     checkpointer.save(at_step, state, train_iter)
     last_saved = at_step
 
+  def finish():
+    """The final evaluation and the at-end hooks (their figures join the summary); run before
+    the last checkpoint is saved, so a run cut off here is not yet complete and redoes them."""
+    log(late.flush())
+    final = evaluator(state)
+    if final:
+      writer.write(step, final)
+    for hook in stage.hooks:
+      if hook.at_end:
+        summary.update(hook.fn(info(finished=step == cfg.train_steps)) or {})
+    return final
+
+  final_eval = None
   try:
     with mesh, parallel.activate(mesh, rules):
       # Compile once, for the first batch's shapes and shardings.
@@ -232,6 +245,9 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
                 writer.write(step, row)
               throughput.reset()  # keep eval time out of tokens/s
           stop = sigterm.should_stop(step)
+          if step == end:  # before the last save: an interrupted finish is redone on rerun
+            final_eval = finish()
+            watchdog.beat()
           if step % cfg.checkpoint_every == 0 or step == end or stop:
             save(step)
             watchdog.beat()
@@ -242,12 +258,8 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
           if step < end:  # only after any save: the saved iterator state must not include it
             batch = parallel.global_batch(next(train_iter), mesh, rules)
         log(late.flush())
-      final_eval = evaluator(state)
-      if final_eval:
-        writer.write(step, final_eval)
-      for hook in stage.hooks:
-        if hook.at_end:
-          summary.update(hook.fn(info(finished=step == cfg.train_steps)) or {})
+      if final_eval is None:  # nothing left to step (resumed at STOP_AFTER)
+        final_eval = finish()
   finally:
     bar.close()
     checkpointer.close()

@@ -2,6 +2,7 @@
 its parent's (or fresh) models, laid out on the mesh by the step factory's logical names."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -41,14 +42,16 @@ def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mes
   state, shardings)` runs before anything is allocated (the memory check)."""
   abstract_loaded, loaded_names = step_factory.models()
   param_names, extras_names = step_factory.state_names(loaded_names)
-  schedule = optim.make_schedule(total_steps=train_steps * step_factory.updates_per_step)
-  optimizer = optim.make_optimizer(schedule)
+  make_schedule = functools.partial(optim.make_schedule,
+                                    total_steps=train_steps * step_factory.updates_per_step)
+  schedule = make_schedule()
+  optimizer = step_factory.optimizer(schedule, make_schedule)
 
   def create(loaded, rng):
     return step_factory.init(loaded, optimizer, rng)
 
   abstract_state = jax.eval_shape(create, abstract_loaded, jax.random.PRNGKey(0))
-  shardings = state_shardings(mesh, rules, abstract_state, param_names, optimizer, extras_names)
+  shardings = state_shardings(mesh, rules, abstract_state, param_names, extras_names)
   if preflight is not None:
     preflight(abstract_state, shardings)
   rng = jax.random.PRNGKey(seed)

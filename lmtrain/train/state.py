@@ -4,7 +4,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from lmtrain import parallel
@@ -24,16 +23,34 @@ class TrainState:
                rng=rng, extras=extras or {})
 
 
-def state_shardings(mesh, rules, abstract_state: TrainState, names, optimizer,
+def state_shardings(mesh, rules, abstract_state: TrainState, names,
                     extras_names=None) -> TrainState:
   """NamedShardings of a TrainState: params (and their optimizer moments) by their logical names,
   extras by `extras_names` (a tuple of names per leaf, () for a replicated scalar; None: no
   extras), step and rng replicated."""
   param_shardings = parallel.tree_shardings(mesh, abstract_state.params, names, rules)
-  opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: parallel.replicated(mesh))
+  opt_shardings = opt_state_shardings(abstract_state.opt_state, abstract_state.params,
+                                      param_shardings, parallel.replicated(mesh))
   extras = parallel.tree_shardings(mesh, abstract_state.extras, extras_names or {}, rules)
   rep = parallel.replicated(mesh)
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep,
                     extras=extras)
+
+
+def opt_state_shardings(opt_state, params, param_shardings, other):
+  """Shardings of an optax state: a leaf whose key path ends with a parameter's path (a moment
+  such as `...mu['policy']['embed']`) and has its shape is laid out like that parameter; anything
+  else (counts, scalars) gets `other`. Any transform's state works, masked and multi_transform
+  ones included (whose masked-out leaves are absent), which optax.tree_map_params cannot map."""
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  by_path = {tuple(path): (leaf.shape, sharding)
+             for (path, leaf), sharding in zip(flat, jax.tree.leaves(param_shardings))}
+
+  def pick(path, leaf):
+    for start in range(len(path)):
+      hit = by_path.get(tuple(path[start:]))
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return other
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state)

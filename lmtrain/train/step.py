@@ -21,7 +21,7 @@ import optax
 from lmtrain import parallel
 from lmtrain.model import transformer
 from lmtrain.model.transformer import merge
-from lmtrain.train import roles
+from lmtrain.train import optim, roles, start
 from lmtrain.train.state import TrainState
 
 LossFn = Callable  # (model, batch, rng) -> (loss_sum, weight, dict of metric sums)
@@ -116,6 +116,11 @@ class StepFactory(abc.ABC):
   models() -> (abstract tree, logical names) of what the stage starts from: what its parent's
     checkpoint fills (Stage.init_from_parent) or, with no parent, init_fresh makes.
   init_fresh(rng) -> that tree, traced, for a stage that starts from scratch.
+  check_batch(batch_size, microbatches, mesh): one-line UserError for a batch the step cannot
+    split (the loop calls it before anything is loaded; start.check_batch by default).
+  optimizer(schedule, make_schedule) -> the optax transform of the trained params (the gin-set
+    optim.make_optimizer; a stage that trains several models may give each its own, with
+    make_schedule(learning_rate=...) the same schedule at another peak).
   init(loaded, optimizer, rng) -> TrainState, traced: e.g. the trained params and a frozen copy.
   state_names(names) -> (logical names of the params, of the extras or None) for the shardings.
   work(batch_size, seq_len) -> (tokens per step, training FLOPs per token) for tokens/s and MFU.
@@ -136,6 +141,13 @@ class StepFactory(abc.ABC):
 
   def init_fresh(self, rng):
     return transformer.init_fn(self.model_config)(rng)
+
+  def check_batch(self, batch_size: int, microbatches: int, mesh):
+    start.check_batch(batch_size, microbatches, mesh)
+
+  def optimizer(self, schedule, make_schedule):
+    del make_schedule
+    return optim.make_optimizer(schedule)
 
   def init(self, loaded, optimizer, rng) -> TrainState:
     return TrainState.create(loaded, optimizer, rng)

@@ -127,3 +127,39 @@ def test_ppo_on_two_processes_matches_one_process(two_process_run, tokenizer_pat
                                atol=1e-6, err_msg=key)
   assert two[0]["kl"] == 0.0  # policy == reference in the first rollout
 
+
+
+THROUGHPUT = ("tokens_per_sec", "mfu", "step_time")
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_matches_one_process(two_process_run, tokenizer_path, tmp_path):
+  # Groups of samples stay contiguous in the global batch when every host holds whole groups:
+  # the group advantages, the updates and the greedy eval are those of one process.
+  two, one = stage_on_one_and_two_processes("grpo", two_process_run, tokenizer_path, tmp_path)
+  assert [r["step"] for r in two] == [r["step"] for r in one]
+  assert [r["step"] for r in two if "loss" in r] == [1, 2]
+  for a, b in zip(two, one):
+    assert sorted(a) == sorted(b)
+    for key in sorted(set(a) - {"step", *THROUGHPUT}):
+      assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+  assert any("eval_task_score" in r for r in two)
+
+
+@pytest.mark.slow
+def test_reward_stage_and_its_normalisation_on_two_processes_match_one(two_process_run,
+                                                                        tokenizer_path, tmp_path):
+  two, one = stage_on_one_and_two_processes("reward", two_process_run, tokenizer_path, tmp_path)
+  two, one = [r for r in two if "loss" in r], [r for r in one if "loss" in r]
+  assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-5,
+                               atol=1e-6, err_msg=key)
+  norms = [json.load(open(tmp_path / name / "reward" / "reward_normalization.json"))
+           for name in ("two", "one")]
+  assert norms[0]["source"] == "policy" and norms[0]["num_responses"] == 6
+  # Sampled at temperature 1 from the same policy and scored by reward models whose params
+  # differ by the rounding of two steps' cross-host reductions (loss equal to 1e-5 above).
+  assert norms[0]["offset"] == pytest.approx(norms[1]["offset"], rel=1e-3)
+  assert norms[0]["scale"] == pytest.approx(norms[1]["scale"], rel=1e-3)
+  assert norms[0]["scale"] > 1e-3

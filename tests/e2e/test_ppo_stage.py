@@ -49,6 +49,7 @@ def ppo_args(parents, *extra):
   return ["--gin.MODEL=tiny", "--gin.BATCH_SIZE=8", "--gin.LOG_EVERY=1", "--gin.PROMPT_LEN=48",
           "--gin.MAX_NEW_TOKENS=6", "--gin.EVAL_EVERY=0", "--gin.PPO_EPOCHS=2",
           "--gin.NUM_MINIBATCHES=2", "--gin.LEARNING_RATE=0.003",
+          "--gin.MESH_SHAPE={'data': 2, 'fsdp': 2, 'tensor': 2}",  # 4 rollouts per minibatch
           f"--gin.TOKENIZER={parents}/tokenizer.model", f"--gin.INIT_FROM={parents}/sft",
           "--gin_param=ppo.build.eval_examples=8", *extra]
 
@@ -64,8 +65,15 @@ def restore(path):
 
 @pytest.mark.slow
 def test_ppo_logs_every_metric_keeps_roles_frozen_and_resumes_bit_exactly(parents, tmp_path):
+  # With PPO-ptx: the resumed run must draw the same prompt and PTX rows (both iterators are in
+  # the checkpoint).
+  text = tmp_path / "ptx.jsonl"
+  text.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy "
+                                              f"dog and returns to sample {i * 7}."}) + "\n"
+                          for i in range(200)))
   args = ppo_args(parents, f"--gin.REWARD_FROM={parents}/reward", "--gin.TRAIN_STEPS=4",
-                  "--gin.KL_TARGET=0.5")
+                  "--gin.KL_TARGET=0.5", "--gin.PTX_COEF=0.5", f"--gin.PTX_DATA={text}",
+                  "--gin.SEQ_LEN=32")
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
   proc = lmtrain("ppo", "--workdir", straight, *args)
   lmtrain("ppo", "--workdir", split, *args, "--gin_param=LoopConfig.stop_after=2")
@@ -84,6 +92,10 @@ def test_ppo_logs_every_metric_keeps_roles_frozen_and_resumes_bit_exactly(parent
     assert after["kl_coef"] == pytest.approx(before["kl_coef"] * (1 + error * 8 / 10000),
                                              rel=1e-6)
   assert train[-1]["kl_coef"] != train[0]["kl_coef"]
+  # PTX_COEF x the LM loss trains the policy on the (repetitive) text: from near a random tiny
+  # model's ln(vocab 512) = 6.24 it falls step by step
+  ptx = [r["ptx_loss"] for r in train]
+  assert 4.5 < ptx[0] < 7.5 and ptx[0] > ptx[1] > ptx[2] and ptx[2] < ptx[0] - 1.0, ptx
   evals = [r for r in rows(straight, "ppo") if "eval_task_score" in r]
   assert evals[0]["step"] == 0 and evals[-1]["step"] == 4  # the SFT policy's score, then PPO's
   for r in evals:  # per demo task: 8 held-out prompts, the four tasks in turn, 2 each
@@ -94,7 +106,7 @@ def test_ppo_logs_every_metric_keeps_roles_frozen_and_resumes_bit_exactly(parent
 
   resumed = [r for r in rows(split, "ppo") if "loss" in r]
   for a, b in zip(train[2:], [r for r in resumed if r["step"] > 2]):
-    for key in ("loss", "kl", "kl_coef", "reward_mean", "task_score", "grad_norm"):
+    for key in ("loss", "ptx_loss", "kl", "kl_coef", "reward_mean", "task_score", "grad_norm"):
       assert a[key] == b[key], (key, a, b)
   end_a = restore(os.path.join(straight, "ppo", "checkpoints", "4"))
   end_b = restore(os.path.join(split, "ppo", "checkpoints", "4"))
@@ -149,6 +161,9 @@ def test_ppo_errors_are_one_line(parents, tmp_path):
        'record has no "task" field'),
       (["--gin.NUM_MINIBATCHES=3", f"--gin.REWARD_FROM={parents}/reward"],
        "does not divide into NUM_MINIBATCHES=3"),
+      (["--gin.NUM_MINIBATCHES=4", f"--gin.REWARD_FROM={parents}/reward"],
+       "2 rollouts per minibatch (BATCH_SIZE=8 / NUM_MINIBATCHES=4) do not divide over the "
+       "mesh's 4 batch shards"),
   ]
   for extra, message in cases:
     proc = lmtrain("ppo", "--workdir", str(tmp_path / "run"), *ppo_args(parents, *extra),
@@ -176,31 +191,3 @@ def test_ppo_with_a_scorer_as_reward_starts_its_critic_from_the_sft_trunk(parent
   # learning rate 0: the critic's trunk is still exactly the SFT trunk
   jax.tree.map(np.testing.assert_array_equal, state["params"]["value"]["layers"],
                sft["params"]["layers"])
-
-
-@pytest.mark.slow
-def test_ppo_ptx_through_the_cli_logs_its_loss_and_resumes_bit_exactly(parents, tmp_path):
-  text = tmp_path / "ptx.jsonl"
-  text.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy "
-                                              f"dog and returns to sample {i * 7}."}) + "\n"
-                          for i in range(200)))
-  args = ppo_args(parents, f"--gin.REWARD_FROM={parents}/reward", "--gin.TRAIN_STEPS=3",
-                  "--gin.PTX_COEF=0.5", f"--gin.PTX_DATA={text}", "--gin.SEQ_LEN=32")
-  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  lmtrain("ppo", "--workdir", straight, *args)
-  lmtrain("ppo", "--workdir", split, *args, "--gin_param=LoopConfig.stop_after=1")
-  lmtrain("ppo", "--workdir", split, *args)
-  train = [r for r in rows(straight, "ppo") if "loss" in r]
-  assert [r["step"] for r in train] == [1, 2, 3]
-  # PTX_COEF x the LM loss trains the policy on the (repetitive) text: from near a random tiny
-  # model's ln(vocab 512) = 6.24 it falls step by step
-  ptx = [r["ptx_loss"] for r in train]
-  assert 4.5 < ptx[0] < 7.5 and ptx[0] > ptx[1] > ptx[2] and ptx[2] < ptx[0] - 1.0, ptx
-  # the resumed run draws the same prompt and PTX rows (both iterators are in the checkpoint)
-  resumed = [r for r in rows(split, "ppo") if "loss" in r and r["step"] > 1]
-  for a, b in zip(train[1:], resumed):
-    for key in ("loss", "ptx_loss", "kl", "reward_mean"):
-      assert a[key] == b[key], (key, a, b)
-  jax.tree.map(np.testing.assert_array_equal,
-               restore(os.path.join(straight, "ppo", "checkpoints", "3")),
-               restore(os.path.join(split, "ppo", "checkpoints", "3")))

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from lmtrain import parallel
+from lmtrain import bench, parallel
 from lmtrain.errors import UserError
 from lmtrain.model import generate as generate_lib
 from lmtrain.model import transformer
@@ -230,7 +230,7 @@ def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm):
       names["value"] = transformer.abstract_model(VALUE)[2]
     extras_names = {"reference": names["policy"], "reward": transformer.abstract_model(VALUE)[2],
                     "kl_ctl": {k: () for k in state.extras["kl_ctl"]}}
-    shardings = state_shardings(mesh, rules, state, names, optimizer, extras_names)
+    shardings = state_shardings(mesh, rules, state, names, extras_names)
     rows = jax.tree.map(lambda x: parallel.batch_sharding(mesh, rules, x.ndim), data)
     with parallel.activate(mesh, rules):
       fn = jax.jit(functools.partial(learner.update, graphdefs[0], graphdefs[1], cfg, optimizer,
@@ -343,31 +343,6 @@ def test_prompt_batches_and_zipped_iterator_state_round_trip(tokenizer_path, tmp
 # --- the rollout path at scale: decode layout, microbatches, the split checks
 
 
-def _while_body_gathers(hlo: str):
-  """Result types of the all-gathers in the compiled HLO's while-loop bodies (and everything
-  they call): the decode loop and the layer scans inside it."""
-  comps, current = {}, None
-  for line in hlo.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if header:
-      current = header.group(1)
-      comps[current] = []
-    elif current:
-      comps[current].append(line)
-  callees = {name: set(re.findall(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)",
-                                  "\n".join(lines))) for name, lines in comps.items()}
-  todo = [b for lines in comps.values() for line in lines
-          for b in re.findall(r"body=%?([\w.\-]+)", line)]
-  seen = set()
-  while todo:
-    name = todo.pop()
-    if name in comps and name not in seen:
-      seen.add(name)
-      todo.extend(callees[name])
-  return [re.search(r"= (\S+) all-gather\(", line).group(1)
-          for name in seen for line in comps[name] if " all-gather(" in line]
-
-
 def _compiled_decode(fn, mesh):
   rules = parallel.axis_rules()
   _, abstract, names = transformer.abstract_model(POLICY)
@@ -400,7 +375,7 @@ def test_decode_loop_gathers_no_weights_and_greedy_tokens_equal_the_training_lay
     with parallel.activate(mesh, parallel.axis_rules()):
       args = (jax.device_put(params, shardings), jax.device_put(prompt, rows),
               jax.device_put(length, per_row))
-      gathered[name] = [t for t in _while_body_gathers(jitted.lower(*args).compile().as_text())
+      gathered[name] = [t for t in bench.while_body_all_gathers(jitted.lower(*args).compile().as_text())
                         if t.startswith("f32")]
       tokens[name] = np.asarray(jitted(*args))
   assert len(gathered["training"]) >= 2 * 9  # every weight, again for every token
@@ -483,3 +458,60 @@ def test_reward_clip_bounds_the_scores_before_the_eos_penalty():
                              jnp.array([3.0, -3.0, 0.2, 0.1]))
   # (0.5 - 0.5 + (0.2 - 1) + 0.1) / 4
   assert float(metrics["reward_mean"]) == pytest.approx(-0.7 / 4)
+
+
+def test_a_value_learning_rate_or_clip_gives_the_value_model_its_own_optimizer():
+  make_schedule = functools.partial(optim.make_schedule, total_steps=10, warmup_steps=2)
+  schedule = make_schedule(learning_rate=1e-3)
+  graphdefs = (transformer.abstract_model(POLICY)[0], transformer.abstract_model(VALUE)[0], None)
+  step_of = lambda **kw: rl_stage.RLStep(RLConfig(**kw), {"policy": POLICY, "value": VALUE},
+                                         graphdefs, None, None, True, 8)
+  params = {"policy": util.init_params(POLICY, 0), "value": util.init_params(VALUE, 1)}
+  # Two steps (Adam's first one is the gradients' sign, whatever the clip), norms above any clip.
+  rng = np.random.default_rng(0)
+  grads = [jax.tree.map(lambda p: jnp.full_like(p, 3.0), params),
+           jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)]
+
+  def two_steps(opt, params, grads):
+    state = opt.init(params)
+    for g in grads:
+      updates, state = opt.update(g, state, params)
+    return updates
+
+  joint = step_of().optimizer(schedule, make_schedule)
+  own = step_of(value_learning_rate=5e-2, value_clip_norm=0.5).optimizer(schedule, make_schedule)
+  updates = two_steps(own, params, grads)
+  value_schedule = make_schedule(learning_rate=5e-2)
+  for role, opt in (("policy", optim.make_optimizer(schedule, clip_norm=1.0)),
+                    ("value", optim.make_optimizer(value_schedule, clip_norm=0.5))):
+    alone = two_steps(opt, params[role], [g[role] for g in grads])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates[role], alone)
+  # Without either setting one optimizer clips the joint gradient: the policy's update differs.
+  joint_updates = two_steps(joint, params, grads)
+  assert not np.allclose(joint_updates["policy"]["embed"], updates["policy"]["embed"])
+
+  # Either optimizer's moments are laid out like the params they belong to, the rest replicated;
+  # for the joint one that is the layout optax.tree_map_params gives.
+  mesh, rules = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}), parallel.axis_rules()
+  names = {"policy": transformer.abstract_model(POLICY)[2],
+           "value": transformer.abstract_model(VALUE)[2]}
+  param_keys = lambda tree: {jax.tree_util.keystr(p): s
+                             for p, s in jax.tree_util.tree_leaves_with_path(tree)}
+  for opt in (joint, own):
+    state = jax.eval_shape(lambda: TrainState.create(params, opt, jax.random.PRNGKey(0)))
+    shardings = state_shardings(mesh, rules, state, names)
+    by_param = param_keys(shardings.params)
+    moments = 0
+    for key, s in param_keys(shardings.opt_state).items():
+      owner = [p for p in by_param if key.endswith(p)]
+      if ".mu" in key or ".nu" in key:
+        moments += 1
+        assert owner and s == by_param[owner[0]], key
+      else:
+        assert not owner and s.is_fully_replicated, key
+    assert moments == 2 * len(by_param)
+  state = jax.eval_shape(lambda: TrainState.create(params, joint, jax.random.PRNGKey(0)))
+  expected = optax.tree_map_params(joint, lambda _, s: s, state.opt_state,
+                                   state_shardings(mesh, rules, state, names).params,
+                                   transform_non_params=lambda _: parallel.replicated(mesh))
+  assert state_shardings(mesh, rules, state, names).opt_state == expected
