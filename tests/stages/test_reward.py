@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from lmtrain import parallel
 from lmtrain.model import transformer
 from lmtrain.rl import core as rl
 from lmtrain.stages import reward
@@ -129,3 +130,20 @@ def test_reward_step_is_the_same_on_one_device_and_a_2x2x2_mesh(lm_score):
     for key in a:
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p1, p8)
+
+
+def test_preference_normalisation_scores_every_pair_once_on_a_mesh_that_needs_padding():
+  # 5 pairs on the (2,2,2) mesh's 4 batch shards: padded to 8, the padding's scores dropped; the
+  # scores equal one device's, chosen first.
+  cfg = dataclasses.replace(util.TINY, head="scalar")
+  graphdef, _, names = transformer.abstract_model(cfg)
+  params = util.init_params(cfg, seed=3)
+  pairs = ragged_pairs(5, 16, cfg.vocab_size, 7)
+  rows = [{k: v[i] for k, v in pairs.items()} for i in range(5)]
+  mesh, rules = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}), parallel.axis_rules()
+  shardings = parallel.tree_shardings(mesh, params, names, rules)
+  scores = reward.preference_scores(graphdef, jax.device_put(params, shardings), rows, mesh,
+                                    rules)
+  chosen, rejected = reward.pair_scores(transformer.merge(graphdef, params), pairs)
+  assert scores.shape == (10,)
+  np.testing.assert_allclose(scores, np.concatenate([chosen, rejected]), rtol=1e-5, atol=1e-6)
