@@ -156,7 +156,7 @@ def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_
 
   def not_finished(carry):
     i, _, out = carry
-    return (i < max_new_tokens) & ~jnp.all(out[3])
+    return (i < max_new_tokens) & _any_decoding(out[3])
 
   def decode(carry):
     i, cache, out = carry
@@ -167,6 +167,29 @@ def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_
   _, _, (tokens, logprobs, mask, done) = jax.lax.while_loop(
       not_finished, decode, (jnp.int32(1), cache, out))
   return GenerateOutput(tokens, logprobs, mask, mask.sum(axis=1), done)
+
+
+def _any_decoding(done):
+  """Whether a row has yet to produce EOS: the decode loop's condition, taken identically on
+  every device.
+
+  Under a mesh each device counts the unfinished rows of its own copy of its batch block and one
+  integer all-reduce over every mesh axis adds the counts up. `~jnp.all(done)` would reduce over
+  the batch shards only, each replica group on its own copy: should the copies of a block that the
+  tensor axis replicates ever differ, the groups would run different numbers of iterations and wait
+  for each other's tensor-parallel collectives for good (XLA:CPU stopped a 2 x 2 x 2 mesh so)."""
+  active = parallel.active()
+  if active is None:
+    return ~jnp.all(done)
+  mesh, rules = active
+  spec = parallel.logical_to_spec(("batch",), rules, mesh, done.shape)
+
+  def count(block):
+    return jax.lax.psum(jnp.sum(~block, dtype=jnp.int32), mesh.axis_names)
+
+  pending = jax.shard_map(count, mesh=mesh, in_specs=spec, out_specs=jax.sharding.PartitionSpec(),
+                          check_vma=False)(done)
+  return pending > 0
 
 
 # Jitted on its own; a caller that traces a larger function (a rollout) calls sample_sequences.
