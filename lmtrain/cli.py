@@ -29,8 +29,12 @@ def _split_gin_macros(argv):
   return macros, rest
 
 
-def _parser():
+def _parser(command=None):
+  """The argument parser. The options of `plan` and `bench` (whose modules import jax) are added only
+  when `command` is that subcommand, so `lmtrain --help` and usage errors answer at once."""
+  from lmtrain import __version__
   parser = argparse.ArgumentParser(prog="lmtrain", description=__doc__.splitlines()[0])
+  parser.add_argument("--version", action="version", version=f"lmtrain {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   for stage in STAGES + ("pipeline",):
     p = sub.add_parser(stage, help=f"run the {stage} stage (resumes from DIR/{stage})"
@@ -75,11 +79,13 @@ def _parser():
   from lmtrain import report
   report.add_arguments(p)
   p = sub.add_parser("plan", help="memory per device, fit, FLOPs, time and cost of a run")
-  from lmtrain import plan
-  plan.add_arguments(p)
+  if command == "plan":
+    from lmtrain import plan
+    plan.add_arguments(p)
   p = sub.add_parser("bench", help="print throughput, MFU, memory and compile-time figures")
-  from lmtrain import bench
-  bench.add_arguments(p)
+  if command == "bench":
+    from lmtrain import bench
+    bench.add_arguments(p)
   return parser
 
 
@@ -173,11 +179,10 @@ def run_prepare(args, beam_args):
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  from lmtrain.errors import DivergedError, UserError
-  from lmtrain.train.monitor import Preempted
+  from lmtrain.errors import DivergedError, Preempted, UserError
   try:
     macros, rest = _split_gin_macros(argv)
-    parser = _parser()
+    parser = _parser(next((a for a in rest if not a.startswith("-")), None))
     args, beam_args = parser.parse_known_args(rest)
     if beam_args and args.command != "prepare":
       parser.error(f"unrecognized arguments: {' '.join(beam_args)}")

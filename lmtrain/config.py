@@ -74,6 +74,102 @@ def gin_literal(value: str) -> str:
   return value if whole else repr(value)
 
 
+# Settings: the type and range of every macro the stage files define, checked once the bindings are
+# parsed, before anything is loaded or compiled, so a wrong value is one line naming its macro.
+
+def _integer(minimum):
+  def check(v):
+    if isinstance(v, bool) or not isinstance(v, int):
+      return "must be a whole number"
+    return None if v >= minimum else f"must be at least {minimum}"
+  return check
+
+
+def _number(low=None, high=None, above=None, below=None):
+  def check(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      return "must be a number"
+    if v != v:  # NaN
+      return "must be a number"
+    if low is not None and v < low:
+      return f"must be at least {low}"
+    if above is not None and v <= above:
+      return f"must be above {above}"
+    if high is not None and v > high:
+      return f"must be at most {high}"
+    if below is not None and v >= below:
+      return f"must be below {below}"
+    return None
+  return check
+
+
+def _optional(check):
+  return lambda v: None if v is None else check(v)
+
+
+def _text(v):
+  return None if isinstance(v, str) else "must be a string"
+
+
+def _flag(v):
+  return None if isinstance(v, bool) else "must be True or False"
+
+
+def _mesh_shape(v):
+  if not isinstance(v, dict) or not v:
+    return "must be a dict of mesh axis sizes, e.g. {'data': 1, 'fsdp': -1, 'tensor': 1}"
+  for axis, size in v.items():
+    if axis not in ("data", "fsdp", "tensor"):
+      return f"has an unknown axis {axis!r} (the axes are data, fsdp, tensor)"
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      return f"axis {axis!r} must be a positive whole number or -1 (the rest of the devices)"
+  return None
+
+
+_POSITIVE, _COUNT, _EVERY = _integer(1), _integer(0), _integer(0)
+MACRO_CHECKS = {
+    # The loop (common.gin).
+    "TRAIN_STEPS": _POSITIVE, "BATCH_SIZE": _POSITIVE, "SEQ_LEN": _integer(2), "SEED": _COUNT,
+    "CHECKPOINT_EVERY": _EVERY, "EVAL_EVERY": _EVERY, "LOG_EVERY": _EVERY,  # 0: only at the end
+    "EVAL_STEPS": _POSITIVE, "MICROBATCHES": _POSITIVE, "WARMUP_STEPS": _COUNT,
+    "LEARNING_RATE": _number(low=0), "HANG_TIMEOUT": _optional(_number(above=0)),
+    "MESH_SHAPE": _mesh_shape, "MESH_DCN_SHAPE": _optional(_mesh_shape),
+    "MODEL": _text, "TOKENIZER": _text, "TRAIN_DATA": _text, "EVAL_DATA": _optional(_text),
+    "INIT_FROM": _optional(_text),
+    # The reward model and DPO.
+    "LM_SCORE": _flag, "NORMALIZATION": _text, "DPO_BETA": _number(above=0),
+    "DPO_LABEL_SMOOTHING": _number(low=0, below=0.5),
+    # PPO and GRPO (rl.gin).
+    "PROMPT_LEN": _POSITIVE, "MAX_NEW_TOKENS": _POSITIVE, "TEMPERATURE": _number(above=0),
+    "GROUP_SIZE": _POSITIVE, "NUM_MINIBATCHES": _POSITIVE, "PPO_EPOCHS": _POSITIVE,
+    "CLIP_EPS": _number(above=0), "KL_COEF": _number(low=0), "KL_TARGET": _optional(_number(above=0)),
+    "KL_CLIP": _optional(_number(above=0)), "REWARD_CLIP": _optional(_number(above=0)),
+    "KL_BOUND": _number(above=0), "GAMMA": _number(low=0, high=1), "LAM": _number(low=0, high=1),
+    "VF_COEF": _number(low=0), "ENTROPY_COEF": _number(), "MISSING_EOS_PENALTY": _number(),
+    "PTX_COEF": _number(low=0), "PTX_DATA": _optional(_text),
+    "VALUE_LEARNING_RATE": _optional(_number(above=0)),
+    "VALUE_CLIP_NORM": _optional(_number(above=0)),
+    "KL_ESTIMATOR": _text, "LOSS_AGGREGATION": _text, "ADVANTAGE_ESTIMATOR": _optional(_text),
+    "ROLLOUT_DTYPE": _text, "FROZEN_DTYPE": _text, "REWARD": _text, "REWARD_FROM": _optional(_text),
+    "SCORER": _optional(_text),
+}
+
+
+def check_macros():
+  """Checks the parsed macros' types and ranges (MACRO_CHECKS): UserError naming the first bad one.
+  A macro bound to a configurable reference (@name) is left to that configurable."""
+  for name in _known_macros():
+    check = MACRO_CHECKS.get(name)
+    if check is None:
+      continue
+    value = gin.query_parameter(f"%{name}")
+    if isinstance(value, gin.config.ConfigurableReference):
+      continue
+    problem = check(value)
+    if problem:
+      raise UserError(f"{name}={value!r}: {problem}")
+
+
 def register_configurables(stage: str):
   """Imports the modules whose configurables gin files name (gin needs them registered): every
   stage's, since one pipeline file configures them all."""
@@ -128,6 +224,7 @@ def setup(stage: str, gin_files=(), macros: dict | None = None, params=(),
       raise _explain_gin_error(e, f"--gin_param {binding!r}") from None
   if bindings:
     text_parts.append("# --- command line\n" + "\n".join(bindings))
+  check_macros()
   gin.finalize()
   return "\n\n".join(text_parts) + "\n"
 

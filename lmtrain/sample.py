@@ -6,8 +6,6 @@ an SFT (or later) checkpoint go through the chat template the model was tuned wi
 
 import os
 
-import jax
-
 from lmtrain import fileio
 from lmtrain.errors import UserError
 from lmtrain.stages import REGISTRY
@@ -18,10 +16,11 @@ def add_arguments(p):
   p.add_argument("--checkpoint", required=True, help="a stage directory, e.g. runs/demo/sft")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts_file", help='JSONL of {"prompt": ...} records (or SFT records)')
-  p.add_argument("--max_new_tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=1.0)
-  p.add_argument("--top_k", type=int, default=0)
-  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--max_new_tokens", type=int, default=64, help="at least 1")
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="> 0 samples from softmax(logits / T); 0 is greedy (as --greedy)")
+  p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest (0: all)")
+  p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass in (0, 1] (1: all)")
   p.add_argument("--greedy", action="store_true")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
@@ -55,7 +54,25 @@ def _prompts(args):
   return texts
 
 
+def check_sampling(args):
+  """Refuses sampling flags out of range (one line naming the flag); returns (temperature, greedy):
+  temperature 0 means greedy, as in the OpenAI API and vLLM."""
+  if args.max_new_tokens < 1:
+    raise UserError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+  if not args.temperature >= 0:  # also NaN
+    raise UserError(f"--temperature {args.temperature}: must be 0 (greedy) or above")
+  if args.top_k < 0:
+    raise UserError(f"--top_k {args.top_k}: must be 0 (all tokens) or above")
+  if not 0 < args.top_p <= 1:
+    raise UserError(f"--top_p {args.top_p}: must be in (0, 1]")
+  if args.temperature == 0:
+    return 1.0, True
+  return args.temperature, args.greedy
+
+
 def run(args):
+  temperature, greedy = check_sampling(args)
+  import jax
   from lmtrain import parallel
   from lmtrain.data import sft as sft_data
   from lmtrain.model import generate as generate_lib
@@ -83,7 +100,7 @@ def run(args):
   params, step = ckpt_lib.restore_params(stage_dir, abstract)
   sampler = generate_lib.make_generate(
       mesh, rules, cfg, batch, prompts.shape[1], max_new_tokens=args.max_new_tokens,
-      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+      temperature=temperature, top_k=args.top_k, top_p=args.top_p, greedy=greedy,
       eos_id=tok.eos_id, pad_id=tok.pad_id)
   out = jax.device_get(sampler(params, prompts, lengths, jax.random.PRNGKey(args.seed)))
   print(f"# {lineage['stage']} checkpoint step {step} ({stage_dir})")

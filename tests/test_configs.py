@@ -184,8 +184,51 @@ def test_bare_word_macro_is_a_string():
     ("{'data': 2, 'fsdp': -1}", {"data": 2, "fsdp": -1}), ("125m", "125m"), ("1b", "1b"),
 ])
 def test_gin_literal(value, expected):
-  config.setup("pretrain", macros={"SEED": value})
-  assert gin.query_parameter("%SEED") == expected
+  gin.clear_config()
+  gin.parse_config(f"SOME_MACRO = {config.gin_literal(value)}")
+  assert gin.query_parameter("%SOME_MACRO") == expected
+
+
+def test_every_stage_macro_has_a_type_and_range_check():
+  for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo"):
+    missing = set(config.stage_macros(stage)) - set(config.MACRO_CHECKS)
+    assert not missing, f"{stage}: add these macros to config.MACRO_CHECKS: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("stage, macro, value, expected", [
+    ("pretrain", "BATCH_SIZE", "abc", "BATCH_SIZE='abc': must be a whole number"),
+    ("pretrain", "LEARNING_RATE", "fast", "LEARNING_RATE='fast': must be a number"),
+    ("pretrain", "LEARNING_RATE", "-1e-3", "LEARNING_RATE=-0.001: must be at least 0"),
+    ("pretrain", "TRAIN_STEPS", "ten", "TRAIN_STEPS='ten': must be a whole number"),
+    ("pretrain", "TRAIN_STEPS", "3.5", "TRAIN_STEPS=3.5: must be a whole number"),
+    ("pretrain", "TRAIN_STEPS", "0", "TRAIN_STEPS=0: must be at least 1"),
+    ("pretrain", "WARMUP_STEPS", "-5", "WARMUP_STEPS=-5: must be at least 0"),
+    ("pretrain", "HANG_TIMEOUT", "abc", "HANG_TIMEOUT='abc': must be a number"),
+    ("pretrain", "MESH_SHAPE", "data", "MESH_SHAPE='data': must be a dict of mesh axis sizes"),
+    ("pretrain", "MESH_SHAPE", "{'dp': 2}", "MESH_SHAPE={'dp': 2}: has an unknown axis 'dp'"),
+    ("pretrain", "MESH_SHAPE", "{'fsdp': 0}", "axis 'fsdp' must be a positive whole number or -1"),
+    ("pretrain", "CHECKPOINT_EVERY", "-1", "CHECKPOINT_EVERY=-1: must be at least 0"),
+    ("reward", "LM_SCORE", "yes", "LM_SCORE='yes': must be True or False"),
+    ("dpo", "DPO_LABEL_SMOOTHING", "0.5", "DPO_LABEL_SMOOTHING=0.5: must be below 0.5"),
+    ("ppo", "GAMMA", "1.5", "GAMMA=1.5: must be at most 1"),
+    ("ppo", "TEMPERATURE", "0", "TEMPERATURE=0: must be above 0"),
+    ("grpo", "GROUP_SIZE", "0", "GROUP_SIZE=0: must be at least 1"),
+])
+def test_a_bad_setting_is_one_line_naming_its_macro(stage, macro, value, expected):
+  with pytest.raises(config.UserError) as e:
+    config.setup(stage, macros={macro: value})
+  assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_zero_periods_and_a_long_warmup_are_accepted(capsys):
+  from lmtrain.train import optim
+  config.setup("pretrain", macros={"CHECKPOINT_EVERY": "0", "LOG_EVERY": "0", "EVAL_EVERY": "0",
+                                   "TRAIN_STEPS": "20", "WARMUP_STEPS": "50"})
+  assert (LoopConfig().checkpoint_every, LoopConfig().log_every) == (0, 0)
+  schedule = optim.make_schedule(total_steps=20)
+  assert ("WARMUP_STEPS=50 is not below the 20 steps of the schedule: the warmup is cut to 19 "
+          "steps" in capsys.readouterr().out)
+  assert float(schedule(19)) == pytest.approx(3e-3)  # the peak, at the last step
 
 
 def test_later_bindings_override_earlier(tmp_path):

@@ -94,7 +94,7 @@ def private_uses(path: str) -> list[str]:
         full = f"{node.module}.{alias.name}"
         if full in MODULES:
           aliases[alias.asname or alias.name] = full
-        elif alias.name.startswith("_"):
+        elif alias.name.startswith("_") and not alias.name.startswith("__"):  # not __version__
           found.append(full)
     elif isinstance(node, ast.Import):
       for alias in node.names:

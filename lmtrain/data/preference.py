@@ -49,11 +49,15 @@ def parse_pair(record: dict[str, Any]) -> Pair:
     raise formats.BadRecord(f'"margin" must be a number, got {type(margin).__name__}')
   chosen, rejected = formats.require_str(record, "chosen"), formats.require_str(record, "rejected")
   if "prompt" in record:
+    if chosen.strip() == rejected.strip():
+      raise formats.BadRecord('"chosen" and "rejected" are the same response: the pair says nothing')
     return Pair((("user", formats.require_str(record, "prompt")),), chosen, rejected,
                 float(margin), record)
   chosen_turns, rejected_turns = _hh_turns(chosen, "chosen"), _hh_turns(rejected, "rejected")
   if chosen_turns[:-1] != rejected_turns[:-1]:
     raise formats.BadRecord('"chosen" and "rejected" dialogues differ before their last turn')
+  if chosen_turns[-1][1].strip() == rejected_turns[-1][1].strip():
+    raise formats.BadRecord('"chosen" and "rejected" are the same response: the pair says nothing')
   return Pair(tuple(chosen_turns[:-1]), chosen_turns[-1][1], rejected_turns[-1][1],
               float(margin), record)
 

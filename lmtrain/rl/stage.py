@@ -252,14 +252,28 @@ def make_eval(examples, tokenizer, cfg: RLConfig, graphdefs, template, host_scor
   return run
 
 
-def read_normalization(reward_dir):
-  """(offset, scale) the reward stage saved beside its checkpoint; (0, 1) without the file."""
+MIN_REWARD_SCALE = 1e-3  # a reward model whose scores spread less than this is degenerate
+
+
+def read_normalization(reward_dir, allow_degenerate: bool = False):
+  """(offset, scale) the reward stage saved beside its checkpoint; (0, 1) without the file.
+
+  A scale under MIN_REWARD_SCALE means the reward model gives (nearly) every response the same
+  score (e.g. trained on pairs it cannot tell apart): dividing by it would blow the rewards, the KL
+  penalty's units and the losses up by orders of magnitude, so it is refused unless
+  `allow_degenerate`."""
   path = os.path.join(reward_dir, roles.NORMALIZATION_FILE)
   if not fileio.exists(path):
     logging.warning("%s not found: the reward model's scores are used unnormalised", path)
     return 0.0, 1.0
   norm = fileio.read_json(path)
-  return float(norm["offset"]), float(norm["scale"])
+  offset, scale = float(norm["offset"]), float(norm["scale"])
+  if not scale >= MIN_REWARD_SCALE and not allow_degenerate:
+    raise UserError(f"{path}: scale {scale:.3g}: the reward model scores every response alike "
+                    f"(std under {MIN_REWARD_SCALE:g}), so it cannot rank rollouts; retrain it on "
+                    f"pairs it can tell apart, or set --gin_param "
+                    f"make_stage.allow_degenerate_reward=True to use it anyway")
+  return offset, scale
 
 
 def normalized_head(reward_params, offset: float, scale: float, keep=None):
@@ -278,7 +292,7 @@ def normalized_head(reward_params, offset: float, scale: float, keep=None):
 def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
                train_data=gin.REQUIRED, eval_data=None, tokenizer="auto", init_from=None, reward_from=None, reward="model",
                scorer="demo_tasks", eval_examples=128, kl_bound=None, ptx_data=None,
-               on_bad_record="raise", **hparams) -> Stage:
+               on_bad_record="raise", allow_degenerate_reward=False, **hparams) -> Stage:
   """The stage of `algorithm` (gin: bound in gin_configs/stages/rl.gin; `ppo.build.X` or
   `grpo.build.X` overrides for one of them). `reward`: 'model' (the reward model in REWARD_FROM,
   default DIR/reward) or 'scorer' (the rule-based SCORER). `hparams` are RLConfig fields."""
@@ -294,7 +308,8 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
   if reward == "model" and not fileio.isdir(os.path.join(reward_dir, "checkpoints")):
     raise UserError(f"REWARD_FROM={reward_dir}: no checkpoints there (run `lmtrain reward` "
                     "first, set --gin.REWARD_FROM, or use --gin.REWARD=scorer)")
-  offset, scale = read_normalization(reward_dir) if reward == "model" else (0.0, 1.0)
+  offset, scale = (read_normalization(reward_dir, allow_degenerate_reward) if reward == "model"
+                   else (0.0, 1.0))
   cfg = learner.validate(RLConfig(algorithm=algorithm, reward_offset=offset, reward_scale=scale,
                                  **hparams))
   method = learner.get_algorithm(algorithm)
@@ -337,8 +352,8 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
     configs[roles.REWARD] = reward_cfg
 
   parent_stage = REGISTRY[algorithm].parent
-  policy_init = ckpt_lib.parent_initializer(workdir, init_from, parent_stage)
-  rm_init = ckpt_lib.parent_initializer(workdir, reward_dir, "reward")
+  policy_init = ckpt_lib.parent_initializer(workdir, init_from, parent_stage, tokenizer=tok.path)
+  rm_init = ckpt_lib.parent_initializer(workdir, reward_dir, "reward", tokenizer=tok.path)
   # With a scorer as the reward there is no reward model: the value model is the SFT trunk with
   # a fresh scalar head.
   value_init = (rm_init if use_rm else

@@ -58,5 +58,6 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
       train_data=batches(train, True),
       evaluation=Evaluation(data=batches(evals, False), loss_fn=loss, metrics=mean_metrics(
           "reward_accuracy", "chosen_reward", "rejected_reward", "margin")) if evals else None,
-      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["dpo"].parent),
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["dpo"].parent,
+                                                   tokenizer=tok.path),
       tokenizer_path=tok.path)

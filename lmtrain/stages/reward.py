@@ -172,6 +172,6 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
       evaluation=Evaluation(data=batches(evals, False), loss_fn=reward_loss, metrics=mean_metrics(
           "accuracy", "margin", "chosen_mean", "rejected_mean")) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent,
-                                                   rm_cfg, loop_cfg.seed),
+                                                   rm_cfg, loop_cfg.seed, tokenizer=tok.path),
       hooks=(Hook(norm_hook, at_end=True),),
       tokenizer_path=tok.path)

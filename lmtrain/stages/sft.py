@@ -83,5 +83,6 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
       name="sft", step=LossStep(model_cfg, lm_loss), train_data=batches(train, True),
       evaluation=Evaluation(data=batches(evals, False) if evals else None, loss_fn=lm_loss,
                             metrics=perplexity_metrics, measure=measure),
-      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["sft"].parent),
+      init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["sft"].parent,
+                                                   tokenizer=tok.path),
       tokenizer_path=tok.path)

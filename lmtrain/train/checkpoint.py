@@ -115,18 +115,42 @@ def restore_params(stage_dir: str, abstract_params, step=None):
   return (params[role] if role else params), step
 
 
+def file_sha256(path: str) -> str:
+  return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
+
+
+def check_parent_tokenizer(parent_dir: str, tokenizer_path: str):
+  """One line when the parent stage (its lineage.json) was trained with another tokenizer than the
+  child's: the ids would mean other pieces, though the vocab sizes may agree."""
+  lineage_path = os.path.join(parent_dir, "lineage.json")
+  if not fileio.exists(lineage_path):
+    return
+  lineage = fileio.read_json(lineage_path)
+  expected = lineage.get("tokenizer_sha256")
+  if not expected:  # written before lineage recorded it, or a converted checkpoint
+    return
+  actual = file_sha256(tokenizer_path)
+  if actual != expected:
+    raise UserError(f"INIT_FROM={parent_dir}: trained with tokenizer {lineage.get('tokenizer')} "
+                    f"(sha256 {expected[:12]}...), but this run's TOKENIZER {tokenizer_path} has "
+                    f"sha256 {actual[:12]}...; use the parent's tokenizer")
+
+
 def parent_initializer(workdir: str, init_from, default_parent: str, model_config=None,
-                       seed: int = 0):
+                       seed: int = 0, tokenizer: str | None = None):
   """`Stage.init_from_parent` for a chained stage: params from INIT_FROM (a stage directory such as
   DIR/pretrain, or a converted checkpoint), else from DIR/<default_parent>; returns them with the
   parent's lineage entry. Top-level params the parent lacks (a new scalar head on an LM trunk, say;
-  the parent's LM head is simply not loaded) are initialised fresh from `model_config`."""
+  the parent's LM head is simply not loaded) are initialised fresh from `model_config`.
+  `tokenizer`: the child's tokenizer file, checked against the parent's lineage."""
   path = fileio.absolute(init_from or os.path.join(workdir, default_parent))
 
   def init(abstract_params):
     if not fileio.isdir(os.path.join(path, "checkpoints")):
       raise UserError(f"INIT_FROM={path}: no checkpoints there (run the {default_parent} stage "
                       f"first, or set --gin.INIT_FROM)")
+    if tokenizer:
+      check_parent_tokenizer(path, tokenizer)
     with ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data"),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
       latest = manager.latest_step()
@@ -185,6 +209,7 @@ def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None, tok
       "stage": stage,
       "parent": parent,
       "tokenizer": fileio.absolute(tokenizer) if tokenizer else None,
+      "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
       "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
       "lmtrain_version": lmtrain.__version__,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -20,12 +20,13 @@ import jax
 from tqdm import tqdm
 
 from lmtrain import fileio, parallel
-from lmtrain.errors import DivergedError, UserError
+from lmtrain.errors import DivergedError, Preempted, UserError
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train import memory as memory_lib
 from lmtrain.train import metrics as metrics_lib
 from lmtrain.train.evaluation import Evaluation, Evaluator, close_iterator
-from lmtrain.train.monitor import LateMetrics, Preempted, SigtermFlag, Throughput, Watchdog
+from lmtrain.train.lock import StageLock
+from lmtrain.train.monitor import LateMetrics, SigtermFlag, Throughput, Watchdog
 from lmtrain.train.start import start_state
 from lmtrain.train.step import StepContext, StepFactory
 
@@ -37,10 +38,10 @@ class LoopConfig:
   batch_size: int = gin.REQUIRED  # global, in sequences
   seq_len: int = gin.REQUIRED
   seed: int = 0
-  checkpoint_every: int = 1000
+  checkpoint_every: int = 1000  # 0: only at the end (and on SIGTERM/SIGINT)
   eval_every: int = 0  # 0: only at the end
   eval_steps: int = 8  # batches per evaluation
-  log_every: int = 10
+  log_every: int = 10  # 0: only the schedule's last step
   microbatches: int = 1  # gradient accumulation: batch_size must divide by it
   # Stop (with a checkpoint) after this step although the schedule runs to train_steps: a planned
   # interruption, e.g. to resume on another mesh. None: run to train_steps.
@@ -109,16 +110,29 @@ def make_stage_dir(workdir: str, stage: str) -> str:
   return stage_dir
 
 
+def write_config(stage_dir: str, text: str, resumed_from: int | None):
+  """DIR/STAGE/config.gin: the configuration of the run that trains now. A resumed run with another
+  configuration first keeps the one it replaces as config.<step>.gin, the step it resumed at."""
+  path = os.path.join(stage_dir, "config.gin")
+  if resumed_from is not None and fileio.exists(path):
+    before = fileio.read_text(path)
+    if before != text:
+      fileio.write_text(os.path.join(stage_dir, f"config.{resumed_from}.gin"), before)
+  fileio.write_text(path, text)
+
+
 def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "") -> dict:
   """Runs (or resumes) `stage` in `workdir/<stage.name>` and returns its summary."""
   # From the start, so a SIGTERM during set-up or compilation also ends in a checkpoint.
-  with SigtermFlag() as sigterm:
-    return _train(stage, workdir, cfg, config_text, sigterm)
-
-
-def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigterm) -> dict:
   wall_start = time.time()
-  stage_dir = make_stage_dir(workdir, stage.name)
+  with SigtermFlag() as sigterm:
+    stage_dir = make_stage_dir(workdir, stage.name)
+    with StageLock(stage_dir, held=jax.process_index() == 0):  # one run per stage directory
+      return _train(stage, stage_dir, cfg, config_text, sigterm, wall_start)
+
+
+def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigterm,
+           wall_start: float) -> dict:
   mesh, rules = parallel.make_mesh(), parallel.axis_rules()
   stage.step.check_batch(cfg.batch_size, cfg.microbatches, mesh)
 
@@ -140,23 +154,21 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
   start = start_state(stage.step, stage.init_from_parent, cfg.train_steps, cfg.seed, mesh, rules,
                       checkpointer, train_iter, preflight)
   state = start.state
+  summary = {"stage": stage.name, "checkpoint": checkpointer.directory, **stage.summary}
+  step = int(state.step)
+  if step >= cfg.train_steps:  # a no-op call leaves the run's files as they are
+    summary.update(steps=step, note="already complete", wall_time=time.time() - wall_start)
+    checkpointer.close()
+    close_iterator(train_iter)
+    return summary
   if jax.process_index() == 0:
-    fileio.write_text(os.path.join(stage_dir, "config.gin"),
-                      config_text or gin.operative_config_str())
+    write_config(stage_dir, config_text or gin.operative_config_str(), start.resumed_from)
     fileio.write_json(os.path.join(stage_dir, "model.json"),
                       dataclasses.asdict(stage.step.model_config))
     if start.resumed_from is None:
       ckpt_lib.write_lineage(stage_dir, stage.name, config_text, start.parent,
                              tokenizer=stage.tokenizer_path)
   writer = metrics_lib.MetricsWriter(stage_dir)
-  summary = {"stage": stage.name, "checkpoint": checkpointer.directory, **stage.summary}
-  step = int(state.step)
-  if step >= cfg.train_steps:
-    summary.update(steps=step, note="already complete", wall_time=time.time() - wall_start)
-    checkpointer.close()
-    writer.close()
-    close_iterator(train_iter)
-    return summary
 
   tokens_per_step, flops_per_token = stage.step.work(cfg.batch_size, cfg.seq_len)
   peak, peak_source = metrics_lib.peak_flops_per_device()
@@ -178,7 +190,7 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
       return
     throughput.count()
     done_step, values = done
-    if done_step % cfg.log_every == 0 or done_step == cfg.train_steps:
+    if (cfg.log_every and done_step % cfg.log_every == 0) or done_step == cfg.train_steps:
       row = {"loss": values["loss"], "learning_rate": values["learning_rate"],
              "grad_norm": values["grad_norm"], **throughput.row(),
              **{k: v for k, v in values.items()
@@ -248,13 +260,13 @@ def _train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str, sigter
           if step == end:  # before the last save: an interrupted finish is redone on rerun
             final_eval = finish()
             watchdog.beat()
-          if step % cfg.checkpoint_every == 0 or step == end or stop:
+          if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end or stop:
             save(step)
             watchdog.beat()
           if stop:
             checkpointer.wait()
-            raise Preempted(f"{stage.name}: SIGTERM: saved checkpoint at step {step}; "
-                            f"rerun the same command to resume")
+            raise Preempted(f"{stage.name}: {sigterm.name}: saved checkpoint at step {step}; "
+                            f"rerun the same command to resume", sigterm.signum)
           if step < end:  # only after any save: the saved iterator state must not include it
             batch = parallel.global_batch(next(train_iter), mesh, rules)
         log(late.flush())

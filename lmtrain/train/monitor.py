@@ -1,5 +1,5 @@
-"""What watches a run: the one-step-late metrics with the NaN guard, throughput, SIGTERM and
-preemption, and the hang watchdog. Each is a small object the loop calls at step boundaries."""
+"""What watches a run: the one-step-late metrics with the NaN guard, throughput, SIGTERM, Ctrl-C
+and preemption, and the hang watchdog. Each is a small object the loop calls at step boundaries."""
 
 import math
 import os
@@ -17,12 +17,6 @@ from lmtrain.train import metrics as metrics_lib
 SUMMARY_WINDOW = 5  # steps whose metrics a run keeps for its summary (e.g. PPO's mean KL)
 SIGNAL_SYNC_EVERY = 10  # steps between the hosts' SIGTERM agreements in multi-process runs
 HANG_EXIT_CODE = 4
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved. The CLI exits 143."""
-
-  exit_code = 143
 
 
 class LateMetrics:
@@ -80,25 +74,39 @@ class Throughput:
 
 
 class SigtermFlag:
-  """Records SIGTERM so the loop can save at the next step boundary instead of dying mid-write."""
+  """Records SIGTERM or a first Ctrl-C (SIGINT) so the loop can save at the next step boundary
+  instead of dying mid-write; a second Ctrl-C aborts at once (KeyboardInterrupt, no save)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.raised = False
-    self._previous = None
+    self.signum = signal.SIGTERM
+    self._previous = {}
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     except ValueError:  # not the main thread (e.g. a test runner thread): no handler
-      self._previous = None
+      self._previous = {}
     return self
 
-  def _handle(self, *_):
-    self.raised = True
+  def _handle(self, signum, _frame):
+    if signum == signal.SIGINT and self.raised and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt  # the second Ctrl-C
+    if signum == signal.SIGINT:
+      sys.stderr.write("\nlmtrain: Ctrl-C: saving a checkpoint at the next step boundary "
+                       "(Ctrl-C again to abort without one)\n")
+      sys.stderr.flush()
+    self.raised, self.signum = True, signum
 
   def __exit__(self, *_):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
   def should_stop(self, step: int) -> bool:
     try:  # JAX's own preemption notice on TPU, agreed on by all hosts at the same step

@@ -17,7 +17,12 @@ def decay_mask(params):
 @gin.configurable
 def make_schedule(learning_rate=gin.REQUIRED, total_steps=gin.REQUIRED, warmup_steps=100,
                   decay="cosine", end_ratio=0.1):
-  """Linear warmup to `learning_rate`, then cosine (or linear, or constant) decay to end_ratio x."""
+  """Linear warmup to `learning_rate`, then cosine (or linear, or constant) decay to end_ratio x.
+  A warmup as long as the run is cut to one step less (said on stdout): the LR then peaks at the end."""
+  if int(warmup_steps) >= int(total_steps) and jax.process_index() == 0:
+    print(f"note: WARMUP_STEPS={warmup_steps} is not below the {total_steps} steps of the "
+          f"schedule: the warmup is cut to {max(int(total_steps) - 1, 0)} steps and the learning "
+          f"rate peaks only at the end", flush=True)
   warmup_steps = max(0, min(int(warmup_steps), int(total_steps) - 1))
   decay_steps = max(1, int(total_steps) - warmup_steps)
   end = learning_rate * end_ratio

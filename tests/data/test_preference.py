@@ -59,3 +59,15 @@ def test_a_pair_that_fits_is_not_cut(tok):
     np.testing.assert_array_equal(row[f"{side}_loss_mask"][:n], mask)
     assert (row[f"{side}_inputs"][n:] == tok.pad_id).all()
   assert row["margin"] == np.float32(0.5)
+
+
+def test_a_pair_whose_sides_are_the_same_is_a_bad_record_naming_its_line(tmp_path):
+  path = tmp_path / "pairs.jsonl"
+  path.write_text('{"prompt": "Say hi", "chosen": "hi", "rejected": "bye"}\n'
+                  '{"prompt": "Say hi", "chosen": "hi", "rejected": " hi "}\n'
+                  '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", '
+                  '"rejected": "\\n\\nHuman: a\\n\\nAssistant: b"}\n')
+  with pytest.raises(Exception, match=f"{path}:2: .*are the same response"):
+    preference.load_pairs(str(path))
+  kept = preference.load_pairs(str(path), on_error="skip")
+  assert [p.rejected for p in kept] == ["bye"]  # lines 2 and 3 left out

@@ -234,3 +234,49 @@ def test_a_run_that_cannot_fit_device_memory_is_refused_before_allocating(data, 
   ok = run_cli(*stage_args(data, workdir, "--gin_param", "LoopConfig.device_memory_gib = 0.0001",
                            "--gin_param", "LoopConfig.check_memory = False"))
   assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+@pytest.mark.parametrize("macro, expected", [
+    ("--gin.BATCH_SIZE=abc", "BATCH_SIZE='abc': must be a whole number"),
+    ("--gin.HANG_TIMEOUT=abc", "HANG_TIMEOUT='abc': must be a number"),
+], ids=["BATCH_SIZE", "HANG_TIMEOUT"])
+def test_a_wrong_type_setting_is_refused_before_anything_runs(data, tmp_path, macro, expected):
+  line = error_line(run_cli(*stage_args(data, tmp_path / "run", macro)))
+  assert expected in line
+  assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def test_a_second_run_on_a_stage_directory_in_use_is_refused(data, tmp_path):
+  from lmtrain.train.lock import StageLock
+  stage_dir = tmp_path / "run" / "pretrain"
+  stage_dir.mkdir(parents=True)
+  with StageLock(str(stage_dir)):  # as a run in progress holds it
+    line = error_line(run_cli(*stage_args(data, tmp_path / "run")))
+  assert "another run is using this stage directory" in line
+  assert f"pid {os.getpid()}" in line
+  assert not (stage_dir / "checkpoints").exists()
+
+
+def test_a_child_stage_refuses_a_parent_trained_with_another_tokenizer(data, tmp_path):
+  from lmtrain.errors import UserError
+  from lmtrain.train import checkpoint as ckpt_lib
+  parent = tmp_path / "pretrain"
+  parent.mkdir()
+  lineage = ckpt_lib.write_lineage(str(parent), "pretrain", "", tokenizer=data["tok300"])
+  assert lineage["tokenizer_sha256"] == hashlib.sha256(open(data["tok300"], "rb").read()).hexdigest()
+  ckpt_lib.check_parent_tokenizer(str(parent), data["tok300"])  # the same: fine
+  with pytest.raises(UserError, match=r"trained with tokenizer .*tok300.model \(sha256 .*\), but "
+                                      r"this run's TOKENIZER .*tok600.model has sha256"):
+    ckpt_lib.check_parent_tokenizer(str(parent), data["tok600"])
+
+
+def test_help_version_and_usage_errors_answer_without_importing_jax():
+  probe = ("import sys\nfrom lmtrain import cli\nfor argv in (['--help'], ['--version'], "
+           "['pretrain']):\n  try:\n    cli.main(argv)\n  except SystemExit:\n    pass\n"
+           "print('jax imported:', 'jax' in sys.modules)\n")
+  result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+  assert "jax imported: False" in result.stdout, result.stdout + result.stderr
+  import lmtrain
+  assert f"lmtrain {lmtrain.__version__}" in result.stdout  # --version
+  assert "the following arguments are required: --workdir" in result.stderr

@@ -79,6 +79,7 @@ def test_pretrain_resume_sample_and_report_in_a_bucket(gcs):
   assert {"config.gin", "model.json", "lineage.json", "metrics.jsonl", "tb",
           "checkpoints"} <= names, names
   assert not [n for n in names if n.startswith(".write_test")], names  # the probes are removed
+  assert "run.lock" not in names, names  # the run's lock object is deleted at its end
   lineage = json.loads(fs.cat_file(f"{stage}/lineage.json"))
   assert lineage["stage"] == "pretrain" and lineage["parent"] is None
   assert lineage["tokenizer"] == f"{workdir}/tokenizer.model"

@@ -99,7 +99,10 @@ def test_restore_onto_another_mesh_gives_the_same_losses(straight_run, tokenizer
 
 
 @pytest.mark.slow
-def test_sigterm_saves_then_resume_matches_uninterrupted(straight_run, tokenizer_path, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_then_resume_matches_uninterrupted(straight_run, tokenizer_path, tmp_path,
+                                                          signum, code):
   reference, _ = straight_run
   workdir = str(tmp_path)
   args = [sys.executable, "-m", "lmtrain.cli", "pretrain", "--workdir", workdir, *COMMON, MESH_222,
@@ -112,10 +115,10 @@ def test_sigterm_saves_then_resume_matches_uninterrupted(straight_run, tokenizer
   deadline = time.time() + 120
   while time.time() < deadline and not os.path.exists(config_written):
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)  # SIGINT: as Ctrl-C in a terminal
   _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 143, stderr[-2000:]
-  assert "SIGTERM: saved checkpoint at step" in stderr
+  assert proc.returncode == code, stderr[-2000:]
+  assert f"{signal.Signals(signum).name}: saved checkpoint at step" in stderr
   saved = steps_saved(workdir)
   assert len(saved) == 1 and 1 <= saved[0] < STEPS
   lmtrain(*args[3:], f"--gin.TRAIN_STEPS={STEPS}")

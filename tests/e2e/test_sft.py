@@ -110,6 +110,11 @@ def test_sample_prints_completions_for_pretrain_and_sft(chain):
                    "--greedy")
     assert f"# {stage} checkpoint step" in proc.stdout
     assert proc.stdout.count(">>> ") == 2
+  # Temperature 0 is greedy decoding, as in the OpenAI API and vLLM.
+  zero = lmtrain("sample", "--checkpoint", os.path.join(workdir, "sft"), "--prompt",
+                 "What is 2 + 3?", "--prompt", "Sort: pear apple", "--max_new_tokens", "8",
+                 "--temperature", "0")
+  assert zero.stdout == proc.stdout
   proc = lmtrain("sample", "--checkpoint", os.path.join(workdir, "nope"), "--prompt", "x",
                  check=False)
   assert proc.returncode == 1 and "model.json is missing" in proc.stderr

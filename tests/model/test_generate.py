@@ -1,5 +1,7 @@
 """KV-cache generation against full recomputation: tokens, log-probs, padding, meshes, EOS, sampling."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,35 @@ def test_pad_prompts():
   np.testing.assert_array_equal(lengths, [2, 1])
   with pytest.raises(ValueError):
     gen.pad_prompts([[4, 5, 6]], width=2)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"max_new_tokens": 0}, "--max_new_tokens 0: must be at least 1"),
+    ({"temperature": -1.0}, "--temperature -1.0: must be 0 (greedy) or above"),
+    ({"temperature": float("nan")}, "--temperature nan: must be 0 (greedy) or above"),
+    ({"top_k": -2}, "--top_k -2: must be 0 (all tokens) or above"),
+    ({"top_p": 2.0}, "--top_p 2.0: must be in (0, 1]"),
+    ({"top_p": 0.0}, "--top_p 0.0: must be in (0, 1]"),
+])
+def test_sample_refuses_flags_out_of_range(flags, expected):
+  import argparse
+  from lmtrain import sample
+  from lmtrain.errors import UserError
+  parser = argparse.ArgumentParser()
+  sample.add_arguments(parser)
+  args = parser.parse_args(["--checkpoint", "x"])
+  for k, v in flags.items():
+    setattr(args, k, v)
+  with pytest.raises(UserError, match=re.escape(expected)):
+    sample.check_sampling(args)
+
+
+def test_sample_temperature_zero_is_greedy():
+  import argparse
+  from lmtrain import sample
+  parser = argparse.ArgumentParser()
+  sample.add_arguments(parser)
+  assert sample.check_sampling(parser.parse_args(["--checkpoint", "x", "--temperature", "0"])) == (
+      1.0, True)
+  assert sample.check_sampling(parser.parse_args(["--checkpoint", "x", "--temperature", "0.7"])) == (
+      0.7, False)

@@ -318,3 +318,18 @@ def test_kl_clip():
   kl = jnp.array([-3.0, 0.5, 7.0])
   np.testing.assert_array_equal(rl.clip_kl(kl, 2.0), [-2.0, 0.5, 2.0])
   assert rl.clip_kl(kl, None) is kl
+
+
+def test_a_degenerate_reward_model_is_refused_unless_allowed(tmp_path):
+  import json
+  from lmtrain.errors import UserError
+  from lmtrain.rl import stage as rl_stage
+  from lmtrain.train import roles
+  path = tmp_path / roles.NORMALIZATION_FILE
+  path.write_text(json.dumps({"offset": 0.5, "scale": 2.0}))
+  assert rl_stage.read_normalization(str(tmp_path)) == (0.5, 2.0)
+  path.write_text(json.dumps({"offset": 0.69, "scale": 1e-6}))  # every pair scored alike
+  with pytest.raises(UserError, match=r"scale 1e-06: the reward model scores every response "
+                                      r"alike .*make_stage.allow_degenerate_reward=True"):
+    rl_stage.read_normalization(str(tmp_path))
+  assert rl_stage.read_normalization(str(tmp_path), allow_degenerate=True) == (0.69, 1e-6)

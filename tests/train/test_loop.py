@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmtrain import config, parallel
-from lmtrain.errors import DivergedError
+from lmtrain.errors import DivergedError, Preempted
 from lmtrain.losses import lm_loss, perplexity_metrics
 from lmtrain.model import transformer
 from lmtrain.train import checkpoint as ckpt_lib
@@ -64,6 +64,19 @@ def test_sigterm_is_recorded_and_the_handler_restored():
     os.kill(os.getpid(), signal.SIGTERM)
     assert flag.raised and flag.should_stop(2)
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_first_ctrl_c_asks_for_a_save_and_a_second_aborts(capsys):
+  before = signal.getsignal(signal.SIGINT)
+  with monitor.SigtermFlag() as flag:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert flag.raised and flag.should_stop(1) and flag.name == "SIGINT"
+    assert "saving a checkpoint at the next step boundary" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is before
+  assert Preempted("x", flag.signum).exit_code == 130
+  assert Preempted("x").exit_code == 143
 
 
 def test_the_watchdog_exits_with_code_4_when_nothing_beats(monkeypatch, capsys):
@@ -218,3 +231,12 @@ def test_a_run_cut_off_in_its_end_hooks_is_not_complete_and_redoes_them(tmp_path
   summary = loop.train(stage, str(tmp_path), loop.LoopConfig(checkpoint_every=4))
   assert calls == [(6, True), (6, True)] and summary["final_fact"] == 2.5
   assert sorted(int(p) for p in os.listdir(tmp_path / "toy" / "checkpoints")) == [4, 6]
+
+
+def test_zero_log_and_checkpoint_periods_mean_only_at_the_end(tmp_path):
+  stage = loop.Stage(name="toy", step=LossStep(util.TINY, lm_loss), train_data=_Batches)
+  summary = loop.train(stage, str(tmp_path), loop.LoopConfig(checkpoint_every=0, log_every=0))
+  assert summary["steps"] == 6
+  rows = [json.loads(line) for line in open(tmp_path / "toy" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [6]
+  assert sorted(int(p) for p in os.listdir(tmp_path / "toy" / "checkpoints")) == [6]
