@@ -57,6 +57,9 @@ class LoopConfig:
   # runtime reports none (CPU), or a smaller budget; None: the device's own.
   check_memory: bool = True
   device_memory_gib: float | None = None
+  # A loss magnitude or gradient norm above this ends the run like a NaN loss (exit 3, the last good
+  # checkpoint kept): a run blowing up (say against a degenerate reward) before it overflows. None: off.
+  diverge_at: float | None = 1e8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,9 +177,10 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
   peak, peak_source = metrics_lib.peak_flops_per_device()
   throughput = Throughput(tokens_per_step, flops_per_token, jax.device_count(), peak)
   last_saved = start.resumed_from
-  late = LateMetrics(lambda at, loss: DivergedError(
-      f"{stage.name}: loss became {loss} at step {at}; last good checkpoint: step "
-      f"{last_saved if last_saved is not None else 'none'} in {checkpointer.directory}"))
+  late = LateMetrics(lambda at, what: DivergedError(
+      f"{stage.name}: {what} at step {at}; last good checkpoint: step "
+      f"{last_saved if last_saved is not None else 'none'} in {checkpointer.directory}"),
+      limit=cfg.diverge_at)
   end = min(cfg.train_steps, cfg.stop_after or cfg.train_steps)
   bar = tqdm(total=cfg.train_steps, initial=step, desc=stage.name, unit="step",
              disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=1.0)

@@ -22,10 +22,13 @@ HANG_EXIT_CODE = 4
 class LateMetrics:
   """Reads each step's device metrics one step late: reading blocks until the step is done, and by
   then the next step is already dispatched, so the device never waits for the host. A loss that is
-  not finite raises `diverged(step, loss)`; the last SUMMARY_WINDOW steps' values are kept."""
+  not finite, or a loss magnitude or gradient norm above `limit` (a run blowing up, e.g. against a
+  broken reward, before it reaches Inf), raises `diverged(step, what happened)`; the last
+  SUMMARY_WINDOW steps' values are kept."""
 
-  def __init__(self, diverged: Callable[[int, float], Exception], window: int = SUMMARY_WINDOW):
-    self.diverged, self.window = diverged, window
+  def __init__(self, diverged: Callable[[int, str], Exception], window: int = SUMMARY_WINDOW,
+               limit: float | None = None):
+    self.diverged, self.window, self.limit = diverged, window, limit
     self.pending = None  # (step, device metrics) not read yet
     self.recent: list[dict] = []
     self.last: dict = {}
@@ -44,7 +47,12 @@ class LateMetrics:
     self.pending = None
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     if not math.isfinite(values["loss"]):
-      raise self.diverged(step, values["loss"])
+      raise self.diverged(step, f"loss became {values['loss']}")
+    if self.limit is not None:
+      for key, value in (("loss", values["loss"]), ("gradient norm", values.get("grad_norm", 0))):
+        if not abs(value) <= self.limit:
+          raise self.diverged(step, f"{key} became {value:.3g}, beyond LoopConfig.diverge_at="
+                                    f"{self.limit:g}")
     self.last = values
     self.recent = (self.recent + [values])[-self.window:]
     return step, values

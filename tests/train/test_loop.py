@@ -32,16 +32,35 @@ def gin_config():
 
 
 def test_late_metrics_are_read_one_step_late_and_nan_stops_the_run():
-  late = monitor.LateMetrics(lambda step, loss: DivergedError(f"step {step}: {loss}"), window=2)
+  late = monitor.LateMetrics(lambda step, what: DivergedError(f"step {step}: {what}"), window=2)
   assert late.push(1, {"loss": jnp.float32(3.0)}) is None  # nothing finished before step 1
   assert late.push(2, {"loss": jnp.float32(2.0)}) == (1, {"loss": 3.0})
   assert late.push(3, {"loss": jnp.float32(1.0)}) == (2, {"loss": 2.0})
   assert late.flush() == (3, {"loss": 1.0}) and late.flush() is None
   assert late.recent == [{"loss": 2.0}, {"loss": 1.0}] and late.last == {"loss": 1.0}
   late.push(4, {"loss": jnp.float32(np.nan)})
-  with pytest.raises(DivergedError, match="step 4: nan"):
+  with pytest.raises(DivergedError, match="step 4: loss became nan"):
     late.flush()
   assert late.last == {"loss": 1.0}  # the bad step never becomes the last good one
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ({"loss": 5.5e11, "grad_norm": 3.0},
+     "step 2: loss became 5.5e\\+11, beyond LoopConfig.diverge_at=1e\\+08"),
+    ({"loss": -2e9, "grad_norm": 3.0}, "step 2: loss became -2e\\+09"),
+    ({"loss": 4.0, "grad_norm": 1e12}, "step 2: gradient norm became 1e\\+12, beyond"),
+    ({"loss": 4.0, "grad_norm": np.inf}, "step 2: gradient norm became inf"),
+])
+def test_an_exploding_loss_or_gradient_stops_the_run_like_a_nan(metrics, expected):
+  late = monitor.LateMetrics(lambda step, what: DivergedError(f"step {step}: {what}"), limit=1e8)
+  late.push(1, {"loss": jnp.float32(3.0), "grad_norm": jnp.float32(2.0)})
+  late.push(2, {k: jnp.float32(v) for k, v in metrics.items()})
+  with pytest.raises(DivergedError, match=expected):
+    late.flush()
+  assert late.last == {"loss": 3.0, "grad_norm": 2.0}
+  unbounded = monitor.LateMetrics(lambda step, what: DivergedError(what), limit=None)
+  unbounded.push(1, {k: jnp.float32(v) for k, v in metrics.items()})
+  assert unbounded.flush()[0] == 1  # without a limit only a non-finite loss stops
 
 
 def test_throughput_counts_tokens_over_the_steps_since_the_last_row(monkeypatch):
