@@ -126,11 +126,11 @@ def _mesh_shape(v):
   return None
 
 
-_POSITIVE, _COUNT, _EVERY = _integer(1), _integer(0), _integer(0)
+_POSITIVE, _COUNT = _integer(1), _integer(0)
 MACRO_CHECKS = {
     # The loop (common.gin).
     "TRAIN_STEPS": _POSITIVE, "BATCH_SIZE": _POSITIVE, "SEQ_LEN": _integer(2), "SEED": _COUNT,
-    "CHECKPOINT_EVERY": _EVERY, "EVAL_EVERY": _EVERY, "LOG_EVERY": _EVERY,  # 0: only at the end
+    "CHECKPOINT_EVERY": _COUNT, "EVAL_EVERY": _COUNT, "LOG_EVERY": _COUNT,  # 0: only at the end
     "EVAL_STEPS": _POSITIVE, "MICROBATCHES": _POSITIVE, "WARMUP_STEPS": _COUNT,
     "LEARNING_RATE": _number(low=0), "HANG_TIMEOUT": _optional(_number(above=0)),
     "MESH_SHAPE": _mesh_shape, "MESH_DCN_SHAPE": _optional(_mesh_shape),

@@ -19,6 +19,7 @@ from etils import epath
 
 import lmtrain
 from lmtrain import fileio
+from lmtrain.data import prepare
 from lmtrain.data.loader import STATE_KIND as LOADER_STATE_KIND
 from lmtrain.errors import UserError
 from lmtrain.train import roles
@@ -115,10 +116,6 @@ def restore_params(stage_dir: str, abstract_params, step=None):
   return (params[role] if role else params), step
 
 
-def file_sha256(path: str) -> str:
-  return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
-
-
 def check_parent_tokenizer(parent_dir: str, tokenizer_path: str):
   """One line when the parent stage (its lineage.json) was trained with another tokenizer than the
   child's: the ids would mean other pieces, though the vocab sizes may agree."""
@@ -129,7 +126,7 @@ def check_parent_tokenizer(parent_dir: str, tokenizer_path: str):
   expected = lineage.get("tokenizer_sha256")
   if not expected:  # written before lineage recorded it, or a converted checkpoint
     return
-  actual = file_sha256(tokenizer_path)
+  actual = prepare.tokenizer_sha256(tokenizer_path)
   if actual != expected:
     raise UserError(f"INIT_FROM={parent_dir}: trained with tokenizer {lineage.get('tokenizer')} "
                     f"(sha256 {expected[:12]}...), but this run's TOKENIZER {tokenizer_path} has "
@@ -209,7 +206,7 @@ def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None, tok
       "stage": stage,
       "parent": parent,
       "tokenizer": fileio.absolute(tokenizer) if tokenizer else None,
-      "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
+      "tokenizer_sha256": prepare.tokenizer_sha256(tokenizer) if tokenizer else None,
       "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
       "lmtrain_version": lmtrain.__version__,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -82,7 +82,7 @@ class StageLock:
                       ) from None
     f.seek(0)
     previous = _read(f.read())
-    if previous:  # a lock file is removed at a clean end; one left here is from a run that died
+    if previous:  # a clean end empties the file; what is left here is from a run that died
       _warn_stale(self.path, previous)
     f.seek(0)
     f.truncate()
