@@ -2,8 +2,14 @@
 
 Reads DIR/<stage>/metrics.jsonl, lineage.json and checkpoints/ of every stage directory, and writes
 loss.png, one figure of each stage's own metrics (sft.png, reward.png, ppo.png, dpo.png),
-throughput.png and summary.md to OUT (default DIR/report). DIR and OUT may be buckets (gs://...).
+throughput.png and summary.md to OUT (default DIR/report). DIR and OUT may be buckets (gs://...);
+with --output nothing is written into DIR, so a read-only work dir can be reported.
 Nothing here touches JAX.
+
+Every panel plots one metric family against an integer step axis labelled "step", with the
+metric's name and unit on its y axis (no twin axes: a metric on its own scale gets its own panel),
+each series in its own colour, line style and marker, and a legend. summary.md holds one table row
+per stage and, per stage, an eval table with one row per eval metric.
 """
 
 import io
@@ -17,24 +23,36 @@ from lmtrain.errors import UserError
 from lmtrain.stages import REGISTRY, STAGES
 from lmtrain.train import roles
 
+MAX_EVAL_COLUMNS = 6  # eval steps shown in a stage's eval table (spread over the run)
+
+
 class _Line(NamedTuple):
   label: str
   steps: list
   values: list
-  points: bool  # markers only (eval rows are sparse)
-  right: bool  # on the panel's right-hand axis
+  points: bool  # an eval series: sparse, a marker at every point
+
+
+class _Panel(NamedTuple):
+  title: str
+  ylabel: str
+  lines: list  # of _Line
 
 
 def add_arguments(p):
   p.add_argument("workdir", metavar="DIR", help="a work dir holding DIR/<stage>/metrics.jsonl")
   p.add_argument("--output", metavar="OUT", help="where to write the PNGs and summary.md "
-                 "(default: DIR/report)")
+                 "(default: DIR/report); nothing is then written into DIR, so a read-only work "
+                 "dir or bucket can be reported")
 
 
 def run(args) -> dict:
-  """The `report` subcommand: writes the report and prints the summary table."""
+  """The `report` subcommand: writes the report and prints the stage and eval tables."""
   summaries, out_dir = write_report(args.workdir, args.output)
   print(markdown_table(summaries))
+  tables = eval_tables(summaries)
+  if tables:
+    print("\n" + tables)
   print(f"\nwrote {os.path.join(out_dir, 'summary.md')}")
   return summaries
 
@@ -43,12 +61,39 @@ def write_report(workdir: str, output: str | None = None) -> tuple[dict, str]:
   """Writes the PNGs and summary.md; returns (stage -> summary, output directory)."""
   stages = load_workdir(workdir)
   summaries = summarize(stages)
+  explicit = bool(output)
   out_dir = output or os.path.join(workdir, "report")
-  fileio.makedirs(out_dir)
-  figures = write_figures(stages, out_dir)
-  fileio.write_text(os.path.join(out_dir, "summary.md"),
-                    summary_markdown(workdir, summaries, figures))
+  _make_output_dir(out_dir, explicit)
+  figures = write_figures(stages, out_dir, explicit)
+  _write(os.path.join(out_dir, "summary.md"),
+         summary_markdown(workdir, summaries, figures).encode(), explicit)
   return summaries, out_dir
+
+
+def _cannot(path: str, what: str, reason: str, explicit: bool) -> UserError:
+  hint = "" if explicit else "; pass --output OUT to write the report elsewhere"
+  return UserError(f"{path}: cannot {what} ({reason}){hint}")
+
+
+def _make_output_dir(out_dir: str, explicit: bool):
+  """Creates the report's directory, or says in one line why it cannot be written."""
+  if fileio.is_remote(out_dir):
+    return  # a bucket has no directories; a failed write is a StorageError naming the object
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise _cannot(out_dir, "write the report there", "it is a file, not a directory", explicit)
+  try:
+    fileio.makedirs(out_dir)
+  except OSError as e:
+    raise _cannot(out_dir, "create the report directory", e.strerror or str(e), explicit) from None
+  if not os.access(out_dir, os.W_OK | os.X_OK):
+    raise _cannot(out_dir, "write the report there", "permission denied", explicit)
+
+
+def _write(path: str, data: bytes, explicit: bool = True):
+  try:
+    fileio.write_bytes(path, data)
+  except OSError as e:
+    raise _cannot(path, "write the report", e.strerror or str(e), explicit) from None
 
 
 def load_metrics(path: str) -> list[dict]:
@@ -175,6 +220,10 @@ def summarize_stage(stage: dict) -> dict:
     steps, values = _series(train if not key.startswith("eval_") else rows, key)
     if steps:
       (evals if key.startswith("eval_") else final)[key] = values[-1]
+  history = {}  # eval metric -> {step: value}
+  for key in evals:
+    steps, values = _series(rows, key)
+    history[key] = dict(zip(steps, values))
   train_steps = [r["step"] for r in train if _is_number(r.get("step"))]
   parent = (stage["lineage"] or {}).get("parent")
   summary = {
@@ -183,6 +232,7 @@ def summarize_stage(stage: dict) -> dict:
       "final_loss": final.get("loss"),
       "final": final,
       "eval": evals,
+      "eval_history": history,
       "checkpoint": stage["checkpoints"][-1] if stage["checkpoints"] else None,
       "parent": (f"{parent.get('stage')}@{parent.get('step')}" if isinstance(parent, dict)
                  else None),
@@ -204,13 +254,41 @@ def _fmt(v) -> str:
 
 
 def markdown_table(summaries: dict[str, dict]) -> str:
-  lines = ["| stage | steps | final loss | last eval | checkpoint | parent |",
-           "|---|---|---|---|---|---|"]
+  """One row per stage; the eval metrics are in eval_tables, one row per metric."""
+  lines = ["| stage | steps | final loss | checkpoint | parent |", "|---|---|---|---|---|"]
   for name, s in summaries.items():
-    evals = ", ".join(f"{k}={_fmt(v)}" for k, v in s["eval"].items()) or "-"
-    lines.append(f"| {name} | {_fmt(s['steps'])} | {_fmt(s['final_loss'])} | {evals} | "
+    lines.append(f"| {name} | {_fmt(s['steps'])} | {_fmt(s['final_loss'])} | "
                  f"{_fmt(s['checkpoint'])} | {_fmt(s['parent'])} |")
   return "\n".join(lines)
+
+
+def _shown_steps(steps: list, limit: int = MAX_EVAL_COLUMNS) -> list:
+  """All of `steps` when they fit in `limit` columns, else `limit` of them evenly spread over the
+  run, the first and the last included."""
+  if len(steps) <= limit:
+    return list(steps)
+  return [steps[round(i * (len(steps) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def eval_table(name: str, summary: dict) -> str | None:
+  """A stage's eval metrics, one row per metric and one column per eval step; None without any."""
+  history = summary.get("eval_history") or {}
+  if not history:
+    return None
+  steps = sorted({step for values in history.values() for step in values})
+  shown = _shown_steps(steps)
+  title = f"### {name}: eval metrics"
+  if len(shown) < len(steps):
+    title += f" ({len(shown)} of {len(steps)} eval steps shown, the last one included)"
+  lines = [title, "", "| metric | " + " | ".join(f"step {s}" for s in shown) + " |",
+           "|---|" + "---|" * len(shown)]
+  for metric, values in history.items():
+    lines.append(f"| {metric} | " + " | ".join(_fmt(values.get(s)) for s in shown) + " |")
+  return "\n".join(lines)
+
+
+def eval_tables(summaries: dict[str, dict]) -> str:
+  return "\n\n".join(t for t in (eval_table(n, s) for n, s in summaries.items()) if t)
 
 
 def summary_markdown(workdir: str, summaries: dict[str, dict], figures: list[str]) -> str:
@@ -221,6 +299,9 @@ def summary_markdown(workdir: str, summaries: dict[str, dict], figures: list[str
       parts.append(f"Reward normalization of {name}: offset={_fmt(norm.get('offset'))}, "
                    f"scale={_fmt(norm.get('scale'))}")
       parts.append("")
+  tables = eval_tables(summaries)
+  if tables:
+    parts += [tables, ""]
   for figure in figures:
     parts += [f"## {figure[:-len('.png')]}", "", f"![{figure}]({figure})", ""]
   return "\n".join(parts)
@@ -236,71 +317,147 @@ def _expand(rows: list[dict], keys) -> list[str]:
   return out
 
 
-def _lines(rows: list[dict], left, right=()) -> list[_Line]:
+def _lines(rows: list[dict], keys) -> list[_Line]:
+  """The finite points of each of `keys` (a trailing "*" expanded) that has any."""
   lines = []
-  for keys, on_right in ((left, False), (right, True)):
-    for key in _expand(rows, keys):
-      steps, values = _series(rows, key)
-      kept = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-      if kept:
-        lines.append(_Line(key, [s for s, _ in kept], [v for _, v in kept],
-                           key.startswith("eval_"), on_right))
-  if not any(not line.right for line in lines):  # a right axis alone needs no second scale
-    lines = [line._replace(right=False) for line in lines]
+  for key in _expand(rows, keys):
+    steps, values = _series(rows, key)
+    kept = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+    if kept:
+      lines.append(_Line(key, [s for s, _ in kept], [v for _, v in kept], key.startswith("eval_")))
   return lines
 
 
-def _save_figure(path: str, panels: list[tuple[str, list[_Line]]]):
-  """One PNG holding a grid of panels, each a (title, lines) pair plotted against step."""
+# Units of the logged metrics, by name less any eval_ prefix; a per-task key (task_score_count)
+# takes its family's unit. Ratios and scores with no unit of their own are left without one.
+_UNITS = {
+    "loss": "nats", "kl": "nats", "approx_kl": "nats", "entropy": "nats",
+    "exact_match": "fraction", "accuracy": "fraction", "reward_accuracy": "fraction",
+    "task_score": "fraction", "clipfrac": "fraction", "value_clipfrac": "fraction",
+    "eos_fraction": "fraction", "mfu": "fraction of peak",
+    "response_length": "tokens", "tokens_per_sec": "tokens/s", "step_time": "s",
+    "kl_coef": "",  # a coefficient, not a KL (and no member of the kl family)
+}
+_NAMES = {"tokens_per_sec": "throughput", "mfu": "MFU", "kl": "KL", "approx_kl": "approx KL",
+          "kl_coef": "KL coef"}
+_RL_KINDS = ("ppo", "grpo")  # whose "loss" is a sum of policy terms, not a log-likelihood
+
+
+def _base(key: str) -> str:
+  key = key.removeprefix("eval_")
+  return key[:-1].rstrip("_") if key.endswith("*") else key
+
+
+def _unit(base: str, kind: str | None = None) -> str:
+  if base == "loss" and kind in _RL_KINDS:
+    return ""
+  if base in _UNITS:
+    return _UNITS[base]
+  family = max((k for k in _UNITS if base.startswith(k + "_")), key=len, default=None)
+  return _UNITS[family] if family else ""
+
+
+def _name_and_unit(title: str, keys, kind: str | None = None) -> tuple[str, str]:
+  bases = sorted({_base(k) for k in keys})
+  name = _NAMES.get(bases[0], bases[0].replace("_", " ")) if len(bases) == 1 else title
+  units = {_unit(b, kind) for b in bases}
+  return name, units.pop() if len(units) == 1 else ""
+
+
+def ylabel(title: str, keys, kind: str | None = None) -> str:
+  """The y label of a panel of `keys`: the metric's name (the panel's title when its keys are
+  different metrics) and, where it has one, its unit."""
+  name, unit = _name_and_unit(title, keys, kind)
+  return f"{name} ({unit})" if unit else name
+
+
+def _stage_panels(title: str, rows: list[dict], left, right=(), kind=None) -> list[_Panel]:
+  """A spec panel as drawn: its left keys on one panel, each right-axis key (a metric on its own
+  scale) on a panel of its own, so that no axis is shared between two scales."""
+  panels = [_Panel(title, ylabel(title, left, kind), _lines(rows, left))] if left else []
+  for key in right:
+    name, _ = _name_and_unit(key, (key,), kind)
+    panels.append(_Panel(f"{title}: {name}", ylabel(key, (key,), kind), _lines(rows, (key,))))
+  return panels
+
+
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# Each size fits inside the one before, and each line is narrower than the one it is drawn over:
+# series with the same values show as nested markers on a striped line.
+_MARKER_SIZES = (10.0, 6.5, 4.5, 3.0)
+_LINE_WIDTHS = (2.6, 1.9, 1.3, 0.9)
+
+
+def series_style(i: int, points: int, sparse: bool) -> dict:
+  """Plot keywords of the i-th series of a panel: its own colour, line style and hollow marker
+  (shrinking with i, so markers of series that coincide nest rather than cover each other)."""
+  style = {"color": f"C{i % 10}", "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+           "marker": _MARKERS[i % len(_MARKERS)], "markerfacecolor": "none",
+           "markersize": _MARKER_SIZES[i % 4], "markeredgewidth": 1.2,
+           "linewidth": _LINE_WIDTHS[i % 4]}
+  if points == 1:
+    style["linestyle"] = "none"  # a lone point: the marker alone
+  elif not sparse:
+    style["markevery"] = max(1, points // 8)  # a dense training curve: a few markers along it
+  return style
+
+
+def make_figure(panels: list[_Panel], cols: int = 3):
+  """A matplotlib Figure holding a grid of panels, each against an integer step axis."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  cols = min(len(panels), 3)
+  from matplotlib.ticker import MaxNLocator
+  cols = min(len(panels), cols)
   nrows = math.ceil(len(panels) / cols)
   # The object API with an Agg canvas: no pyplot, so no global backend state and no display needed.
   fig = Figure(figsize=(4.8 * cols, 3.4 * nrows), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-  for ax, (title, lines) in zip(axes, panels):
-    twin = ax.twinx() if any(line.right for line in lines) else None
-    handles = []
-    for i, line in enumerate(lines):
-      target = twin if line.right else ax
-      if len(line.steps) == 1:  # a lone point would be invisible as a line
-        handles.append(target.scatter(line.steps, line.values, s=18, color=f"C{i}",
-                                      label=line.label, zorder=3))
-      elif line.points:  # sparse eval rows: markers, joined by a faint dashed line
-        handles += target.plot(line.steps, line.values, color=f"C{i}", marker="o", markersize=4,
-                               linestyle="--", linewidth=0.8, label=line.label, zorder=3)
-      else:
-        handles += target.plot(line.steps, line.values, color=f"C{i}", linewidth=1.2,
-                               label=line.label)
-    ax.set_title(title)
+  for ax, panel in zip(axes, panels):
+    for i, line in enumerate(panel.lines):
+      ax.plot(line.steps, line.values, label=line.label, zorder=2 + i,
+              **series_style(i, len(line.steps), line.points))
+    ax.set_title(panel.title)
     ax.set_xlabel("step")
+    ax.set_ylabel(panel.ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize="small")
+    ax.legend(fontsize="small")
   for ax in axes[len(panels):]:
-    ax.set_visible(False)
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=100)
-  fileio.write_bytes(path, png.getvalue())
+    fig.delaxes(ax)  # an empty grid cell: no axes, rather than an unlabelled hidden one
+  return fig
 
 
-def write_figures(stages: dict[str, dict], out_dir: str) -> list[str]:
-  """Writes the figures whose data is present; returns their file names, in report order."""
-  figures = []
+def build_figures(stages: dict[str, dict]) -> dict[str, object]:
+  """File name -> Figure of every figure whose data is present, in report order."""
+  figures = {}
 
-  def save(filename, panels):
-    panels = [(title, lines) for title, lines in panels if lines]
+  def add(filename, panels, cols=3):
+    panels = [p for p in panels if p.lines]
     if panels:
-      _save_figure(os.path.join(out_dir, filename), panels)
-      figures.append(filename)
+      figures[filename] = make_figure(panels, cols)
 
-  save("loss.png", [(name, _lines(s["rows"], ("loss", "eval_loss"))) for name, s in stages.items()])
+  add("loss.png", [_Panel(name, ylabel(name, ("loss",), s["kind"]),
+                          _lines(s["rows"], ("loss", "eval_loss"))) for name, s in stages.items()])
   for name, stage in stages.items():
     spec = REGISTRY.get(stage["kind"])
-    save(f"{name}.png", [(title, _lines(stage["rows"], left, right))
-                         for title, left, right in (spec.panels if spec else ())])
-  # Per stage, since each stage counts its own steps; MFU is NaN (so absent) on an unknown device.
-  save("throughput.png", [(name, _lines(s["rows"], ("tokens_per_sec",), ("mfu",)))
-                          for name, s in stages.items()])
+    add(f"{name}.png", [panel for title, left, right in (spec.panels if spec else ())
+                        for panel in _stage_panels(title, stage["rows"], left, right,
+                                                   stage["kind"])])
+  # Per stage, since each stage counts its own steps. Tokens/s and MFU, which is proportional to
+  # it, on panels of their own; MFU is NaN (so absent) on an unknown device.
+  add("throughput.png", [panel for name, s in stages.items() for key in ("tokens_per_sec", "mfu")
+                         for panel in _stage_panels(name, s["rows"], (), (key,))], cols=2)
   return figures
+
+
+def write_figures(stages: dict[str, dict], out_dir: str, explicit: bool = True) -> list[str]:
+  """Writes the figures whose data is present; returns their file names, in report order."""
+  names = []
+  for filename, fig in build_figures(stages).items():
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    _write(os.path.join(out_dir, filename), png.getvalue(), explicit)
+    names.append(filename)
+  return names
