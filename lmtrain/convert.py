@@ -21,9 +21,13 @@ source): each parameter kind is stacked over layers into its [layers, ...] array
 to-hf takes the model shape from DIR/STAGE/model.json (written by every run, read by `lmtrain sample`)
 and the tokenizer from lineage.json (or DIR/tokenizer.model); it writes `config.json`, safetensors
 shards (float32 by default, exact; or --dtype bfloat16/float16) with their index when there are
-several, `tokenizer.model` and a `tokenizer_config.json` that `AutoTokenizer` loads with the
-tokenizer's own special ids (lmtrain's: pad 0, eos 1, bos 2, unk 3; LLaMA's: unk 0, bos 1, eos
-2, and unk again as pad). It holds the float32 params in host memory plus one shard.
+several, `tokenizer.model`, `tokenizer.json` and a `tokenizer_config.json` that `AutoTokenizer`
+loads with the tokenizer's own special ids (lmtrain's: pad 0, eos 1, bos 2, unk 3; LLaMA's: unk 0,
+bos 1, eos 2, and unk again as pad). tokenizer.json, the `tokenizers` library's fast tokenizer
+built from the sentencepiece model's pieces and scores (unigram, or BPE with merges ranked by
+score), encodes and decodes as sentencepiece does, so transformers needs neither sentencepiece nor
+protobuf to load it; a model it cannot express (a word or char model, say) gets a note instead.
+It holds the float32 params in host memory plus one shard.
 
 A scalar-head (reward or value) checkpoint exports as LlamaForSequenceClassification with one label:
 its `score` Linear is lmtrain's head weight, and config.json's pad_token_id makes HF read the score
@@ -543,11 +547,19 @@ def _special_tokens(path: str | None) -> dict[str, tuple[int, str]]:
 
 
 def _write_tokenizer(path: str, special: dict, output_dir: str) -> list[str]:
-  """tokenizer.model, and a tokenizer_config.json naming its special tokens. The generic fast class
-  builds its tokenizer from the sentencepiece model's own settings (unigram, byte fallback, no
-  normalisation), so it encodes as sentencepiece does; transformers 5's LlamaTokenizer assumes a
-  BPE model and would not."""
+  """tokenizer.model, tokenizer.json (the `tokenizers` library's fast tokenizer, so `AutoTokenizer`
+  needs neither sentencepiece nor protobuf) and a tokenizer_config.json naming the special tokens.
+  A model that tokenizer.json cannot reproduce gets a note and no tokenizer.json instead."""
   shutil.copyfile(path, os.path.join(output_dir, "tokenizer.model"))
+  written = ["tokenizer.model"]
+  fast = _tokenizer_json(path, special)
+  if isinstance(fast, str):
+    print(f"note: no tokenizer.json written: {fast}; transformers converts tokenizer.model "
+          f"instead (that needs sentencepiece and protobuf installed)", file=sys.stderr)
+  else:
+    with open(os.path.join(output_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+      json.dump(fast, f, ensure_ascii=False, indent=2)
+    written.append("tokenizer.json")
   config = {"tokenizer_class": "PreTrainedTokenizerFast",
             **{f"{role}_token": piece for role, (_, piece) in special.items()},
             "add_bos_token": True,  # lmtrain's prompts start with BOS
@@ -555,7 +567,191 @@ def _write_tokenizer(path: str, special: dict, output_dir: str) -> list[str]:
             "clean_up_tokenization_spaces": False}
   with open(os.path.join(output_dir, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2)
-  return ["tokenizer.model", "tokenizer_config.json"]
+  return [*written, "tokenizer_config.json"]
+
+
+# sentencepiece_model.proto, read by `_proto_fields` (sentencepiece's own _pb2 module would need a
+# protobuf version lmtrain does not pin): ModelProto has pieces 1 (piece 1, score 2, type 3),
+# trainer_spec 2, normalizer_spec 3, denormalizer_spec 5. Piece types (BYTE is 6), model types:
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
+_UNIGRAM, _BPE = 1, 2
+_SPACE = "\u2581"  # "▁", sentencepiece's escaped space
+
+
+def _proto_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+  """[(field number, value)] of one serialized protobuf message: varints as ints, the rest bytes."""
+  def varint(pos):
+    value, shift = 0, 0
+    while True:
+      byte = data[pos]
+      value |= (byte & 0x7F) << shift
+      pos, shift = pos + 1, shift + 7
+      if byte < 0x80:
+        return value, pos
+
+  fields, pos = [], 0
+  while pos < len(data):
+    key, pos = varint(pos)
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = varint(pos)
+    elif wire in (1, 5):  # fixed64, fixed32
+      size = 8 if wire == 1 else 4
+      value, pos = data[pos:pos + size], pos + size
+    elif wire == 2:
+      size, pos = varint(pos)
+      value, pos = data[pos:pos + size], pos + size
+    else:
+      raise ValueError(f"unsupported protobuf wire type {wire}")
+    fields.append((number, value))
+  return fields
+
+
+def _spm_spec(data: bytes) -> dict:
+  """The settings of a serialized sentencepiece model that its tokenizer.json depends on."""
+  spec = {"types": [], "model_type": _UNIGRAM, "byte_fallback": False,
+          "treat_whitespace_as_suffix": False, "charsmap": b"", "add_dummy_prefix": True,
+          "remove_extra_whitespaces": True, "escape_whitespaces": True, "denormalizer": b""}
+  for number, value in _proto_fields(data):
+    if number == 1:  # a piece; its type defaults to NORMAL
+      spec["types"].append(dict(_proto_fields(value)).get(3, _NORMAL))
+    elif number == 2:
+      trainer = dict(_proto_fields(value))
+      spec["model_type"] = trainer.get(3, _UNIGRAM)
+      spec["byte_fallback"] = bool(trainer.get(35, False))
+      spec["treat_whitespace_as_suffix"] = bool(trainer.get(24, False))
+    elif number == 3:
+      normalizer = dict(_proto_fields(value))
+      spec["charsmap"] = normalizer.get(2, b"")
+      spec["add_dummy_prefix"] = bool(normalizer.get(3, True))
+      spec["remove_extra_whitespaces"] = bool(normalizer.get(4, True))
+      spec["escape_whitespaces"] = bool(normalizer.get(5, True))
+    elif number == 5:
+      spec["denormalizer"] = dict(_proto_fields(value)).get(2, b"")
+  return spec
+
+
+def _tokenizer_json(path: str, special: dict) -> dict | str:
+  """The HF `tokenizers` serialization (tokenizer.json) of the sentencepiece model at `path`,
+  encoding and decoding as sentencepiece does; or a sentence saying why it is not written.
+
+  sentencepiece normalizes the whole text (its character map, if any; with remove_extra_whitespaces
+  no leading, trailing or repeated spaces), puts the dummy prefix "▁" before a non-empty text and
+  escapes every space as "▁"; the normalizer here does the same, and there is no pre-tokenizer, so
+  the model sees the whole string, as sentencepiece's does (Metaspace would not prefix a text that
+  starts with a space). A unigram model then takes the best-scoring segmentation, the Viterbi that
+  tokenizers' Unigram runs too, with the same score for an unknown character (the lowest piece
+  score minus 10). A BPE model merges the adjacent pair whose concatenation is the highest-scoring
+  piece, leftmost first; tokenizers' BPE merges by rank, so the merges are every split of a normal
+  piece into two normal pieces, ranked by the whole piece's score. Under byte fallback a character
+  without a piece becomes its UTF-8 byte pieces. Control and unknown pieces are special added
+  tokens, never split; decoding turns "▁" back into spaces, joins byte pieces into characters and
+  drops the space of the dummy prefix.
+
+  Known differences: sentencepiece sums a unigram path's scores in float32, tokenizers in float64,
+  so on long texts (thousands of pieces) a near-tie between two segmentations can go either way;
+  "<s>" written in the text is the BOS token for transformers, three characters for sentencepiece;
+  the text after a user-defined piece gets a dummy prefix of its own; sentencepiece decodes unk as
+  " ⁇ ", transformers as "<unk>" (or nothing, skipping special tokens).
+  """
+  import base64
+
+  import sentencepiece as spm
+  with open(path, "rb") as f:
+    data = f.read()
+  sp = spm.SentencePieceProcessor()
+  sp.LoadFromSerializedProto(data)
+  try:
+    spec = _spm_spec(data)
+  except (ValueError, IndexError) as e:  # sentencepiece read it, so this should not happen
+    return f"{path}: cannot read the model proto ({e})"
+  n = sp.get_piece_size()
+  types = spec["types"]
+  if len(types) != n:
+    return f"{path}: read {len(types)} pieces from the model proto, sentencepiece has {n}"
+  if spec["model_type"] not in (_UNIGRAM, _BPE):
+    return f"{path}: a {'word' if spec['model_type'] == 3 else 'char'} model (only unigram and BPE)"
+  if spec["treat_whitespace_as_suffix"]:
+    return f"{path}: treat_whitespace_as_suffix (tokenizers has no appended dummy suffix)"
+  if spec["denormalizer"]:
+    return f"{path}: a denormalization rule (tokenizers' decoders have none)"
+  if spec["model_type"] == _BPE and _UNUSED in types:
+    return f"{path}: a BPE model with unused pieces (sentencepiece re-splits those)"
+
+  space = _SPACE if spec["escape_whitespaces"] else " "
+  normalizers = []
+  if spec["charsmap"]:
+    normalizers.append({"type": "Precompiled",
+                        "precompiled_charsmap": base64.b64encode(spec["charsmap"]).decode()})
+  if spec["remove_extra_whitespaces"]:
+    normalizers += [{"type": "Replace", "pattern": {"Regex": "^ +| +$"}, "content": ""},
+                    {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
+  if spec["add_dummy_prefix"]:
+    normalizers.append({"type": "Prepend", "prepend": space})  # a no-op on an empty text
+  if spec["escape_whitespaces"]:
+    normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": _SPACE})
+
+  pieces = [sp.id_to_piece(i) for i in range(n)]
+  unk_id = sp.unk_id()
+  if spec["model_type"] == _UNIGRAM:
+    # sentencepiece's lattice holds only normal (and user-defined) pieces, tokenizers' holds all, so
+    # text that spells a byte or control piece ("<0x41>", "<s>") could match it. A score below
+    # that of spelling each of its characters with the worst piece keeps it out of every best
+    # segmentation; the only other use of the lowest score, the unknown character's, is shared by
+    # all segmentations (no piece contains an unknown character), so the best one is unchanged.
+    scores = [float(sp.get_score(i)) for i in range(n)]
+    reserved = [i for i in range(n) if types[i] not in (_NORMAL, _USER_DEFINED)]
+    worst = min([0.0] + [scores[i] for i in range(n) if types[i] == _NORMAL])
+    unreachable = max(len(pieces[i]) for i in reserved) * worst - 10.0 if reserved else 0.0
+    for i in reserved:
+      scores[i] = unreachable
+    model = {"type": "Unigram", "unk_id": unk_id,
+             "vocab": [[piece, score] for piece, score in zip(pieces, scores)],
+             "byte_fallback": spec["byte_fallback"]}
+  else:
+    normal = {piece: i for i, piece in enumerate(pieces) if types[i] == _NORMAL}
+    ranked = []
+    for piece, i in normal.items():
+      for k in range(1, len(piece)):
+        if piece[:k] in normal and piece[k:] in normal:
+          ranked.append((-sp.get_score(i), i, k, piece[:k], piece[k:]))
+    ranked.sort()
+    merges = [[a, b] for *_, a, b in ranked]
+    if not any(" " in piece for piece in normal):  # the "a b" form older tokenizers read too
+      merges = [f"{a} {b}" for a, b in merges]
+    model = {"type": "BPE", "dropout": None, "unk_token": pieces[unk_id],
+             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+             "byte_fallback": spec["byte_fallback"],
+             "vocab": {piece: i for i, piece in enumerate(pieces)}, "merges": merges}
+
+  # Matched in the raw text: control and unknown pieces as special tokens, user-defined ones as
+  # plain ones (sentencepiece matches those in the normalized text, but tokenizers would normalize
+  # them too, and the dummy prefix would then be part of them).
+  added = [{"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": types[i] != _USER_DEFINED}
+           for i in range(n) if types[i] in (_CONTROL, _UNKNOWN, _USER_DEFINED)]
+  bos_id, bos = special["bos"]
+
+  def bos_then(sequence, type_id):
+    return [{"SpecialToken": {"id": bos, "type_id": type_id}},
+            {"Sequence": {"id": sequence, "type_id": type_id}}]
+
+  post_processor = {  # BOS first, as tokenizer_config.json's add_bos_token says
+      "type": "TemplateProcessing", "single": bos_then("A", 0),
+      "pair": bos_then("A", 0) + bos_then("B", 1),
+      "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+  decoders = []
+  if spec["escape_whitespaces"]:
+    decoders.append({"type": "Replace", "pattern": {"String": _SPACE}, "content": " "})
+  if spec["byte_fallback"]:
+    decoders.append({"type": "ByteFallback"})
+  decoders.append({"type": "Fuse"})
+  if spec["add_dummy_prefix"]:
+    decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+  return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+          "normalizer": {"type": "Sequence", "normalizers": normalizers} if normalizers else None,
+          "pre_tokenizer": None, "post_processor": post_processor,
+          "decoder": {"type": "Sequence", "decoders": decoders}, "model": model}
 
 
 # --------------------------------------------------------------------------------------------- CLI

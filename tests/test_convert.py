@@ -192,21 +192,30 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, tokeniz
                               _hf_logits(hf, tokens, LENGTHS))
 
 
-def test_bfloat16_export_and_its_tokenizer(tmp_path, tokenizer_path):
-  stage = str(tmp_path / "run" / "pretrain")
+@pytest.fixture(scope="module")
+def bf16_export(tmp_path_factory, tokenizer_path):
+  """(cfg, params, HF directory, files written) of a bfloat16 to-hf export of a tiny model that
+  has the session's lmtrain tokenizer."""
+  d = tmp_path_factory.mktemp("bf16_export")
+  stage = str(d / "run" / "pretrain")
   cfg = dataclasses.replace(TINY, vocab_size=512)
   params = init_params(cfg)
   _write_stage(stage, cfg, params, tokenizer_path)
-  convert.to_hf(stage, str(tmp_path / "hf"), dtype="bfloat16")
+  files = convert.to_hf(stage, str(d / "hf"), dtype="bfloat16")
+  return cfg, params, str(d / "hf"), files
+
+
+def test_bfloat16_export_and_its_tokenizer(tmp_path, tokenizer_path, bf16_export):
+  cfg, params, hf_dir, _ = bf16_export
   # bfloat16 tensors come back as float32 holding the rounded values.
-  convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+  convert.from_hf(hf_dir, str(tmp_path / "back"))
   back = _restore(str(tmp_path / "back"), cfg)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, np.asarray(b.astype(jax.numpy.bfloat16), np.float32))
 
   # The tokenizer encodes as lmtrain's does.
-  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
   ours = tokenizer_lib.Tokenizer.load(tokenizer_path)
   assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.bos_token_id, hf_tok.unk_token_id) == (
       ours.pad_id, ours.eos_id, ours.bos_id, ours.unk_id)
@@ -215,6 +224,117 @@ def test_bfloat16_export_and_its_tokenizer(tmp_path, tokenizer_path):
   for text in texts:
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
   assert hf_tok("hi")["input_ids"] == [ours.bos_id] + ours.encode("hi")
+
+
+# What a user without sentencepiece (or protobuf) gets: transformers alone, reading tokenizer.json.
+_LOAD_WITHOUT_SENTENCEPIECE = """
+import json, sys
+for name in ("sentencepiece", "google.protobuf"):
+  sys.modules[name] = None  # import raises ImportError, importlib.util.find_spec gives None
+  try:
+    __import__(name)
+  except ImportError:
+    pass
+  else:
+    raise SystemExit(name + " is still importable")
+import transformers
+job = json.load(sys.stdin)
+tok = transformers.AutoTokenizer.from_pretrained(job["dir"])
+out = {
+    "class": type(tok).__name__,
+    "special": [tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id],
+    "special_tokens": tok.convert_ids_to_tokens(job["special_ids"]),
+    "encode": [tok(t, add_special_tokens=False)["input_ids"] for t in job["texts"]],
+    "with_bos": [tok(t)["input_ids"] for t in job["texts"]],
+    "decode": [tok.decode(ids, skip_special_tokens=True) for ids in job["ids"]],
+    "with_eos": tok(job["texts"][0] + tok.eos_token, add_special_tokens=False)["input_ids"],
+    "loaded": sorted(m for m in sys.modules if m.startswith(("sentencepiece", "google.protobuf"))
+                     and sys.modules[m] is not None),
+}
+print(json.dumps(out))
+"""
+
+# Plain ASCII, leading/trailing/repeated spaces, newlines and tabs, digits, punctuation, characters
+# only byte fallback encodes, nothing at all.
+TOKENIZER_TEXTS = [
+    "The cat sat on the mat.", "hello world", " leading", "trailing ", "   three  spaces   ",
+    "line one\nline two\n\n  indented\n", "tab\tseparated", "1234567890 and 3.14159, 2^10 = 1024",
+    "Punctuation: (a, b); [c]! {d}? \"e\" 'f' - g_h / i\\j @k #l $m %n &o *p +q =r <s |t> ~u",
+    "héllo wörld 日本語 🙂", "Ünïcödé ☃ 🎉", "\n", " ", "", "a", "<0x41> spelled out",
+]
+
+
+def _check_fast_tokenizer(hf_dir, model_path):
+  """Loads `hf_dir`'s tokenizer with transformers in a process where sentencepiece and protobuf
+  cannot be imported, and checks it against sentencepiece on TOKENIZER_TEXTS."""
+  import subprocess
+  import sys
+  sp = spm.SentencePieceProcessor(model_file=model_path)
+  ours = tokenizer_lib.Tokenizer.load(model_path)
+  ids = [sp.encode(t) for t in TOKENIZER_TEXTS]
+  special_ids = [ours.pad_id, ours.eos_id, ours.bos_id, ours.unk_id]
+  job = {"dir": hf_dir, "texts": TOKENIZER_TEXTS, "ids": ids, "special_ids": special_ids}
+  proc = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_SENTENCEPIECE], input=json.dumps(job),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["loaded"] == []
+  assert out["special"] == special_ids
+  assert out["special_tokens"] == [sp.id_to_piece(i) for i in special_ids]
+  for text, theirs, want in zip(TOKENIZER_TEXTS, out["encode"], ids):
+    assert theirs == want, text
+  assert out["with_bos"] == [[ours.bos_id] + want for want in ids]
+  assert out["decode"] == [sp.decode(want) for want in ids]
+  # A special token in the text is one token, never split.
+  assert out["with_eos"] == ids[0] + [ours.eos_id]
+  return out
+
+
+def test_tokenizer_json_loads_without_sentencepiece(bf16_export, tokenizer_path):
+  _, _, hf_dir, files = bf16_export
+  assert "tokenizer.json" in files
+  with open(os.path.join(hf_dir, "tokenizer.json"), encoding="utf-8") as f:
+    fast = json.load(f)
+  assert fast["model"]["type"] == "Unigram" and fast["model"]["byte_fallback"]
+  ours = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  assert fast["model"]["unk_id"] == ours.unk_id == tokenizer_lib.UNK_ID
+  assert {t["content"]: t["id"] for t in fast["added_tokens"] if t["special"]} == {
+      "<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}
+  out = _check_fast_tokenizer(hf_dir, tokenizer_path)
+  assert out["special"] == [0, 1, 2, 3]
+  # lmtrain's identity normalization: decoding gives back the text itself.
+  assert out["decode"] == TOKENIZER_TEXTS
+
+
+def test_tokenizer_json_of_a_bpe_model(tmp_path):
+  """A converted LLaMA tokenizer is a BPE sentencepiece model: its tokenizer.json has the merges."""
+  lines = [f"the quick brown fox jumps over the lazy dog {i} times, then it rests; naïve café"
+           for i in range(50)]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(  # LLaMA's settings
+      sentence_iterator=iter(lines), model_writer=model, vocab_size=400, model_type="bpe",
+      byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+      split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+      num_threads=1, minloglevel=2)
+  path = tmp_path / "tokenizer.model"
+  path.write_bytes(model.getvalue())
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  files = convert._write_tokenizer(str(path), convert._special_tokens(str(path)), str(hf_dir))
+  assert "tokenizer.json" in files
+  fast = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+  assert fast["model"]["type"] == "BPE" and len(fast["model"]["merges"]) > 100
+  out = _check_fast_tokenizer(str(hf_dir), str(path))
+  assert out["special"] == [0, 2, 1, 0]  # LLaMA's: pad is unk
+  assert out["decode"] == TOKENIZER_TEXTS
+
+
+def test_no_tokenizer_json_for_a_char_model(tmp_path, capsys):
+  path = _train_spm(tmp_path / "char.model", model_type="char")
+  files = convert._write_tokenizer(path, convert._special_tokens(path), str(tmp_path))
+  assert files == ["tokenizer.model", "tokenizer_config.json"]
+  assert not os.path.exists(tmp_path / "tokenizer.json")
+  assert "no tokenizer.json written" in capsys.readouterr().err
 
 
 def test_converted_checkpoint_starts_a_stage(hf_dirs, tmp_path):
@@ -468,12 +588,12 @@ def test_rope_frequencies_bands():
 # ------------------------------------------------------------- LLaMA tokenizers' special ids
 
 
-def _train_spm(path, **ids):
+def _train_spm(path, model_type="unigram", **ids):
   lines = [f"the quick brown fox jumps over the lazy dog {i} times, then it rests"
            for i in range(50)]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model, vocab_size=100, model_type="unigram",
+      sentence_iterator=iter(lines), model_writer=model, vocab_size=100, model_type=model_type,
       hard_vocab_limit=False, num_threads=1, minloglevel=2, **ids)
   with open(path, "wb") as f:
     f.write(model.getvalue())
@@ -577,5 +697,7 @@ def test_llama_tokenizer_through_convert_and_sample(llama_tokenizer_path, tmp_pa
   ours = tokenizer_lib.Tokenizer.load(llama_tokenizer_path)
   assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.bos_token_id, hf_tok.unk_token_id) == (
       0, 2, 1, 0)
-  text = "the lazy dog"
-  assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+  # From its tokenizer.json: nmt_nfkc normalization, extra spaces removed, no byte fallback.
+  assert os.path.exists(os.path.join(hf_back, "tokenizer.json"))
+  for text in ["the lazy dog", "  the   lazy\tdog  ", "ＴＨＥ ﬁve dogs", "the 日本 dog", ""]:
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
