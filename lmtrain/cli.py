@@ -6,6 +6,8 @@ checkpoint kept); 143 SIGTERM after saving a checkpoint.
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 from lmtrain.stages import PIPELINE_DEFAULT, REGISTRY, STAGES
@@ -45,6 +47,9 @@ def _parser(command=None):
                      help="comma-separated stages to chain, in order")
     p.add_argument("--gin_file", action="append", default=[])
     p.add_argument("--gin_param", action="append", default=[])
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="resume although TRAIN_DATA, BATCH_SIZE, SEQ_LEN, the model or the "
+                        "tokenizer differ from the checkpoints' (recorded in lineage.json)")
     p.add_argument("--coordinator_address", help="multi-process runs off TPU: host:port of process 0")
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
@@ -102,7 +107,8 @@ def run_stage(stage: str, args, macros, skip_unknown_macros=False) -> dict:
     model_cfg = config.call(transformer.model_config, "model_config")
     loop_cfg = config.call(loop.LoopConfig, "LoopConfig")
     stage_obj = config.call(get_stage_builder(stage), stage, args.workdir, model_cfg, loop_cfg)
-    return loop.train(stage_obj, args.workdir, loop_cfg, config_text)
+    return loop.train(stage_obj, args.workdir, loop_cfg, config_text,
+                      allow_config_change=args.allow_config_change)
 
 
 # What the closing table shows of each stage, besides wall time and checkpoint.
@@ -187,6 +193,12 @@ def main(argv=None):
     if beam_args and args.command != "prepare":
       parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     training = args.command in STAGES + ("pipeline",)
+    if not os.environ.get("LMTRAIN_VERBOSE"):
+      # orbax logs through absl: "directory is read only" on each read, and a traceback per array
+      # fragment of a failed write, which the one-line errors already say.
+      logging.getLogger("absl").setLevel(logging.CRITICAL)
+      from lmtrain import quiet
+      quiet.install()
     if macros and not training:
       raise UserError(f"--gin.{next(iter(macros))}: gin macros apply to the training stages only")
     if training:
@@ -223,10 +235,13 @@ def main(argv=None):
   except (UserError, DivergedError, Preempted) as e:
     # First line only: gin appends "In call to configurable ..." to errors raised inside one.
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    from lmtrain import quiet
     print(f"lmtrain: error: {message}" if not isinstance(e, Preempted) else f"lmtrain: {message}",
-          file=sys.stderr)
-    sys.stderr.flush()
+          file=quiet.stderr())
+    quiet.stderr().flush()
     sys.stdout.flush()
+    if getattr(e, "exit_at_once", False):  # nothing left to clean up; threads still printing
+      os._exit(e.exit_code)
     raise SystemExit(e.exit_code)
   except KeyboardInterrupt:
     raise SystemExit(130)

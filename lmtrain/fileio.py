@@ -113,6 +113,28 @@ def write_json(path, obj, indent: int = 2):
   write_text(path, json.dumps(obj, indent=indent))
 
 
+def rmtree(path):
+  """Removes a directory and everything under it (a bucket prefix and its objects)."""
+  _call(path, "delete", lambda p: p.rmtree() if p.exists() else None)
+
+
+def move(source, target):
+  """Moves a directory (or file) to `target`, whose parent is created. On a bucket, which cannot
+  rename, each object is copied and then the source removed."""
+  if not is_remote(source):
+    os.makedirs(os.path.dirname(os.fspath(target)), exist_ok=True)
+    os.replace(source, target)
+    return
+
+  def copy_all(src):
+    dst = epath.Path(target)
+    for item in src.rglob("*"):
+      if item.is_file():
+        (dst / os.path.relpath(os.fspath(item), os.fspath(src))).write_bytes(item.read_bytes())
+    src.rmtree()
+  _call(source, "move", copy_all)
+
+
 def local_dir(workdir: str, name: str) -> str:
   """DIR/name for a local work dir. For a bucket, a directory under the system temp dir keyed by
   the work dir's URL: for files that only local readers take, e.g. the demo data, which each host
@@ -161,3 +183,4 @@ class AppendFile:
       self.sync()
     else:
       self._file.close()
+

@@ -113,9 +113,10 @@ def _check_file(path: str):
     raise UserError(f"{path}: file not found")
 
 
-def _finish(path: str, good: int, skipped: int):
+def _finish(path: str, good: int, skipped: int, first_bad: str | None = None):
   if good == 0:
-    detail = f" ({skipped} bad records skipped)" if skipped else ""
+    detail = f" ({skipped} bad records skipped" + (
+        f"; the first: {first_bad})" if first_bad else ")") if skipped else ""
     raise UserError(f"{path}: no records{detail}")
 
 
@@ -129,6 +130,7 @@ def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: 
   _check_on_error(on_error)
   _check_file(path)
   good = skipped = 0
+  first_bad = None
   for location, raw in _raw_records(path):
     try:
       value = schema(_parse_json_object(raw))
@@ -137,6 +139,7 @@ def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: 
       if on_error == "raise":
         raise UserError(message) from None
       skipped += 1
+      first_bad = first_bad or message
       if log_skips:
         logging.warning("skipping bad record: %s", message)
       if counter is not None:
@@ -144,27 +147,58 @@ def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: 
       continue
     good += 1
     yield value
-  _finish(path, good, skipped)
+  _finish(path, good, skipped, first_bad)
 
 
-def _iter_plain_text(path: str) -> Iterator[str]:
-  """Documents of a plain text file: paragraphs separated by one or more blank lines."""
+def _iter_plain_text(path: str, on_error: str = "raise", counter: SkipCounter | None = None,
+                     log_skips: bool = True) -> Iterator[str]:
+  """Documents of a plain text file: paragraphs separated by one or more blank lines. A line that is
+  not UTF-8, or holds a NUL byte (a binary file), is a bad record `FILE:LINE`: on_error="skip"
+  leaves out its paragraph and counts it."""
   _check_file(path)
-  good = 0
-  lines = []
+  good = skipped = 0
+  lines, bad, first_bad = [], None, None
+
+  def end_paragraph():
+    nonlocal good, skipped, lines, bad, first_bad
+    text, problem = "\n".join(lines), bad
+    lines, bad = [], None
+    if problem is None:
+      good += 1
+      return text
+    skipped += 1
+    first_bad = first_bad or problem
+    if log_skips:
+      logging.warning("skipping bad record: %s", problem)
+    if counter is not None:
+      counter.add(problem)
+    return None
+
   with sources.open_binary(path) as f:
-    for raw in f:
-      line = raw.decode("utf-8", errors="replace")
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        if b"\0" in raw:
+          raise BadRecord("binary data (a NUL byte); pretraining text must be UTF-8")
+        line = raw.decode("utf-8")
+      except (BadRecord, UnicodeDecodeError) as e:
+        problem = (f"{path}:{lineno}: invalid UTF-8 at byte {e.start}"
+                   if isinstance(e, UnicodeDecodeError) else f"{path}:{lineno}: {e}")
+        if on_error == "raise":
+          raise UserError(problem) from None
+        bad = bad or problem
+        lines.append("")
+        continue
       if line.strip():
         lines.append(line.rstrip("\r\n"))
       elif lines:
-        good += 1
-        yield "\n".join(lines)
-        lines = []
+        text = end_paragraph()
+        if text is not None:
+          yield text
   if lines:
-    good += 1
-    yield "\n".join(lines)
-  _finish(path, good, 0)
+    text = end_paragraph()
+    if text is not None:
+      yield text
+  _finish(path, good, skipped, first_bad)
 
 
 def iter_text_records(path: str, *, on_error: str = "raise", counter: SkipCounter | None = None,
@@ -176,4 +210,4 @@ def iter_text_records(path: str, *, on_error: str = "raise", counter: SkipCounte
     return iter_records(path, text_schema, on_error=on_error, counter=counter,
                         log_skips=log_skips)
   _check_on_error(on_error)
-  return _iter_plain_text(path)
+  return _iter_plain_text(path, on_error, counter, log_skips)

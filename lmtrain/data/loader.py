@@ -298,7 +298,11 @@ class _PackedIterator(grain.DatasetIterator):
     else:
       self._base, self._next = int(state["base"]), int(state["next"])
     self._skip = set(int(g) for g in state.get("skip", []))
-    self._carry = [(g, start, stop, self._read(g)) for g, start, stop in state["carry"]]
+    # Chunks carried over by a run with a longer SEQ_LEN (--allow_config_change) are cut again.
+    L = self._seq_len
+    self._carry = [(g, s, min(s + L + 1, stop), ids)
+                   for g, start, stop in state["carry"] for ids in [self._read(g)]
+                   for s in range(start, stop - 1, L)]
 
   def close(self):
     if self._pool is not None:

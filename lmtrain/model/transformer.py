@@ -141,6 +141,13 @@ class ModelConfig:
                       f"({self.rope_original_max_len}) > 0")
     return self
 
+  def architecture(self) -> dict:
+    """The fields that give the params their meaning; the rest (remat, dtype, attention kernel,
+    logits chunking) only say how the same function is computed."""
+    execution = {"remat", "dtype", "attention_impl", "attention_block", "attention_chunked_from",
+                 "logits_chunk"}
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in execution}
+
   def param_count(self) -> int:
     """Exact parameter count, from the shapes (no allocation)."""
     d, h, n, k = self.d_model, self.head_size, self.num_heads, self.kv_heads

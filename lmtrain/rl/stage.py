@@ -252,25 +252,22 @@ def make_eval(examples, tokenizer, cfg: RLConfig, graphdefs, template, host_scor
   return run
 
 
-MIN_REWARD_SCALE = 1e-3  # a reward model whose scores spread less than this is degenerate
-
-
 def read_normalization(reward_dir, allow_degenerate: bool = False):
   """(offset, scale) the reward stage saved beside its checkpoint; (0, 1) without the file.
 
-  A scale under MIN_REWARD_SCALE means the reward model gives (nearly) every response the same
-  score (e.g. trained on pairs it cannot tell apart): dividing by it would blow the rewards, the KL
-  penalty's units and the losses up by orders of magnitude, so it is refused unless
-  `allow_degenerate`."""
+  A reward model at chance on its held-out pairs, or whose scores barely spread (e.g. trained on
+  pairs it cannot tell apart: dividing by that scale would blow the rewards, the KL penalty's
+  units and the losses up by orders of magnitude) cannot rank rollouts (roles.degenerate_reward):
+  refused unless `allow_degenerate`."""
   path = os.path.join(reward_dir, roles.NORMALIZATION_FILE)
   if not fileio.exists(path):
     logging.warning("%s not found: the reward model's scores are used unnormalised", path)
     return 0.0, 1.0
   norm = fileio.read_json(path)
   offset, scale = float(norm["offset"]), float(norm["scale"])
-  if not scale >= MIN_REWARD_SCALE and not allow_degenerate:
-    raise UserError(f"{path}: scale {scale:.3g}: the reward model scores every response alike "
-                    f"(std under {MIN_REWARD_SCALE:g}), so it cannot rank rollouts; retrain it on "
+  problem = roles.degenerate_reward(norm)
+  if problem and not allow_degenerate:
+    raise UserError(f"{path}: the reward model cannot rank rollouts: {problem}; retrain it on "
                     f"pairs it can tell apart, or set --gin_param "
                     f"make_stage.allow_degenerate_reward=True to use it anyway")
   return offset, scale
@@ -404,7 +401,7 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
       evaluation=Evaluation(measure=measure) if measure else None,
       hooks=(Hook(recent_means("kl", "reward_mean", "task_score", "entropy", "response_length"),
                   at_end=True),),
-      tokenizer_path=tok.path, summary=summary)
+      tokenizer_path=tok.path, summary=summary, data_sources=train)
 
 
 def recent_means(*keys: str):

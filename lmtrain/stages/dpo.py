@@ -60,4 +60,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
           "reward_accuracy", "chosen_reward", "rejected_reward", "margin")) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["dpo"].parent,
                                                    tokenizer=tok.path),
-      tokenizer_path=tok.path)
+      tokenizer_path=tok.path, data_sources=train)

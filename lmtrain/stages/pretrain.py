@@ -55,6 +55,9 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   eval_corpora = (text_corpora(workdir, evals, tok, what="EVAL_DATA", on_error=on_bad_record)[0]
                   if evals else None)
   summary = {}
+  skipped = sum(c.manifest.get("bad_records", 0) for c in train_corpora)
+  if skipped:  # on_bad_record='skip': the records left out of the corpus
+    summary["bad_records_skipped"] = skipped
   if eval_corpora:
     summary["unigram_perplexity"] = loader.unigram_perplexity(train_corpora, eval_corpora,
                                                               tok.vocab_size)
@@ -65,4 +68,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
                                                                train=False),
                                       loss_fn=lm_loss, metrics=perplexity_metrics)
                            if eval_corpora else None),
-               summary=summary, tokenizer_path=tok.path)
+               summary=summary, tokenizer_path=tok.path, data_sources=train)

@@ -134,9 +134,17 @@ def normalizer(source: str, pairs, tokenizer, template, seq_len, rm_config, load
       scores = preference_scores(rm_graphdef, info.state.params, rows, info.mesh, info.rules)
     norm = {"offset": float(scores.mean()), "scale": float(scores.std() + 1e-6),
             "num_responses": int(scores.size), **norm}
+    accuracy = info.evaluation.get("eval_accuracy")
+    if accuracy is not None:  # PPO refuses a reward model at chance (rl/stage.read_normalization)
+      norm["eval_accuracy"] = float(accuracy)
     if jax.process_index() == 0:
       fileio.write_json(os.path.join(info.stage_dir, roles.NORMALIZATION_FILE), norm)
-    return {"reward_offset": norm["offset"], "reward_scale": norm["scale"]}
+    out = {"reward_offset": norm["offset"], "reward_scale": norm["scale"]}
+    problem = roles.degenerate_reward(norm)
+    if problem:
+      out["reward_warning"] = problem
+      print(f"warning: reward: {problem}", flush=True)
+    return out
 
   return run
 
@@ -174,4 +182,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent,
                                                    rm_cfg, loop_cfg.seed, tokenizer=tok.path),
       hooks=(Hook(norm_hook, at_end=True),),
-      tokenizer_path=tok.path)
+      tokenizer_path=tok.path, data_sources=train)

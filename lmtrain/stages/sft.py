@@ -85,4 +85,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
                             metrics=perplexity_metrics, measure=measure),
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["sft"].parent,
                                                    tokenizer=tok.path),
-      tokenizer_path=tok.path)
+      tokenizer_path=tok.path, data_sources=train)

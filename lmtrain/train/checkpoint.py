@@ -5,11 +5,15 @@ iterator's state, so a resumed run continues exactly. Restoring against abstract
 current mesh's shardings reshards a checkpoint written on another mesh.
 """
 
+import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import os
+import re
+import sys
+import time
 
 import gin
 import grain
@@ -31,6 +35,10 @@ class Checkpointer:
 
   def __init__(self, directory, keep_last=3, keep_every=None, async_save=True):
     self.directory = fileio.absolute(directory)  # a local path or a bucket URL (gs://...)
+    self._saving = None  # the step of the save in flight
+    # A failed write surfaces once, as CheckpointSaveError; orbax's asyncio tasks would also log
+    # each of its fragments' errors ("Task exception was never retrieved").
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last, keep_period=keep_every, create=True,
         enable_async_checkpointing=async_save)
@@ -40,11 +48,106 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state, data_iterator=None):
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    self._saving = int(step)
+    with self._save_errors():
+      self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """A failed write (a full disk, a quota, a lost bucket) becomes one line naming the step and
+    the checkpoints kept; the failed step's temporary directory is removed."""
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise OSError, ValueError, their own types
+      step = self._saving
+      self._remove_partial(step)
+      kept = [s for s in self.steps() if s != step]
+      raise CheckpointSaveError(
+          f"saving checkpoint {step} in {self.directory} failed ({one_line(e)}); "
+          f"{'checkpoints ' + ', '.join(map(str, kept)) + ' kept' if kept else 'no checkpoint kept'}"
+          f"; fix the storage and rerun to resume") from None
+
+  def _remove_partial(self, step):
+    """Removes the failed step's temporary (or uncommitted) directory. The storage library may
+    still be finishing the failed write's other fragments there: a few tries, a warning if it
+    stays."""
+    if step is None or jax.process_index() != 0:
+      return
+    problem = None
+    for attempt in range(20):
+      try:
+        names = [n for n in fileio.listdir(self.directory)
+                 if n.startswith(f"{step}.orbax-checkpoint-tmp") or (
+                     n == str(step) and not _is_committed(os.path.join(self.directory, n)))]
+        for name in names:
+          fileio.rmtree(os.path.join(self.directory, name))
+        if not names:
+          return
+      except (OSError, UserError) as e:
+        problem = e
+      time.sleep(0.05 * (attempt + 1))
+    logging.warning("could not remove the partial checkpoint %s in %s: %s", step, self.directory,
+                    problem)
+
+  def restore_newest_good(self, abstract_state, data_iterator=None) -> tuple[object, int]:
+    """Restores the latest checkpoint; one that fails to restore (a truncated or missing file) is
+    moved to DIR/<stage>/damaged_checkpoints/ (kept, never deleted) with a warning naming the step
+    and the problem, and the next newest is tried. None left: a UserError."""
+    for step in reversed(self.steps()):
+      try:
+        problem = self._check_complete(step)
+        if problem is None:
+          state = self.restore(abstract_state, data_iterator, step)
+      except UserError:  # another model, a setting: the checkpoint is fine
+        raise
+      except Exception as e:
+        if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the checkpoint's fault
+          raise
+        problem = one_line(e)
+      problem = _agree(problem)  # every process moves on together
+      if problem is None:
+        return state, step
+      moved = self._move_aside(step)
+      left = [s for s in self.steps() if s < step]
+      message = (f"checkpoint {step} in {self.directory} cannot be restored ({problem}); moved it "
+                 f"to {moved}")
+      if not left:
+        raise UserError(message + "; no earlier checkpoint is left (a rerun starts this stage "
+                        "from the beginning)")
+      if jax.process_index() == 0:
+        print(f"warning: {message}; resuming from checkpoint {left[-1]} instead",
+              file=sys.stderr, flush=True)
+    raise UserError(f"{self.directory}: no checkpoint to restore")
+
+  def _check_complete(self, step) -> str | None:
+    """What a restore would not notice: a data directory without this run's iterator states."""
+    data_dir = os.path.join(self.directory, str(step), "data")
+    if fileio.isdir(data_dir) and not self._other_hosts_data_states(step):
+      return "its data-iterator state is missing"
+    return None
+
+  def _move_aside(self, step) -> str:
+    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, str(step))
+    if jax.process_index() == 0:
+      suffix = 1
+      while fileio.exists(target):
+        suffix += 1
+        target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, f"{step}.{suffix}")
+      fileio.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"lmtrain_moved_checkpoint_{step}")
+    self.manager.reload()
+    return target
 
   def restore(self, abstract_state, data_iterator=None, step=None):
     """Restores onto the shardings that `abstract_state` (ShapeDtypeStructs) carries."""
@@ -86,11 +189,52 @@ class Checkpointer:
     return fileio.exists(os.path.join(self.directory, str(step), "data", name))
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointSaveError(UserError):
+  """A checkpoint could not be written. orbax's writer threads may still hold the failed write's
+  tasks, whose errors would print at interpreter exit: the CLI exits at once after its line."""
+  exit_at_once = True
+
+
+def one_line(error: Exception) -> str:
+  """An exception as a short line: its root cause's first line, or its type's name."""
+  while error.__cause__ is not None:  # tensorstore's own words, not orbax's wrapper
+    error = error.__cause__
+  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+  code = re.search(r"os_error_code='?(\d+)", str(error))  # tensorstore's word for the OS error
+  if code:
+    return f"{os.strerror(int(code.group(1)))}, errno {code.group(1)}"
+  text = text if len(text) <= 200 else text[:197] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_committed(step_dir: str) -> bool:
+  return fileio.exists(os.path.join(step_dir, "_CHECKPOINT_METADATA")) or fileio.exists(
+      os.path.join(step_dir, "commit_success.txt"))
+
+
+def _agree(problem: str | None) -> str | None:
+  """On several processes: a problem any of them saw (the first one's words) for all of them."""
+  if jax.process_count() == 1:
+    return problem
+  import numpy as np
+  from jax.experimental import multihost_utils
+  failed = multihost_utils.process_allgather(np.asarray(problem is not None))
+  if not failed.any():
+    return None
+  return problem or f"process {int(np.argmax(failed))} could not restore it"
 
 
 def restore_params(stage_dir: str, abstract_params, step=None):
@@ -101,17 +245,28 @@ def restore_params(stage_dir: str, abstract_params, step=None):
     raise UserError(f"INIT_FROM={stage_dir}: no checkpoints/ directory there")
   with ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"INIT_FROM={stage_dir}: no finished checkpoint there")
-    saved = saved_params(ckpt_dir, step)
-    one, role = roles.one_model(saved, abstract_params)
-    wanted = {role: abstract_params} if role else abstract_params
-    check_compatible(one, abstract_params, stage_dir)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": wanted}, restore_args={"params": restore_args},
-        partial_restore=True)))
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise UserError(f"{stage_dir}: no finished checkpoint there")
+    if step is not None and step not in steps:
+      raise UserError(f"{stage_dir}: no checkpoint at step {step}; the steps there are "
+                      f"{', '.join(map(str, steps))}")
+    step = steps[-1] if step is None else step
+    try:
+      saved = saved_params(ckpt_dir, step)
+      one, role = roles.one_model(saved, abstract_params)
+      wanted = {role: abstract_params} if role else abstract_params
+      check_compatible(one, abstract_params, stage_dir)
+      restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": wanted}, restore_args={"params": restore_args},
+          partial_restore=True)))
+    except UserError:
+      raise
+    except Exception as e:  # a truncated or missing file
+      if "RESOURCE_EXHAUSTED" in str(e):
+        raise
+      raise UserError(f"{stage_dir}: checkpoint {step} cannot be restored ({one_line(e)})") from None
   params = restored["state"]["params"]
   return (params[role] if role else params), step
 
@@ -133,6 +288,24 @@ def check_parent_tokenizer(parent_dir: str, tokenizer_path: str):
                     f"sha256 {actual[:12]}...; use the parent's tokenizer")
 
 
+@gin.configurable
+def parent_checks(allow_unfinished: bool = False) -> dict:
+  """Settings of the checks a chained stage makes of its parent: `allow_unfinished` starts from a
+  parent whose run stopped before its TRAIN_STEPS (a STOP_AFTER, a preemption)."""
+  return {"allow_unfinished": allow_unfinished}
+
+
+def check_parent_finished(parent_dir: str, latest: int | None):
+  """One line when the parent's run has not reached its TRAIN_STEPS (lineage.json's train_steps):
+  its latest checkpoint is a mid-run one, with the final evaluation and hooks not yet run."""
+  planned = read_lineage(parent_dir).get("train_steps")
+  if latest is None or not planned or latest >= planned or parent_checks()["allow_unfinished"]:
+    return
+  raise UserError(f"INIT_FROM={parent_dir}: that run is unfinished (its latest checkpoint is step "
+                  f"{latest} of {planned}); rerun its command to finish it, or start from it "
+                  f"anyway with --gin_param parent_checks.allow_unfinished=True")
+
+
 def parent_initializer(workdir: str, init_from, default_parent: str, model_config=None,
                        seed: int = 0, tokenizer: str | None = None):
   """`Stage.init_from_parent` for a chained stage: params from INIT_FROM (a stage directory such as
@@ -151,7 +324,12 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
     with ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data"),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
       latest = manager.latest_step()
-    saved = saved_params(os.path.join(path, "checkpoints"), latest) if latest is not None else {}
+    check_parent_finished(path, latest)
+    try:
+      saved = saved_params(os.path.join(path, "checkpoints"), latest) if latest is not None else {}
+    except (OSError, ValueError) as e:  # its metadata is missing or damaged
+      raise UserError(f"INIT_FROM={path}: checkpoint {latest} cannot be restored "
+                      f"({one_line(e)})") from None
     saved, _ = roles.one_model(saved, abstract_params)
     new_keys = [k for k in abstract_params if k not in saved] if model_config else []
     loaded = {k: v for k, v in abstract_params.items() if k not in new_keys}
@@ -200,8 +378,10 @@ def check_compatible(saved, expected, where):
     raise UserError(f"{where}: checkpoint does not fit the model: " + "; ".join(problems[:4]))
 
 
-def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None, tokenizer=None):
-  """DIR/<stage>/lineage.json: what this stage is, which checkpoint it started from, its config."""
+def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None, tokenizer=None,
+                  **facts):
+  """DIR/<stage>/lineage.json: what this stage is, which checkpoint it started from, its config;
+  `facts`: the loop's (train_steps, the settings a resume must keep)."""
   lineage = {
       "stage": stage,
       "parent": parent,
@@ -210,6 +390,45 @@ def write_lineage(stage_dir: str, stage: str, config_text: str, parent=None, tok
       "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
       "lmtrain_version": lmtrain.__version__,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **facts,
   }
   fileio.write_json(os.path.join(stage_dir, "lineage.json"), lineage)
   return lineage
+
+
+def read_lineage(stage_dir: str) -> dict:
+  path = os.path.join(stage_dir, "lineage.json")
+  return fileio.read_json(path) if fileio.exists(path) else {}
+
+
+def update_lineage(stage_dir: str, **fields):
+  lineage = read_lineage(stage_dir)
+  if lineage:
+    lineage.update(fields)
+    fileio.write_json(os.path.join(stage_dir, "lineage.json"), lineage)
+
+
+def resume_changes(stage_dir: str, keys: dict) -> dict:
+  """{setting: (at the checkpoint, now)} for each of `keys` (JSON values: the data sources, batch
+  size, sequence length, model architecture, tokenizer hash) that differs from the run that wrote
+  the checkpoints (lineage.json's resume_keys; a run from before they were kept: none)."""
+  before = read_lineage(stage_dir).get("resume_keys") or {}
+  now = json.loads(json.dumps(keys))  # tuples as lists, as they were stored
+  return {k: (before[k], now[k]) for k in now if k in before and before[k] != now[k]}
+
+
+def describe_changes(changes: dict) -> str:
+  parts = []
+  for key, (old, new) in changes.items():
+    if isinstance(old, dict) and isinstance(new, dict):  # the model: only the fields that differ
+      fields = sorted(set(old) | set(new))
+      diff = [f"{f} {old.get(f)} -> {new.get(f)}" for f in fields if old.get(f) != new.get(f)]
+      parts.append(f"{key} ({', '.join(diff)})")
+    else:
+      parts.append(f"{key} {_short(old)} -> {_short(new)}")
+  return "; ".join(parts)
+
+
+def _short(value, limit=80) -> str:
+  text = value if isinstance(value, str) else json.dumps(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."

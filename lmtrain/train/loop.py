@@ -72,6 +72,7 @@ class HookInfo:
   stage_dir: str
   recent: list  # metrics of the last few finished steps (monitor.SUMMARY_WINDOW)
   finished: bool  # the step is the schedule's last (train_steps)
+  evaluation: dict = dataclasses.field(default_factory=dict)  # at the end: the final evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,8 @@ class Stage:
   init_from_parent: Callable | None = None
   hooks: Sequence[Hook] = ()
   tokenizer_path: str | None = None  # recorded in lineage.json, for `lmtrain sample` and children
+  # The training data as configured (TRAIN_DATA): a resumed run must read the same (lineage.json).
+  data_sources: Any = None
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
 
 
@@ -115,32 +118,76 @@ def make_stage_dir(workdir: str, stage: str) -> str:
 
 def write_config(stage_dir: str, text: str, resumed_from: int | None):
   """DIR/STAGE/config.gin: the configuration of the run that trains now. A resumed run with another
-  configuration first keeps the one it replaces as config.<step>.gin, the step it resumed at."""
+  configuration first keeps the one it replaces as config.<step>.gin, the step it resumed at, and
+  says which lines changed (a new LEARNING_RATE or TRAIN_STEPS, say)."""
   path = os.path.join(stage_dir, "config.gin")
   if resumed_from is not None and fileio.exists(path):
     before = fileio.read_text(path)
     if before != text:
-      fileio.write_text(os.path.join(stage_dir, f"config.{resumed_from}.gin"), before)
+      kept = os.path.join(stage_dir, f"config.{resumed_from}.gin")
+      fileio.write_text(kept, before)
+      old_lines, new_lines = _bindings(before), _bindings(text)
+      changed = [f"-{l}" for l in old_lines if l not in new_lines] + [
+          f"+{l}" for l in new_lines if l not in old_lines]
+      print(f"note: resuming at step {resumed_from} with a changed config ({'; '.join(changed[:6])}"
+            f"{'; ...' if len(changed) > 6 else ''}); the previous one is kept as {kept}",
+            flush=True)
   fileio.write_text(path, text)
 
 
-def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "") -> dict:
-  """Runs (or resumes) `stage` in `workdir/<stage.name>` and returns its summary."""
+def _bindings(text: str) -> list[str]:
+  return [line.strip() for line in text.splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+
+
+# What a resumed run must keep to continue exactly: the names say which setting to restore.
+def resume_keys(stage: Stage, cfg: LoopConfig) -> dict:
+  from lmtrain.data import prepare
+  keys = {"TRAIN_DATA": stage.data_sources, "BATCH_SIZE": cfg.batch_size,
+          "SEQ_LEN": cfg.seq_len, "MODEL": stage.step.model_config.architecture()}
+  if stage.tokenizer_path:
+    keys["TOKENIZER"] = prepare.tokenizer_sha256(stage.tokenizer_path)
+  return keys
+
+
+def check_resume(stage_dir: str, keys: dict, allow_change: bool) -> dict:
+  """Before a resume restores anything: the settings that break exactness (resume_keys) must be
+  those of the run that wrote the checkpoints, unless allowed (then recorded in lineage.json)."""
+  changes = ckpt_lib.resume_changes(stage_dir, keys)
+  if changes and not allow_change:
+    raise UserError(
+        f"{stage_dir}: resuming with other settings than the checkpoints were trained with: "
+        f"{ckpt_lib.describe_changes(changes)}; a resumed run would not continue exactly; use a "
+        f"new --workdir, or pass --allow_config_change to go on (recorded in lineage.json)")
+  if changes:
+    print(f"warning: resuming with a changed {', '.join(changes)} (--allow_config_change): "
+          f"{ckpt_lib.describe_changes(changes)}", flush=True)
+  return changes
+
+
+def train(stage: Stage, workdir: str, cfg: LoopConfig, config_text: str = "",
+          allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) `stage` in `workdir/<stage.name>` and returns its summary.
+  allow_config_change: resume although the data, batch, sequence length, model or tokenizer
+  differ from the checkpoints' (check_resume)."""
   # From the start, so a SIGTERM during set-up or compilation also ends in a checkpoint.
   wall_start = time.time()
   with SigtermFlag() as sigterm:
     stage_dir = make_stage_dir(workdir, stage.name)
     with StageLock(stage_dir, held=jax.process_index() == 0):  # one run per stage directory
-      return _train(stage, stage_dir, cfg, config_text, sigterm, wall_start)
+      return _train(stage, stage_dir, cfg, config_text, sigterm, wall_start, allow_config_change)
 
 
 def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigterm,
-           wall_start: float) -> dict:
+           wall_start: float, allow_config_change: bool) -> dict:
   mesh, rules = parallel.make_mesh(), parallel.axis_rules()
   stage.step.check_batch(cfg.batch_size, cfg.microbatches, mesh)
 
   # The state: resumed, or from the parent (or fresh), and the run's files.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
+  keys = resume_keys(stage, cfg)
+  changes = (check_resume(stage_dir, keys, allow_config_change)
+             if checkpointer.latest_step() is not None else {})
   train_iter = stage.train_data(jax.process_index(), jax.process_count())
 
   def preflight(abstract_state, shardings):  # before anything is allocated
@@ -170,7 +217,15 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
                       dataclasses.asdict(stage.step.model_config))
     if start.resumed_from is None:
       ckpt_lib.write_lineage(stage_dir, stage.name, config_text, start.parent,
-                             tokenizer=stage.tokenizer_path)
+                             tokenizer=stage.tokenizer_path, train_steps=cfg.train_steps,
+                             resume_keys=keys)
+    else:
+      history = ckpt_lib.read_lineage(stage_dir).get("config_changes", [])
+      if changes:
+        history.append({"step": start.resumed_from,
+                        "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
+      ckpt_lib.update_lineage(stage_dir, train_steps=cfg.train_steps, resume_keys=keys,
+                              config_changes=history)
   writer = metrics_lib.MetricsWriter(stage_dir)
 
   tokens_per_step, flops_per_token = stage.step.work(cfg.batch_size, cfg.seq_len)
@@ -185,8 +240,8 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
   bar = tqdm(total=cfg.train_steps, initial=step, desc=stage.name, unit="step",
              disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=1.0)
 
-  def info(finished=False):
-    return HookInfo(step, state, mesh, rules, stage_dir, late.recent, finished)
+  def info(finished=False, evaluation=None):
+    return HookInfo(step, state, mesh, rules, stage_dir, late.recent, finished, evaluation or {})
 
   def log(done):
     """Writes a finished step's metrics row at LOG_EVERY (and the schedule's last step)."""
@@ -218,7 +273,7 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
       writer.write(step, final)
     for hook in stage.hooks:
       if hook.at_end:
-        summary.update(hook.fn(info(finished=step == cfg.train_steps)) or {})
+        summary.update(hook.fn(info(finished=step == cfg.train_steps, evaluation=final)) or {})
     return final
 
   final_eval = None

@@ -16,6 +16,23 @@ KL_CONTROLLER = "kl_ctl"
 # responses' rewards mean 0 and std 1; read by PPO/GRPO and copied by the converters.
 NORMALIZATION_FILE = "reward_normalization.json"
 
+# A reward model below this held-out pairwise accuracy ranks responses at about chance (0.5).
+CHANCE_ACCURACY = 0.55
+# Below this std of its scores, it gives every response (nearly) the same score.
+MIN_REWARD_SCALE = 1e-3
+
+
+def degenerate_reward(norm: dict) -> str | None:
+  """Why a reward model (its normalisation record) cannot rank rollouts, or None."""
+  accuracy = norm.get("eval_accuracy")
+  if accuracy is not None and accuracy < CHANCE_ACCURACY:
+    return (f"held-out accuracy {accuracy:.3f} is at chance (under {CHANCE_ACCURACY}): it cannot "
+            f"tell the chosen responses from the rejected ones")
+  if not norm["scale"] >= MIN_REWARD_SCALE:
+    return (f"its scores' std {norm['scale']:.3g} is under {MIN_REWARD_SCALE:g}: it scores every "
+            f"response alike")
+  return None
+
 
 def one_model(saved: dict, wanted: dict):
   """(params of one model, the role they are under or None) in a checkpoint's `saved` params: its

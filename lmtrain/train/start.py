@@ -56,8 +56,9 @@ def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mes
     preflight(abstract_state, shardings)
   rng = jax.random.PRNGKey(seed)
   with mesh:
-    if checkpointer.latest_step() is not None:
-      state = checkpointer.restore(parallel.with_shardings(abstract_state, shardings), train_iter)
+    if checkpointer.latest_step() is not None:  # a damaged latest one falls back to the next
+      state, _ = checkpointer.restore_newest_good(
+          parallel.with_shardings(abstract_state, shardings), train_iter)
       return Start(state, shardings, optimizer, schedule, int(state.step), None)
     loaded_shardings = parallel.tree_shardings(mesh, abstract_loaded, loaded_names, rules)
     parent = None

@@ -122,8 +122,25 @@ def test_skip_mode_counts_bad_records(tmp_path):
       f"{path}:2: invalid JSON (Expecting value at column 1)",
       f'{path}:3: "text" must be a string, got int']
   bad = _write(tmp_path, "bad.jsonl", "[]\n")
-  with pytest.raises(UserError, match=r"bad.jsonl: no records \(1 bad records skipped\)$"):
+  with pytest.raises(UserError, match=r"bad.jsonl: no records \(1 bad records skipped; the first: "
+                                      r".*bad.jsonl:1: expected a JSON object, got list\)$"):
     list(formats.iter_text_records(bad, on_error="skip"))
+
+
+def test_plain_text_that_is_not_utf8_or_binary_is_a_bad_record(tmp_path):
+  path = tmp_path / "mixed.txt"
+  path.write_bytes(b"first doc\n\nbad \xff\xfe line\nsame paragraph\n\nthird\x00doc\n\nlast doc\n")
+  with pytest.raises(UserError, match=r"mixed.txt:3: invalid UTF-8 at byte 4$"):
+    list(formats.iter_text_records(str(path)))
+  counter = formats.SkipCounter()
+  docs = list(formats.iter_text_records(str(path), on_error="skip", counter=counter))
+  assert docs == ["first doc", "last doc"]  # the bad lines' paragraphs are left out whole
+  assert counter.messages == [f"{path}:3: invalid UTF-8 at byte 4",
+                              f"{path}:6: binary data (a NUL byte); pretraining text must be UTF-8"]
+  binary = tmp_path / "model.bin"
+  binary.write_bytes(bytes(range(256)) * 4)
+  with pytest.raises(UserError, match=r"model.bin:1: (invalid UTF-8|binary data)"):
+    list(formats.iter_text_records(str(binary)))
 
 
 def test_plain_text_documents_are_paragraphs(tmp_path):

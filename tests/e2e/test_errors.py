@@ -139,27 +139,179 @@ def _snapshot(directory) -> dict:
   return out
 
 
-@pytest.mark.slow
-def test_bad_config_on_rerun_keeps_checkpoint(data, tmp_path):
-  workdir = tmp_path / "run"
-  first = run_cli(*stage_args(data, workdir))
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+  """A finished 4-step run with checkpoints 2 and 4; tests take a copy (`copy_of`)."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  first = run_cli(*stage_args(data, workdir, "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_EVERY=2"))
   assert first.returncode == 0, first.stderr
+  assert sorted(os.listdir(workdir / "pretrain" / "checkpoints")) == ["2", "4"]
+  return workdir
+
+
+def copy_of(trained, tmp_path):
+  import shutil
+  shutil.copytree(trained, tmp_path / "run")
+  return tmp_path / "run"
+
+
+def rerun(data, workdir, *extra, steps=6):
+  return run_cli(*stage_args(data, workdir, f"--gin.TRAIN_STEPS={steps}",
+                             "--gin.CHECKPOINT_EVERY=2", *extra))
+
+
+@pytest.mark.slow
+def test_bad_config_on_rerun_keeps_checkpoint(data, trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
   stage_dir = workdir / "pretrain"
-  assert os.listdir(stage_dir / "checkpoints") == ["2"]
   before = _snapshot(stage_dir)
 
   # Fails after the stage dir is opened: the mesh does not take the batch.
-  line = error_line(run_cli(*stage_args(data, workdir, "--gin.TRAIN_STEPS=4",
-                                        "--gin.BATCH_SIZE=6")))
+  line = error_line(rerun(data, workdir, "--gin.BATCH_SIZE=6"))
   assert "BATCH_SIZE=6" in line
   assert _snapshot(stage_dir) == before
 
-  # Fails at restore: the checkpoint is of another model shape.
-  line = error_line(run_cli(*stage_args(data, workdir, "--gin.TRAIN_STEPS=4",
-                                        "--gin.MODEL=bench_tiny")))
-  assert "checkpoint does not fit the model" in line
-  assert "vocab size 512 in the checkpoint vs 8000 in the model config" in line
+  # Fails before the restore: the checkpoints are of another model, batch and data.
+  (data["root"] / "other.jsonl").write_text(data["corpus"].read_text())
+  line = error_line(rerun(data, workdir, "--gin.MODEL=bench_tiny", "--gin.BATCH_SIZE=16",
+                          f"--gin.TRAIN_DATA={data['root'] / 'other.jsonl'}"))
+  assert ("resuming with other settings than the checkpoints were trained with: TRAIN_DATA "
+          f"{data['corpus']} -> {data['root'] / 'other.jsonl'}; BATCH_SIZE 8 -> 16; MODEL "
+          "(d_model 64 -> ") in line
+  assert "vocab_size 512 -> 8000" in line
+  assert line.endswith("use a new --workdir, or pass --allow_config_change to go on (recorded in "
+                       "lineage.json)")
   assert _snapshot(stage_dir) == before
+
+
+@pytest.mark.slow
+def test_a_changed_sequence_length_resumes_only_when_allowed_and_is_recorded(data, trained,
+                                                                             tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  stage_dir = workdir / "pretrain"
+  before = _snapshot(stage_dir)
+  line = error_line(rerun(data, workdir, "--gin.SEQ_LEN=16"))
+  assert "resuming with other settings than the checkpoints were trained with: SEQ_LEN 32 -> 16;" \
+      in line
+  assert _snapshot(stage_dir) == before
+
+  result = rerun(data, workdir, "--gin.SEQ_LEN=16", "--allow_config_change")
+  assert result.returncode == 0, result.stderr
+  assert "warning: resuming with a changed SEQ_LEN (--allow_config_change): SEQ_LEN 32 -> 16" \
+      in result.stdout
+  assert "note: resuming at step 4 with a changed config (" in result.stdout
+  lineage = json.loads((stage_dir / "lineage.json").read_text())
+  assert lineage["config_changes"] == [{"step": 4, "changed": {"SEQ_LEN": {"from": 32, "to": 16}}}]
+  assert lineage["resume_keys"]["SEQ_LEN"] == 16 and lineage["train_steps"] == 6
+  assert (stage_dir / "config.4.gin").exists()
+  rows = [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+  last = [r for r in rows if r["step"] == 6 and "loss" in r][-1]
+  assert last["loss"] > 1.0  # the carried-over chunks were cut to the new length: real batches
+
+
+def _damage(stage_dir, step, kind):
+  state = stage_dir / "checkpoints" / str(step) / "state"
+  if kind == "truncated":
+    biggest = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+      f.truncate(100)
+  else:
+    (state / "_METADATA").unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["truncated", "missing_metadata"])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(
+    data, trained, tmp_path, kind):
+  workdir = copy_of(trained, tmp_path)
+  stage_dir = workdir / "pretrain"
+  _damage(stage_dir, 4, kind)
+  damaged = _snapshot(stage_dir / "checkpoints" / "4")
+  result = rerun(data, workdir)
+  assert result.returncode == 0, result.stderr
+  warnings = [l for l in result.stderr.splitlines() if l.startswith("warning: ")]
+  assert len(warnings) == 1, result.stderr
+  assert warnings[0].startswith(f"warning: checkpoint 4 in {stage_dir / 'checkpoints'} cannot be "
+                                "restored (")
+  assert warnings[0].endswith(f"); moved it to {stage_dir / 'damaged_checkpoints' / '4'}; "
+                              "resuming from checkpoint 2 instead")
+  assert "Traceback" not in result.stderr
+  assert _snapshot(stage_dir / "damaged_checkpoints" / "4") == damaged  # kept as it was
+  assert sorted(os.listdir(stage_dir / "checkpoints")) == ["2", "4", "6"]
+  steps = [json.loads(l)["step"] for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+  assert steps[-1] == 6
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, subprocess, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(subprocess.run(sys.argv[2:]).returncode)
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_previous_checkpoints(data, trained,
+                                                                                 tmp_path):
+  """A full disk, as a file-size limit: every checkpoint file over 30 kB fails to write."""
+  workdir = copy_of(trained, tmp_path)
+  stage_dir = workdir / "pretrain"
+  before = _snapshot(stage_dir / "checkpoints")
+  script = tmp_path / "limit.py"
+  script.write_text(FILE_SIZE_LIMIT)
+  # The tests' shared compilation cache would hit the limit too (and say so in a warning).
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
+  args = stage_args(data, workdir, "--gin.TRAIN_STEPS=6", "--gin.CHECKPOINT_EVERY=2")
+  result = subprocess.run([sys.executable, str(script), "30000", sys.executable, "-m",
+                           "lmtrain.cli", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  lines = [l for l in result.stderr.splitlines() if l.strip() and not l.startswith("pretrain: ")]
+  assert len(lines) == 1, result.stderr  # the progress bar, then one line
+  line = lines[0]
+  assert line == (f"lmtrain: error: saving checkpoint 6 in {stage_dir / 'checkpoints'} failed "
+                  "(File too large, errno 27); checkpoints 2, 4 kept; fix the storage and rerun "
+                  "to resume")
+  assert sorted(os.listdir(stage_dir / "checkpoints")) == ["2", "4"]  # no temporary directory
+  assert _snapshot(stage_dir / "checkpoints") == before
+  resumed = rerun(data, workdir)  # the storage fixed
+  assert resumed.returncode == 0, resumed.stderr
+  assert sorted(os.listdir(stage_dir / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_a_missing_step_a_damaged_or_an_unfinished_parent_is_one_line(data, trained, tmp_path):
+  line = error_line(run_cli("convert", "to-hf", "--checkpoint", trained / "pretrain", "--output",
+                            tmp_path / "hf", "--step", "99"))
+  assert line == (f"lmtrain: error: {trained / 'pretrain'}: no checkpoint at step 99; the steps "
+                  "there are 2, 4")
+  assert not (tmp_path / "hf").exists()
+
+  from lmtrain.errors import UserError
+  from lmtrain.model import transformer
+  from lmtrain.train import checkpoint as ckpt_lib
+  import jax
+  parent = copy_of(trained, tmp_path) / "pretrain"
+  lineage = json.loads((parent / "lineage.json").read_text())
+  assert lineage["train_steps"] == 4
+  ckpt_lib.check_parent_finished(str(parent), 4)  # finished: fine
+  lineage["train_steps"] = 10  # as if stopped at step 4 of 10
+  (parent / "lineage.json").write_text(json.dumps(lineage))
+  with pytest.raises(UserError, match=r"that run is unfinished \(its latest checkpoint is step 4 "
+                                      r"of 10\); rerun its command to finish it, or .*"
+                                      r"parent_checks.allow_unfinished=True"):
+    ckpt_lib.check_parent_finished(str(parent), 4)
+
+  _damage(parent, 4, "missing_metadata")
+  cfg = transformer.ModelConfig(**json.loads((parent / "model.json").read_text()))
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                          transformer.abstract_model(cfg)[1])
+  with pytest.raises(UserError, match=r"checkpoint 4 cannot be restored \("):
+    ckpt_lib.restore_params(str(parent), abstract)
+  params, step = ckpt_lib.restore_params(str(parent), abstract, step=2)
+  assert step == 2 and jax.tree.structure(params) == jax.tree.structure(abstract)
 
 
 @pytest.mark.parametrize("args, expected", [

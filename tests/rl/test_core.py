@@ -329,7 +329,15 @@ def test_a_degenerate_reward_model_is_refused_unless_allowed(tmp_path):
   path.write_text(json.dumps({"offset": 0.5, "scale": 2.0}))
   assert rl_stage.read_normalization(str(tmp_path)) == (0.5, 2.0)
   path.write_text(json.dumps({"offset": 0.69, "scale": 1e-6}))  # every pair scored alike
-  with pytest.raises(UserError, match=r"scale 1e-06: the reward model scores every response "
-                                      r"alike .*make_stage.allow_degenerate_reward=True"):
+  with pytest.raises(UserError, match=r"cannot rank rollouts: its scores' std 1e-06 is under "
+                                      r"0.001: it scores every response alike; .*"
+                                      r"make_stage.allow_degenerate_reward=True"):
     rl_stage.read_normalization(str(tmp_path))
   assert rl_stage.read_normalization(str(tmp_path), allow_degenerate=True) == (0.69, 1e-6)
+  # A reward model at chance on its held-out pairs, though its scores spread.
+  path.write_text(json.dumps({"offset": 0.1, "scale": 3.0, "eval_accuracy": 0.5}))
+  with pytest.raises(UserError, match=r"held-out accuracy 0.500 is at chance \(under 0.55\)"):
+    rl_stage.read_normalization(str(tmp_path))
+  assert rl_stage.read_normalization(str(tmp_path), allow_degenerate=True) == (0.1, 3.0)
+  path.write_text(json.dumps({"offset": 0.1, "scale": 3.0, "eval_accuracy": 0.9}))
+  assert rl_stage.read_normalization(str(tmp_path)) == (0.1, 3.0)
