@@ -31,17 +31,65 @@ def _split_gin_macros(argv):
   return macros, rest
 
 
-def _parser(command=None):
+# Flags people type from other trainers, and the macro that does it here.
+_FLAG_ALIASES = {"max_steps": "TRAIN_STEPS", "steps": "TRAIN_STEPS", "num_steps": "TRAIN_STEPS",
+                 "lr": "LEARNING_RATE", "learning_rate": "LEARNING_RATE", "seed": "SEED",
+                 "batch_size": "BATCH_SIZE", "seq_len": "SEQ_LEN", "max_seq_len": "SEQ_LEN",
+                 "model": "MODEL", "data": "TRAIN_DATA", "train_data": "TRAIN_DATA",
+                 "init_from": "INIT_FROM", "tokenizer": "TOKENIZER", "warmup_steps": "WARMUP_STEPS"}
+
+
+def _macro_help(stage: str) -> str:
+  """The epilog of `lmtrain STAGE --help`: its macros and their defaults, from the gin files."""
+  from lmtrain import config
+  stages = PIPELINE_DEFAULT if stage == "pipeline" else (stage,)
+  macros = {}
+  for name in stages:
+    macros.update(config.macro_defaults(name))
+  width = max(map(len, macros))
+  lines = [f"  --gin.{name:<{width}}  {value}" for name, value in sorted(macros.items())]
+  return ("settings (gin macros; --gin.NAME=VALUE, defaults from gin_configs/stages/"
+          f"{stage if stage != 'pipeline' else '*'}.gin):\n" + "\n".join(lines))
+
+
+def _flag_hint(unknown: list[str], command) -> str:
+  """For an unknown --flag of a training stage: the macro that likely does it."""
+  if command not in STAGES + ("pipeline",):
+    return ""
+  from lmtrain import config
+  import difflib
+  known = set()
+  for name in (PIPELINE_DEFAULT if command == "pipeline" else (command,)):
+    known.update(config.macro_defaults(name))
+  for arg in unknown:
+    if not arg.startswith("--"):
+      continue
+    flag = arg[2:].partition("=")[0]
+    macro = _FLAG_ALIASES.get(flag.lower())
+    if macro not in known:
+      close = difflib.get_close_matches(flag.upper(), sorted(known), n=1)
+      macro = close[0] if close else None
+    if macro:
+      return f" (settings are gin macros: did you mean --gin.{macro}=...?)"
+  return ""
+
+
+def _parser(command=None, help_wanted=False):
   """The argument parser. The options of `plan` and `bench` (whose modules import jax) are added only
-  when `command` is that subcommand, so `lmtrain --help` and usage errors answer at once."""
+  when `command` is that subcommand, so `lmtrain --help` and usage errors answer at once; the stages'
+  macro lists only when help is asked for."""
   from lmtrain import __version__
   parser = argparse.ArgumentParser(prog="lmtrain", description=__doc__.splitlines()[0])
   parser.add_argument("--version", action="version", version=f"lmtrain {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   for stage in STAGES + ("pipeline",):
     p = sub.add_parser(stage, help=f"run the {stage} stage (resumes from DIR/{stage})"
-                       if stage != "pipeline" else "run the stages in order, each resuming")
+                       if stage != "pipeline" else "run the stages in order, each resuming",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_macro_help(stage) if help_wanted and command == stage else None)
     p.add_argument("--workdir", required=True)
+    p.add_argument("--print_config", action="store_true",
+                   help="print the configuration the run would use (every binding) and exit")
     if stage == "pipeline":
       p.add_argument("--stages", default=",".join(PIPELINE_DEFAULT),
                      help="comma-separated stages to chain, in order")
@@ -100,6 +148,10 @@ def run_stage(stage: str, args, macros, skip_unknown_macros=False) -> dict:
   import gin
   from lmtrain import config
   config_text = config.setup(stage, args.gin_file, macros, args.gin_param, skip_unknown_macros)
+  if args.print_config:
+    print(f"# lmtrain {stage}: the configuration (gin bindings, macros resolved)\n"
+          + gin.config_str())
+    return {"stage": stage, "note": "--print_config: nothing run"}
   from lmtrain.model import transformer
   from lmtrain.stages import get_stage_builder
   from lmtrain.train import loop
@@ -188,10 +240,12 @@ def main(argv=None):
   from lmtrain.errors import DivergedError, Preempted, UserError
   try:
     macros, rest = _split_gin_macros(argv)
-    parser = _parser(next((a for a in rest if not a.startswith("-")), None))
+    command = next((a for a in rest if not a.startswith("-")), None)
+    parser = _parser(command, help_wanted=any(a in ("-h", "--help") for a in rest))
     args, beam_args = parser.parse_known_args(rest)
     if beam_args and args.command != "prepare":
-      parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+      parser.error(f"unrecognized arguments: {' '.join(beam_args)}"
+                   + _flag_hint(beam_args, args.command))
     training = args.command in STAGES + ("pipeline",)
     if not os.environ.get("LMTRAIN_VERBOSE"):
       # orbax logs through absl: "directory is read only" on each read, and a traceback per array

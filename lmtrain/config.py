@@ -229,6 +229,29 @@ def setup(stage: str, gin_files=(), macros: dict | None = None, params=(),
   return "\n\n".join(text_parts) + "\n"
 
 
+_MACRO_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(.+?)\s*(#.*)?$")
+_INCLUDE_LINE = re.compile(r"^include\s+'([^']+)'")
+
+
+def macro_defaults(stage: str) -> dict[str, str]:
+  """{MACRO: its default as written} of `stage`'s gin files (read as text, following includes; a
+  later definition wins, as in gin), for `lmtrain STAGE --help`: no gin parse, no jax."""
+  out = {}
+
+  def read(path):
+    with open(os.path.join(GIN_DIR, path)) as f:
+      for line in f:
+        include = _INCLUDE_LINE.match(line)
+        if include and not include.group(1).startswith("models/"):
+          read(include.group(1))
+        match = _MACRO_LINE.match(line)
+        if match:
+          out[match.group(1)] = match.group(2)
+
+  read(os.path.join("stages", f"{stage}.gin"))
+  return out
+
+
 def stage_macros(stage: str) -> list[str]:
   """The macros that `stage`'s base configuration defines."""
   setup(stage)

@@ -32,6 +32,8 @@ def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab
       raise UserError("TOKENIZER='auto' needs text files to train on; with a seqio source set "
                       "TOKENIZER to a sentencepiece model")
     else:
+      print(f"pretrain: training a {vocab_size}-piece tokenizer on {len(files)} file(s) -> {path}",
+            flush=True)
       tokenizer_lib.train_tokenizer(files, vocab_size, path)
   return tokenizer_lib.Tokenizer.load(path)
 
@@ -62,7 +64,9 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
     summary["unigram_perplexity"] = loader.unigram_perplexity(train_corpora, eval_corpora,
                                                               tok.vocab_size)
 
-  return Stage(name="pretrain", step=LossStep(model_cfg, lm_loss),
+  data_info = {"documents": sum(len(c) for c in train_corpora),
+               "tokens": sum(c.tokens for c in train_corpora)}
+  return Stage(name="pretrain", step=LossStep(model_cfg, lm_loss), data_info=data_info,
                train_data=corpus_data_factory(train_corpora, weights, loop_cfg, train=True),
                evaluation=(Evaluation(data=corpus_data_factory(eval_corpora, None, loop_cfg,
                                                                train=False),

@@ -98,7 +98,46 @@ class Stage:
   tokenizer_path: str | None = None  # recorded in lineage.json, for `lmtrain sample` and children
   # The training data as configured (TRAIN_DATA): a resumed run must read the same (lineage.json).
   data_sources: Any = None
+  data_info: dict = dataclasses.field(default_factory=dict)  # documents, tokens: for the start-up
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
+
+
+def _millions(n: int) -> str:
+  return f"{n / 1e6:,.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str]:
+  """What the run is, said once before the first step: where it starts, the parameters (trained
+  and frozen), the mesh and devices, the batch in tokens, the data and the epochs the run reads."""
+  if start.resumed_from is not None:
+    origin = f"resuming from step {start.resumed_from} of {cfg.train_steps}"
+  elif start.parent:
+    origin = (f"starting from {start.parent['stage']}@{start.parent['step']} "
+              f"({start.parent['path']}), {cfg.train_steps} steps")
+  else:
+    origin = f"starting from fresh weights, {cfg.train_steps} steps"
+  size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+  trained = size(state.params)
+  frozen = sum(int(x.size) for x in jax.tree.leaves(state.extras)
+               if x.ndim >= 1 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
+  axes = " x ".join(f"{name} {n}" for name, n in mesh.shape.items())
+  device = jax.devices()[0]
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  lines = [f"{stage.name}: {origin}",
+           f"  parameters  {_millions(trained + frozen)} ({_millions(trained)} trained"
+           + (f", {_millions(frozen)} frozen)" if frozen else ")"),
+           f"  mesh        {axes} on {jax.device_count()} {device.platform} device(s) "
+           f"({device.device_kind}), {jax.process_count()} process(es)",
+           f"  batch       {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens per step"
+           + (f", in {cfg.microbatches} microbatches" if cfg.microbatches > 1 else "")]
+  info = stage.data_info
+  if info.get("tokens"):
+    epochs = tokens_per_step * cfg.train_steps / info["tokens"]
+    lines.append(f"  data        {info['documents']:,} documents, {info['tokens']:,} tokens; the "
+                 f"run reads {tokens_per_step * cfg.train_steps:,} tokens ({epochs:.2f} epochs)")
+  if stage.tokenizer_path:
+    lines.append(f"  tokenizer   {stage.tokenizer_path}")
+  return lines
 
 
 def make_stage_dir(workdir: str, stage: str) -> str:
@@ -228,6 +267,8 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
                               config_changes=history)
   writer = metrics_lib.MetricsWriter(stage_dir)
 
+  if jax.process_index() == 0:
+    print("\n".join(startup_lines(stage, cfg, state, mesh, start)), flush=True)
   tokens_per_step, flops_per_token = stage.step.work(cfg.batch_size, cfg.seq_len)
   peak, peak_source = metrics_lib.peak_flops_per_device()
   throughput = Throughput(tokens_per_step, flops_per_token, jax.device_count(), peak)
@@ -264,10 +305,15 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
     checkpointer.save(at_step, state, train_iter)
     last_saved = at_step
 
+  def evaluating(what="evaluating"):
+    bar.set_description(f"{stage.name} ({what})")
+    bar.refresh()
+
   def finish():
     """The final evaluation and the at-end hooks (their figures join the summary); run before
     the last checkpoint is saved, so a run cut off here is not yet complete and redoes them."""
     log(late.flush())
+    evaluating("final evaluation")
     final = evaluator(state)
     if final:
       writer.write(step, final)
@@ -298,6 +344,7 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
           summary.update({f"initial_{k}": v for k, v in start_eval.items()})
         throughput.reset()
 
+      throughput.reset()  # tokens/s and MFU count the steps only: not compilation, not eval
       watchdog = Watchdog(cfg.hang_timeout_s,
                           lambda: f"{stage.name}: step {step} (last checkpoint: step {last_saved})")
       with watchdog:
@@ -310,7 +357,9 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
           for hook in periodic:  # evaluation, then the stage's hooks
             if hook.every and step % hook.every == 0 and step < end:
               log(late.flush())
+              evaluating()
               row = hook.fn(info())
+              bar.set_description(stage.name)
               watchdog.beat()
               if row:
                 writer.write(step, row)

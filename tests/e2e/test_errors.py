@@ -146,7 +146,23 @@ def trained(data, tmp_path_factory):
   first = run_cli(*stage_args(data, workdir, "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_EVERY=2"))
   assert first.returncode == 0, first.stderr
   assert sorted(os.listdir(workdir / "pretrain" / "checkpoints")) == ["2", "4"]
+  (workdir.parent / "stdout.txt").write_text(first.stdout)
   return workdir
+
+
+def test_the_run_says_what_it_is_before_the_first_step(trained):
+  from lmtrain import config
+  out = (trained.parent / "stdout.txt").read_text()
+  block = out[out.index("pretrain: starting from fresh weights, 4 steps"):].splitlines()[:6]
+  n_params = config.preset_config("tiny").param_count()
+  assert block[1] == f"  parameters  {n_params / 1e6:,.2f}M ({n_params / 1e6:,.2f}M trained)"
+  assert block[2] == "  mesh        data 1 x fsdp 8 x tensor 1 on 8 cpu device(s) (cpu), 1 process(es)"
+  assert block[3] == "  batch       8 x 32 = 256 tokens per step"
+  prepared = trained / "data" / "prepared"
+  manifest = json.loads(next(prepared.rglob("manifest.json")).read_text())
+  assert block[4] == (f"  data        {manifest['documents']:,} documents, {manifest['tokens']:,} "
+                      f"tokens; the run reads 1,024 tokens ({1024 / manifest['tokens']:.2f} epochs)")
+  assert block[5].startswith("  tokenizer   ") and block[5].endswith("tok300.model")
 
 
 def copy_of(trained, tmp_path):
@@ -424,7 +440,8 @@ def test_a_child_stage_refuses_a_parent_trained_with_another_tokenizer(data, tmp
 
 def test_help_version_and_usage_errors_answer_without_importing_jax():
   probe = ("import sys\nfrom lmtrain import cli\nfor argv in (['--help'], ['--version'], "
-           "['pretrain']):\n  try:\n    cli.main(argv)\n  except SystemExit:\n    pass\n"
+           "['pretrain'], ['sft', '--help'], ['pretrain', '--workdir', 'x', '--max_steps', '3']):"
+           "\n  try:\n    cli.main(argv)\n  except SystemExit:\n    pass\n"
            "print('jax imported:', 'jax' in sys.modules)\n")
   result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
@@ -432,3 +449,19 @@ def test_help_version_and_usage_errors_answer_without_importing_jax():
   import lmtrain
   assert f"lmtrain {lmtrain.__version__}" in result.stdout  # --version
   assert "the following arguments are required: --workdir" in result.stderr
+  # `sft --help` lists its macros with the gin files' defaults.
+  assert "settings (gin macros; --gin.NAME=VALUE, defaults from gin_configs/stages/sft.gin):" \
+      in result.stdout
+  assert "  --gin.TRAIN_STEPS " in result.stdout and "  --gin.LEARNING_RATE " in result.stdout
+  # An unknown flag that another trainer spells so points to the macro.
+  assert ("unrecognized arguments: --max_steps 3 (settings are gin macros: did you mean "
+          "--gin.TRAIN_STEPS=...?)") in result.stderr
+
+
+def test_print_config_prints_the_bindings_and_runs_nothing(tmp_path):
+  result = run_cli("pretrain", "--workdir", tmp_path / "run", "--print_config",
+                   "--gin.TRAIN_STEPS=7", "--gin.MODEL=tiny")
+  assert result.returncode == 0, result.stderr
+  assert "TRAIN_STEPS = 7" in result.stdout and "MODEL = 'tiny'" in result.stdout
+  assert "LoopConfig.train_steps = %TRAIN_STEPS" in result.stdout
+  assert not (tmp_path / "run").exists()
