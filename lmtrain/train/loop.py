@@ -180,9 +180,14 @@ def _bindings(text: str) -> list[str]:
 
 
 # What a resumed run must keep to continue exactly: the names say which setting to restore.
-def resume_keys(stage: Stage, cfg: LoopConfig) -> dict:
+def resume_keys(stage: Stage, cfg: LoopConfig, workdir: str) -> dict:
+  """Paths inside the work dir (the demo data) are kept relative to it, so a copied or moved work
+  dir resumes."""
+  import json
   from lmtrain.data import prepare
-  keys = {"TRAIN_DATA": stage.data_sources, "BATCH_SIZE": cfg.batch_size,
+  sources = json.loads(json.dumps(stage.data_sources).replace(
+      json.dumps(fileio.absolute(workdir) + "/")[1:-1], "DIR/"))
+  keys = {"TRAIN_DATA": sources, "BATCH_SIZE": cfg.batch_size,
           "SEQ_LEN": cfg.seq_len, "MODEL": stage.step.model_config.architecture()}
   if stage.tokenizer_path:
     keys["TOKENIZER"] = prepare.tokenizer_sha256(stage.tokenizer_path)
@@ -224,7 +229,7 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
 
   # The state: resumed, or from the parent (or fresh), and the run's files.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
-  keys = resume_keys(stage, cfg)
+  keys = resume_keys(stage, cfg, os.path.dirname(stage_dir))
   changes = (check_resume(stage_dir, keys, allow_config_change)
              if checkpointer.latest_step() is not None else {})
   train_iter = stage.train_data(jax.process_index(), jax.process_count())
@@ -320,6 +325,7 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
     for hook in stage.hooks:
       if hook.at_end:
         summary.update(hook.fn(info(finished=step == cfg.train_steps, evaluation=final)) or {})
+    bar.set_description(stage.name)
     return final
 
   final_eval = None
