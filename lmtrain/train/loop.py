@@ -9,6 +9,7 @@ guard, evaluation and hooks at their periods, checkpoints, SIGTERM and the hang 
 """
 
 import dataclasses
+import json
 import os
 import socket
 import time
@@ -183,7 +184,6 @@ def _bindings(text: str) -> list[str]:
 def resume_keys(stage: Stage, cfg: LoopConfig, workdir: str) -> dict:
   """Paths inside the work dir (the demo data) are kept relative to it, so a copied or moved work
   dir resumes."""
-  import json
   from lmtrain.data import prepare
   sources = json.loads(json.dumps(stage.data_sources).replace(
       json.dumps(fileio.absolute(workdir) + "/")[1:-1], "DIR/"))
@@ -203,7 +203,7 @@ def check_resume(stage_dir: str, keys: dict, allow_change: bool) -> dict:
         f"{stage_dir}: resuming with other settings than the checkpoints were trained with: "
         f"{ckpt_lib.describe_changes(changes)}; a resumed run would not continue exactly; use a "
         f"new --workdir, or pass --allow_config_change to go on (recorded in lineage.json)")
-  if changes:
+  if changes and jax.process_index() == 0:
     print(f"warning: resuming with a changed {', '.join(changes)} (--allow_config_change): "
           f"{ckpt_lib.describe_changes(changes)}", flush=True)
   return changes
@@ -230,8 +230,12 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
   # The state: resumed, or from the parent (or fresh), and the run's files.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"))
   keys = resume_keys(stage, cfg, os.path.dirname(stage_dir))
-  changes = (check_resume(stage_dir, keys, allow_config_change)
-             if checkpointer.latest_step() is not None else {})
+  try:
+    changes = (check_resume(stage_dir, keys, allow_config_change)
+               if checkpointer.latest_step() is not None else {})
+  except UserError:
+    checkpointer.close()
+    raise
   train_iter = stage.train_data(jax.process_index(), jax.process_count())
 
   def preflight(abstract_state, shardings):  # before anything is allocated
