@@ -120,6 +120,26 @@ def _finish(path: str, good: int, skipped: int, first_bad: str | None = None):
     raise UserError(f"{path}: no records{detail}")
 
 
+class _Tally:
+  """A file's good and skipped records; a skipped one is logged and counted (on_error='skip')."""
+
+  def __init__(self, counter: SkipCounter | None, log_skips: bool):
+    self.good = self.skipped = 0
+    self.first_bad = None
+    self._counter, self._log = counter, log_skips
+
+  def skip(self, message: str):
+    self.skipped += 1
+    self.first_bad = self.first_bad or message
+    if self._log:
+      logging.warning("skipping bad record: %s", message)
+    if self._counter is not None:
+      self._counter.add(message)
+
+  def finish(self, path: str):
+    _finish(path, self.good, self.skipped, self.first_bad)
+
+
 def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: str = "raise",
                  counter: SkipCounter | None = None, log_skips: bool = True) -> Iterator[T]:
   """Yields `schema(obj)` for each JSON object record of a JSONL or array_record file.
@@ -129,8 +149,7 @@ def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: 
   """
   _check_on_error(on_error)
   _check_file(path)
-  good = skipped = 0
-  first_bad = None
+  tally = _Tally(counter, log_skips)
   for location, raw in _raw_records(path):
     try:
       value = schema(_parse_json_object(raw))
@@ -138,16 +157,11 @@ def iter_records(path: str, schema: Callable[[dict[str, Any]], T], *, on_error: 
       message = f"{location}: {e}"
       if on_error == "raise":
         raise UserError(message) from None
-      skipped += 1
-      first_bad = first_bad or message
-      if log_skips:
-        logging.warning("skipping bad record: %s", message)
-      if counter is not None:
-        counter.add(message)
+      tally.skip(message)
       continue
-    good += 1
+    tally.good += 1
     yield value
-  _finish(path, good, skipped, first_bad)
+  tally.finish(path)
 
 
 def _iter_plain_text(path: str, on_error: str = "raise", counter: SkipCounter | None = None,
@@ -156,22 +170,17 @@ def _iter_plain_text(path: str, on_error: str = "raise", counter: SkipCounter | 
   not UTF-8, or holds a NUL byte (a binary file), is a bad record `FILE:LINE`: on_error="skip"
   leaves out its paragraph and counts it."""
   _check_file(path)
-  good = skipped = 0
-  lines, bad, first_bad = [], None, None
+  tally = _Tally(counter, log_skips)
+  lines, bad = [], None
 
   def end_paragraph():
-    nonlocal good, skipped, lines, bad, first_bad
+    nonlocal lines, bad
     text, problem = "\n".join(lines), bad
     lines, bad = [], None
     if problem is None:
-      good += 1
+      tally.good += 1
       return text
-    skipped += 1
-    first_bad = first_bad or problem
-    if log_skips:
-      logging.warning("skipping bad record: %s", problem)
-    if counter is not None:
-      counter.add(problem)
+    tally.skip(problem)
     return None
 
   with sources.open_binary(path) as f:
@@ -198,7 +207,7 @@ def _iter_plain_text(path: str, on_error: str = "raise", counter: SkipCounter | 
     text = end_paragraph()
     if text is not None:
       yield text
-  _finish(path, good, skipped, first_bad)
+  tally.finish(path)
 
 
 def iter_text_records(path: str, *, on_error: str = "raise", counter: SkipCounter | None = None,
