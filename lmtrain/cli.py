@@ -149,7 +149,7 @@ def run_stage(stage: str, args, macros, skip_unknown_macros=False) -> dict:
   from lmtrain import config
   config_text = config.setup(stage, args.gin_file, macros, args.gin_param, skip_unknown_macros)
   if args.print_config:
-    print(f"# lmtrain {stage}: the configuration (gin bindings, macros resolved)\n"
+    print(f"# lmtrain {stage}: the configuration (every gin binding and macro)\n"
           + gin.config_str())
     return {"stage": stage, "note": "--print_config: nothing run"}
   from lmtrain.model import transformer
