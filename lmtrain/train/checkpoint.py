@@ -110,9 +110,7 @@ class Checkpointer:
       except UserError:  # another model, a setting: the checkpoint is fine
         raise
       except Exception as e:
-        if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the checkpoint's fault
-          raise
-        problem = one_line(e)
+        problem = restore_problem(e)
       problem = _agree(problem)  # every process moves on together
       if problem is None:
         return state, step
@@ -220,6 +218,14 @@ def one_line(error: Exception) -> str:
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def restore_problem(error: Exception) -> str:
+  """What is wrong with a checkpoint that failed to restore, in one line; running out of device
+  memory is not the checkpoint's fault and is raised as it is."""
+  if "RESOURCE_EXHAUSTED" in str(error):
+    raise error
+  return one_line(error)
+
+
 def _is_committed(step_dir: str) -> bool:
   return fileio.exists(os.path.join(step_dir, "_CHECKPOINT_METADATA")) or fileio.exists(
       os.path.join(step_dir, "commit_success.txt"))
@@ -264,9 +270,8 @@ def restore_params(stage_dir: str, abstract_params, step=None):
     except UserError:
       raise
     except Exception as e:  # a truncated or missing file
-      if "RESOURCE_EXHAUSTED" in str(e):
-        raise
-      raise UserError(f"{stage_dir}: checkpoint {step} cannot be restored ({one_line(e)})") from None
+      raise UserError(f"{stage_dir}: checkpoint {step} cannot be restored "
+                      f"({restore_problem(e)})") from None
   params = restored["state"]["params"]
   return (params[role] if role else params), step
 
@@ -274,10 +279,7 @@ def restore_params(stage_dir: str, abstract_params, step=None):
 def check_parent_tokenizer(parent_dir: str, tokenizer_path: str):
   """One line when the parent stage (its lineage.json) was trained with another tokenizer than the
   child's: the ids would mean other pieces, though the vocab sizes may agree."""
-  lineage_path = os.path.join(parent_dir, "lineage.json")
-  if not fileio.exists(lineage_path):
-    return
-  lineage = fileio.read_json(lineage_path)
+  lineage = read_lineage(parent_dir)
   expected = lineage.get("tokenizer_sha256")
   if not expected:  # written before lineage recorded it, or a converted checkpoint
     return
@@ -341,10 +343,7 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
                       out_shardings={k: jax.tree.map(lambda a: a.sharding, abstract_params[k])
                                      for k in new_keys})(jax.random.PRNGKey(seed))
       params = {**params, **fresh}
-    parent_stage = os.path.basename(path.rstrip("/"))
-    lineage_path = os.path.join(path, "lineage.json")
-    if fileio.exists(lineage_path):
-      parent_stage = fileio.read_json(lineage_path).get("stage", parent_stage)
+    parent_stage = read_lineage(path).get("stage", os.path.basename(path.rstrip("/")))
     return params, {"stage": parent_stage, "path": path, "step": int(step)}
 
   return init
