@@ -121,14 +121,18 @@ def encode_pair(pair: Pair, tokenizer, template, seq_len: int) -> dict[str, np.n
 def make_preference_iterator(sources, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                              process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                              num_epochs: int | None = None, on_error: str = "raise",
-                             template=None):
+                             template=None, info: dict | None = None):
   """Per-host batches of pairs: `{side}_inputs/_loss_mask/_segment_ids/_positions` [rows, seq_len]
   for side in chosen, rejected (inputs are whole sequences, EOS included), and `margin` [rows];
-  deterministic by seed, with get/set_state for resume."""
+  deterministic by seed, with get/set_state for resume. `info`, if given, gets the number of pairs
+  in all (`examples`) for the run's start-up block."""
   rows = batching.host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                             process_count=process_count)
   template = template or sft.ChatTemplate()
-  pairs = load_pairs(sources, on_error=on_error)[process_index::process_count]
+  pairs = load_pairs(sources, on_error=on_error)
+  if info is not None:
+    info["examples"] = len(pairs)
+  pairs = pairs[process_index::process_count]
   if not pairs:
     raise UserError(f"no preference pairs for process {process_index} of {process_count}")
   encoded = [encode_pair(p, tokenizer, template, seq_len) for p in pairs]

@@ -250,16 +250,20 @@ def make_sft_dataset(sources: Sequence[str] | str, tokenizer, *, seq_len: int, b
                      seed: int, process_index: int = 0, process_count: int = 1,
                      shuffle: bool = True, num_epochs: int | None = None, pack: bool = True,
                      on_error: str = "raise", template: ChatTemplate | None = None,
-                     counter: formats.SkipCounter | None = None) -> grain.IterDataset:
+                     counter: formats.SkipCounter | None = None,
+                     info: dict | None = None) -> grain.IterDataset:
   """The per-host SFT dataset, with the features of `batching.batch_chunks`.
 
   One example per segment (packed several to a row, or one per row with pack=False); loss_mask
   is 1.0 only on response targets. Each host encodes its own share of the examples up front,
-  so truncation counts are known (and logged) before the first batch.
+  so truncation counts are known (and logged) before the first batch. `info`, if given, gets the
+  number of examples in all (`examples`) for the run's start-up block.
   """
   rows = batching.host_rows(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                             process_count=process_count)
   examples = load_examples(sources, on_error=on_error, counter=counter)
+  if info is not None:
+    info["examples"] = len(examples)
   mine = examples[process_index::process_count]
   if not mine:
     raise UserError(f"{len(examples)} SFT examples cannot feed {process_count} processes")

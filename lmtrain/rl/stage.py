@@ -401,7 +401,9 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
       evaluation=Evaluation(measure=measure) if measure else None,
       hooks=(Hook(recent_means("kl", "reward_mean", "task_score", "entropy", "response_length"),
                   at_end=True),),
-      tokenizer_path=tok.path, summary=summary, data_sources=train)
+      tokenizer_path=tok.path, summary=summary, data_sources=train,
+      data_info={"examples": len(train_examples), "unit": "prompts",
+                 "per_step": loop_cfg.batch_size})
 
 
 def recent_means(*keys: str):

@@ -48,8 +48,12 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   tok = stage_tokenizer(workdir, tokenizer)
   template = sft_data.ChatTemplate()
 
+  # Filled by the training iterator when the loop opens it (the pairs are read once).
+  data_info = {"unit": "pairs", "per_step": loop_cfg.batch_size}
+
   def batches(sources, train):
     return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
+                        info=data_info if train else None,
                         on_error=on_bad_record, template=template)
 
   loss = make_dpo_loss(beta, label_smoothing)
@@ -60,4 +64,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
           "reward_accuracy", "chosen_reward", "rejected_reward", "margin")) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["dpo"].parent,
                                                    tokenizer=tok.path),
-      tokenizer_path=tok.path, data_sources=train)
+      tokenizer_path=tok.path, data_sources=train, data_info=data_info)

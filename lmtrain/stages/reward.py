@@ -160,8 +160,12 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   rm_cfg = dataclasses.replace(model_cfg, head="scalar", lm_score=bool(lm_score))
   template = sft_data.ChatTemplate()
 
+  # Filled by the training iterator when the loop opens it (the pairs are read once).
+  data_info = {"unit": "pairs", "per_step": loop_cfg.batch_size}
+
   def batches(sources, train):
     return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
+                        info=data_info if train else None,
                         on_error=on_bad_record, template=template)
 
   if normalization not in NORMALIZATION_SOURCES:
@@ -182,4 +186,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent,
                                                    rm_cfg, loop_cfg.seed, tokenizer=tok.path),
       hooks=(Hook(norm_hook, at_end=True),),
-      tokenizer_path=tok.path, data_sources=train)
+      tokenizer_path=tok.path, data_sources=train, data_info=data_info)

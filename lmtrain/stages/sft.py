@@ -68,9 +68,13 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
                     f"is {model_cfg.vocab_size}")
   template = template or sft_data.ChatTemplate()
 
+  # Filled by the training iterator when the loop opens it (the examples are read once).
+  data_info = {"unit": "examples", "per_step": None if pack else loop_cfg.batch_size}
+
   def batches(sources, train):
     return data_factory(sft_data.make_sft_iterator, sources, tok, loop_cfg, train=train,
-                        pack=pack, on_error=on_bad_record, template=template)
+                        pack=pack, on_error=on_bad_record, template=template,
+                        info=data_info if train else None)
 
   measure = None
   if evals:
@@ -85,4 +89,4 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
                             metrics=perplexity_metrics, measure=measure),
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["sft"].parent,
                                                    tokenizer=tok.path),
-      tokenizer_path=tok.path, data_sources=train)
+      tokenizer_path=tok.path, data_sources=train, data_info=data_info)

@@ -99,7 +99,9 @@ class Stage:
   tokenizer_path: str | None = None  # recorded in lineage.json, for `lmtrain sample` and children
   # The training data as configured (TRAIN_DATA): a resumed run must read the same (lineage.json).
   data_sources: Any = None
-  data_info: dict = dataclasses.field(default_factory=dict)  # documents, tokens: for the start-up
+  # For the start-up block: documents and tokens (pretraining), or examples, their unit and how many
+  # a step reads; a stage's training iterator may fill it in when the loop opens it.
+  data_info: dict = dataclasses.field(default_factory=dict)
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
 
 
@@ -136,6 +138,14 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
     epochs = tokens_per_step * cfg.train_steps / info["tokens"]
     lines.append(f"  data        {info['documents']:,} documents, {info['tokens']:,} tokens; the "
                  f"run reads {tokens_per_step * cfg.train_steps:,} tokens ({epochs:.2f} epochs)")
+  elif info.get("examples"):
+    line = f"  data        {info['examples']:,} {info['unit']}"
+    if info.get("per_step"):
+      read = info["per_step"] * cfg.train_steps
+      line += f"; the run reads {read:,} ({read / info['examples']:.2f} epochs)"
+    else:
+      line += ", packed several to a row"
+    lines.append(line)
   if stage.tokenizer_path:
     lines.append(f"  tokenizer   {stage.tokenizer_path}")
   return lines

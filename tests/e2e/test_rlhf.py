@@ -52,6 +52,7 @@ def test_reward_model_ranks_held_out_pairs(pretrained, tmp_path):
   assert evals[-1]["eval_accuracy"] > 0.9, proc.stdout[-2000:]
   norm = json.load(open(os.path.join(pretrained, "reward", "reward_normalization.json")))
   assert norm["scale"] > 0 and norm["num_responses"] > 0
+  assert "  data        400 pairs; the run reads 320 (0.80 epochs)\n" in proc.stdout
   lineage = json.load(open(os.path.join(pretrained, "reward", "lineage.json")))
   assert lineage["parent"]["stage"] == "pretrain"
   assert json.load(open(os.path.join(pretrained, "reward", "model.json")))["head"] == "scalar"

@@ -68,6 +68,11 @@ def test_sft_trains_on_responses_and_evaluates_answers(chain):
     assert 0.0 <= r["eval_exact_match"] <= 1.0
     assert r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"]), rel=1e-6)
   assert "initial_eval_exact_match" in proc.stdout
+  # The start-up block counts the training examples (the demo's train split, read independently).
+  lineage = json.load(open(os.path.join(workdir, "sft", "lineage.json")))
+  train_file = lineage["resume_keys"]["TRAIN_DATA"][0].replace("DIR/", workdir + "/")
+  examples = sum(1 for line in open(train_file) if line.strip())
+  assert f"  data        {examples:,} examples, packed several to a row\n" in proc.stdout
 
 
 @pytest.mark.slow
