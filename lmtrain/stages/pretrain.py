@@ -16,10 +16,11 @@ from lmtrain.train.step import LossStep
 
 @gin.configurable
 def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab_size=None):
-  """`tokenizer='auto'`: DIR/tokenizer.model; when missing, a prepared corpus's own tokenizer, or
-  one trained on the raw training files."""
+  """(tokenizer, how this run made it or None). `tokenizer='auto'`: DIR/tokenizer.model; when
+  missing, a prepared corpus's own tokenizer, or one trained on the raw training files."""
   if tokenizer != "auto":
-    return tokenizer_lib.Tokenizer.load(tokenizer)
+    return tokenizer_lib.Tokenizer.load(tokenizer), None
+  made = None
   path = os.path.join(workdir, "tokenizer.model")
   if not fileio.exists(path):
     entries = as_list(train_sources)
@@ -28,6 +29,7 @@ def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab
     if prepared:
       fileio.write_bytes(path, fileio.read_bytes(os.path.join(prepared[0],
                                                               prepare.TOKENIZER_COPY)))
+      made = f"copied from {prepared[0]}"
     elif not files:
       raise UserError("TOKENIZER='auto' needs text files to train on; with a seqio source set "
                       "TOKENIZER to a sentencepiece model")
@@ -35,7 +37,8 @@ def resolve_tokenizer(workdir: str, train_sources, tokenizer=gin.REQUIRED, vocab
       print(f"pretrain: training a {vocab_size}-piece tokenizer on {len(files)} file(s) -> {path}",
             flush=True)
       tokenizer_lib.train_tokenizer(files, vocab_size, path)
-  return tokenizer_lib.Tokenizer.load(path)
+      made = f"trained by this run on {len(files)} file(s)"
+  return tokenizer_lib.Tokenizer.load(path), made
 
 
 def check_vocab(tok, model_cfg):
@@ -49,7 +52,7 @@ def check_vocab(tok, model_cfg):
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED,
           eval_data=None, on_bad_record="raise") -> Stage:
   train, evals = resolve_text_data(workdir, train_data, eval_data)
-  tok = resolve_tokenizer(workdir, train, vocab_size=model_cfg.vocab_size)
+  tok, tokenizer_made = resolve_tokenizer(workdir, train, vocab_size=model_cfg.vocab_size)
   check_vocab(tok, model_cfg)
 
   train_corpora, weights = text_corpora(workdir, train, tok, what="TRAIN_DATA",
@@ -65,7 +68,7 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
                                                               tok.vocab_size)
 
   data_info = {"documents": sum(len(c) for c in train_corpora),
-               "tokens": sum(c.tokens for c in train_corpora)}
+               "tokens": sum(c.tokens for c in train_corpora), "tokenizer_made": tokenizer_made}
   return Stage(name="pretrain", step=LossStep(model_cfg, lm_loss), data_info=data_info,
                train_data=corpus_data_factory(train_corpora, weights, loop_cfg, train=True),
                evaluation=(Evaluation(data=corpus_data_factory(eval_corpora, None, loop_cfg,

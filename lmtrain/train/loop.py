@@ -147,7 +147,8 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
       line += ", packed several to a row"
     lines.append(line)
   if stage.tokenizer_path:
-    lines.append(f"  tokenizer   {stage.tokenizer_path}")
+    made = info.get("tokenizer_made")
+    lines.append(f"  tokenizer   {stage.tokenizer_path}" + (f" ({made})" if made else ""))
   return lines
 
 

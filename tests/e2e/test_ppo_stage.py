@@ -103,6 +103,11 @@ def test_ppo_logs_every_metric_keeps_roles_frozen_and_resumes_bit_exactly(parent
     assert all(s in (0.0, 0.5, 1.0) for s in per_task)
     assert np.mean(per_task) == pytest.approx(r["eval_task_score"])
   assert "initial_eval_task_score" in proc.stdout and "kl_bound" in proc.stdout
+  # The start-up block counts the demo's training prompts: 8 a step for 4 steps.
+  lineage = json.load(open(os.path.join(straight, "ppo", "lineage.json")))
+  prompts_file = lineage["resume_keys"]["TRAIN_DATA"][0].replace("DIR/", straight + "/")
+  n = sum(1 for line in open(prompts_file) if line.strip())
+  assert f"  data        {n:,} prompts; the run reads 32 ({32 / n:.2f} epochs)\n" in proc.stdout
 
   resumed = [r for r in rows(split, "ppo") if "loss" in r]
   for a, b in zip(train[2:], [r for r in resumed if r["step"] > 2]):

@@ -23,11 +23,12 @@ SFT_STEPS = 8
 def chain(tmp_path_factory):
   """A tiny pretrain (demo corpus) followed by SFT on the demo instruction tasks."""
   workdir = str(tmp_path_factory.mktemp("chain"))
-  lmtrain("pretrain", "--workdir", workdir, *TINY_ARGS, "--gin.TRAIN_STEPS=6",
-          "--gin.LEARNING_RATE=0.01", "--gin.EVAL_EVERY=0")
+  pretrain = lmtrain("pretrain", "--workdir", workdir, *TINY_ARGS, "--gin.TRAIN_STEPS=6",
+                     "--gin.LEARNING_RATE=0.01", "--gin.EVAL_EVERY=0")
   proc = lmtrain("sft", "--workdir", workdir, *TINY_ARGS, f"--gin.TRAIN_STEPS={SFT_STEPS}",
                  "--gin.CHECKPOINT_EVERY=4", "--gin.EVAL_EVERY=4",
                  "--gin_param", "sft.build.eval_examples = 8")
+  proc.pretrain_stdout = pretrain.stdout
   return workdir, proc
 
 
@@ -39,6 +40,9 @@ def test_sft_starts_from_the_pretrain_checkpoint_and_records_lineage(chain):
   assert lineage["parent"] == {"stage": "pretrain", "path": os.path.join(workdir, "pretrain"),
                                "step": 6}
   assert lineage["tokenizer"] == os.path.join(workdir, "tokenizer.model")
+  # The pretraining run trained that tokenizer (TOKENIZER='auto', none in the work dir) and said so.
+  assert (f"  tokenizer   {lineage['tokenizer']} (trained by this run on 1 file(s))\n"
+          in proc.pretrain_stdout)
   # The parent initializer (what the loop calls) returns exactly the pretrain checkpoint's params,
   # resharded onto another mesh.
   mesh = util.mesh_of({"data": 1, "fsdp": 2, "tensor": 4})
