@@ -105,6 +105,11 @@ class Stage:
   summary: dict = dataclasses.field(default_factory=dict)  # extra facts for the closing table
 
 
+def _epochs(x: float) -> str:
+  """Two decimals, or two significant digits below 0.01 (a short run on a large corpus)."""
+  return f"{x:.2f}" if x >= 0.01 or x == 0 else f"{x:.2g}"
+
+
 def _millions(n: int) -> str:
   return f"{n / 1e6:,.2f}M" if n >= 1e5 else f"{n:,}"
 
@@ -137,12 +142,12 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
   if info.get("tokens"):
     epochs = tokens_per_step * cfg.train_steps / info["tokens"]
     lines.append(f"  data        {info['documents']:,} documents, {info['tokens']:,} tokens; the "
-                 f"run reads {tokens_per_step * cfg.train_steps:,} tokens ({epochs:.2f} epochs)")
+                 f"run reads {tokens_per_step * cfg.train_steps:,} tokens ({_epochs(epochs)} epochs)")
   elif info.get("examples"):
     line = f"  data        {info['examples']:,} {info['unit']}"
     if info.get("per_step"):
       read = info["per_step"] * cfg.train_steps
-      line += f"; the run reads {read:,} ({read / info['examples']:.2f} epochs)"
+      line += f"; the run reads {read:,} ({_epochs(read / info['examples'])} epochs)"
     else:
       line += ", packed several to a row"
     lines.append(line)

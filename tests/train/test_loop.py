@@ -259,3 +259,9 @@ def test_zero_log_and_checkpoint_periods_mean_only_at_the_end(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / "toy" / "metrics.jsonl")]
   assert [r["step"] for r in rows if "loss" in r] == [6]
   assert sorted(int(p) for p in os.listdir(tmp_path / "toy" / "checkpoints")) == [6]
+
+
+def test_the_start_up_block_says_small_epoch_counts_in_significant_digits():
+  # A short run over a large corpus reads a sliver of one epoch: not "0.00 epochs".
+  assert loop._epochs(512 / 573_340) == "0.00089"
+  assert loop._epochs(0.1418) == "0.14" and loop._epochs(2.0) == "2.00" and loop._epochs(0) == "0.00"
