@@ -126,6 +126,13 @@ def _mesh_shape(v):
   return None
 
 
+def _trainable(v):
+  if v == "all" or (isinstance(v, (list, tuple)) and v and all(isinstance(p, str) for p in v)):
+    return None
+  return ("must be 'all' or a list of regular expressions over parameter paths, e.g. "
+          "['final_norm/.*', 'lm_head']")
+
+
 _POSITIVE, _COUNT = _integer(1), _integer(0)
 MACRO_CHECKS = {
     # The loop (common.gin).
@@ -135,7 +142,7 @@ MACRO_CHECKS = {
     "LEARNING_RATE": _number(low=0), "HANG_TIMEOUT": _optional(_number(above=0)),
     "MESH_SHAPE": _mesh_shape, "MESH_DCN_SHAPE": _optional(_mesh_shape),
     "MODEL": _text, "TOKENIZER": _text, "TRAIN_DATA": _text, "EVAL_DATA": _optional(_text),
-    "INIT_FROM": _optional(_text),
+    "INIT_FROM": _optional(_text), "TRAINABLE": _trainable,
     # The reward model and DPO.
     "LM_SCORE": _flag, "NORMALIZATION": _text, "DPO_BETA": _number(above=0),
     "DPO_LABEL_SMOOTHING": _number(low=0, below=0.5),

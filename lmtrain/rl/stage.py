@@ -297,6 +297,10 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
   unknown = sorted(set(hparams) - {f.name for f in dataclasses.fields(RLConfig)})
   if unknown:
     raise UserError(f"{name}.build: unknown setting(s) {unknown}")
+  if optim.trainable_setting() != "all":
+    raise UserError(f"TRAINABLE={optim.trainable_setting()!r}: {name} trains every weight of the "
+                    f"policy and value model for now; freezing is there for pretrain, sft, reward "
+                    f"and dpo")
   if reward not in ("model", "scorer"):
     raise UserError(f"REWARD={reward!r}: choose 'model' (the reward model) or 'scorer'")
   if reward == "scorer" and not scorer:

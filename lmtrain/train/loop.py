@@ -25,6 +25,7 @@ from lmtrain.errors import DivergedError, Preempted, UserError
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train import memory as memory_lib
 from lmtrain.train import metrics as metrics_lib
+from lmtrain.train import optim
 from lmtrain.train.evaluation import Evaluation, Evaluator, close_iterator
 from lmtrain.train.lock import StageLock
 from lmtrain.train.monitor import LateMetrics, SigtermFlag, Throughput, Watchdog
@@ -128,6 +129,11 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
   trained = size(state.params)
   frozen = sum(int(x.size) for x in jax.tree.leaves(state.extras)
                if x.ndim >= 1 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
+  trainable = optim.trainable_fn(optim.trainable_setting())
+  if trainable is not None:  # TRAINABLE: the params it leaves out are frozen too
+    held = sum(int(x.size) for x, m in zip(jax.tree.leaves(state.params),
+                                           jax.tree.leaves(trainable(state.params))) if not m)
+    trained, frozen = trained - held, frozen + held
   axes = " x ".join(f"{name} {n}" for name, n in mesh.shape.items())
   device = jax.devices()[0]
   tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -204,7 +210,8 @@ def resume_keys(stage: Stage, cfg: LoopConfig, workdir: str) -> dict:
   sources = json.loads(json.dumps(stage.data_sources).replace(
       json.dumps(fileio.absolute(workdir) + "/")[1:-1], "DIR/"))
   keys = {"TRAIN_DATA": sources, "BATCH_SIZE": cfg.batch_size,
-          "SEQ_LEN": cfg.seq_len, "MODEL": stage.step.model_config.architecture()}
+          "SEQ_LEN": cfg.seq_len, "MODEL": stage.step.model_config.architecture(),
+          "TRAINABLE": optim.trainable_setting()}
   if stage.tokenizer_path:
     keys["TOKENIZER"] = prepare.tokenizer_sha256(stage.tokenizer_path)
   return keys
@@ -214,6 +221,11 @@ def check_resume(stage_dir: str, keys: dict, allow_change: bool) -> dict:
   """Before a resume restores anything: the settings that break exactness (resume_keys) must be
   those of the run that wrote the checkpoints, unless allowed (then recorded in lineage.json)."""
   changes = ckpt_lib.resume_changes(stage_dir, keys)
+  if "TRAINABLE" in changes:  # another optimizer state: the checkpoints cannot be restored
+    raise UserError(f"{stage_dir}: resuming with another "
+                    f"{ckpt_lib.describe_changes({'TRAINABLE': changes['TRAINABLE']})}; "
+                    f"the checkpoints hold the optimizer state of the parameters trained before; "
+                    f"use a new --workdir (INIT_FROM this one to start from its weights)")
   if changes and not allow_change:
     raise UserError(
         f"{stage_dir}: resuming with other settings than the checkpoints were trained with: "

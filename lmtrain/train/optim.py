@@ -1,8 +1,12 @@
 """The optimiser: an optax chain (clip -> AdamW with a weight-decay mask) and its LR schedule."""
 
+import re
+
 import gin
 import jax
 import optax
+
+from lmtrain.errors import UserError
 
 NO_DECAY_NAMES = ("scale", "embed")  # norm gains and the embedding table are not decayed
 
@@ -33,7 +37,6 @@ def make_schedule(learning_rate=gin.REQUIRED, total_steps=gin.REQUIRED, warmup_s
   elif decay == "constant":
     after = optax.constant_schedule(learning_rate)
   else:
-    from lmtrain.errors import UserError
     raise UserError(f"make_schedule.decay={decay!r}; choose cosine, linear or constant")
   if not warmup_steps:
     return after
@@ -41,11 +44,74 @@ def make_schedule(learning_rate=gin.REQUIRED, total_steps=gin.REQUIRED, warmup_s
   return optax.join_schedules([warm, after], [warmup_steps])
 
 
+def param_path(path) -> str:
+  """A parameter's path as TRAINABLE's patterns see it: `layers/mlp/gate`, `final_norm/scale`."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 @gin.configurable
-def make_optimizer(schedule, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0):
+def trainable_setting(trainable="all"):
+  """TRAINABLE: 'all', or the patterns of trainable_mask."""
+  return trainable
+
+
+def trainable_fn(trainable="all"):
+  """None when every parameter trains, else params -> trainable_mask(params, trainable)."""
+  if trainable == "all":
+    return None
+  return lambda params: trainable_mask(params, trainable)
+
+
+def trainable_mask(params, trainable="all"):
+  """True for the parameters a stage trains: every one for `'all'` (TRAINABLE's default), else those
+  whose path (param_path) fully matches one of the regular expressions in `trainable`, e.g.
+  `['final_norm/.*', 'lm_head']` for the head only or `['layers/mlp/.*']` for the MLPs. The others
+  are frozen: no gradient, no optimizer state, left bit for bit as loaded."""
+  if trainable == "all":
+    return jax.tree.map(lambda _: True, params)
+  patterns = [trainable] if isinstance(trainable, str) else list(trainable or [])
+  if not patterns:
+    raise UserError("TRAINABLE is empty: 'all', or regular expressions over parameter paths")
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(str(pattern)))
+    except re.error as e:
+      raise UserError(f"TRAINABLE: {pattern!r} is not a regular expression ({e})") from None
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  paths = [param_path(path) for path, _ in flat]
+  for pattern, regex in zip(patterns, compiled):
+    if not any(regex.fullmatch(p) for p in paths):
+      raise UserError(f"TRAINABLE: {pattern!r} matches no parameter; the parameters are "
+                      f"{', '.join(paths)}")
+  keep = [any(r.fullmatch(p) for r in compiled) for p in paths]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), keep)
+
+
+def freeze(params, mask):
+  """`params` with the frozen leaves behind stop_gradient: their weight gradients are never
+  computed (XLA drops the matmuls), and they read as exact zeros."""
+  if all(jax.tree.leaves(mask)):
+    return params
+  return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+
+
+@gin.configurable
+def make_optimizer(schedule, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
+                   trainable=None):
+  """Clip -> AdamW over the trained parameters. `trainable`: a mask tree (trainable_mask) or a
+  function of the params giving one; frozen parameters get no optimizer state and no update."""
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=decay_mask))
-  return optax.chain(*parts)
+  chain = optax.chain(*parts)
+  if trainable is None:
+    return chain
+
+  def labels(params):
+    mask = trainable(params) if callable(trainable) else trainable
+    return jax.tree.map(lambda m: "trained" if m else "frozen", mask)
+
+  return optax.multi_transform({"trained": chain, "frozen": optax.set_to_zero()}, labels)

@@ -50,10 +50,14 @@ def scan_sum(fn, xs):
   return jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, fn(x)), None), zeros, xs)[0]
 
 
-def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbatches: int = 1):
-  """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight."""
+def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbatches: int = 1,
+                    trainable=None):
+  """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight.
+  `trainable`: params -> mask (optim.trainable_fn); the frozen ones get no gradient."""
 
   def summed_loss(params, batch, rng, extras):
+    if trainable is not None:
+      params = optim.freeze(params, trainable(params))
     loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, rng,
                                      **_frozen_models(graphdef, extras))
     return loss_sum, (weight, sums)
@@ -147,7 +151,7 @@ class StepFactory(abc.ABC):
 
   def optimizer(self, schedule, make_schedule):
     del make_schedule
-    return optim.make_optimizer(schedule)
+    return optim.make_optimizer(schedule, trainable=optim.trainable_fn(optim.trainable_setting()))
 
   def init(self, loaded, optimizer, rng) -> TrainState:
     return TrainState.create(loaded, optimizer, rng)
@@ -187,7 +191,8 @@ class LossStep(StepFactory):
 
   def compile(self, ctx: StepContext, state, batch):
     graphdef, _, _ = transformer.abstract_model(self.model_config)
-    step = make_train_step(graphdef, self.loss_fn, ctx.optimizer, ctx.schedule, ctx.microbatches)
+    step = make_train_step(graphdef, self.loss_fn, ctx.optimizer, ctx.schedule, ctx.microbatches,
+                           trainable=optim.trainable_fn(optim.trainable_setting()))
     # Every batch leaf is split over its leading (batch) axis, whatever its rank.
     batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
     return jax.jit(step, in_shardings=(ctx.shardings, batch_sharding),

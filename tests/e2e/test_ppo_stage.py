@@ -161,6 +161,7 @@ def test_ppo_errors_are_one_line(parents, tmp_path):
   bad_prompts.write_text(json.dumps({"prompt": "no answer here"}) + "\n")
   cases = [
       (["--gin.REWARD=oracle"], "REWARD='oracle'"),
+      (["--gin.TRAINABLE=['lm_head']"], "TRAINABLE=['lm_head']: ppo trains every weight"),
       ([f"--gin.REWARD_FROM={tmp_path}/nowhere"], "nowhere: no checkpoints there"),
       ([f"--gin.TRAIN_DATA={bad_prompts}", f"--gin.REWARD_FROM={parents}/reward"],
        'record has no "task" field'),

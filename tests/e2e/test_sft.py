@@ -127,3 +127,42 @@ def test_sample_prints_completions_for_pretrain_and_sft(chain):
   proc = lmtrain("sample", "--checkpoint", os.path.join(workdir, "nope"), "--prompt", "x",
                  check=False)
   assert proc.returncode == 1 and "model.json is missing" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sft_with_only_the_head_trainable_leaves_the_rest_as_the_parent(chain, tmp_path):
+  workdir, _ = chain
+  other = str(tmp_path)
+  for name in ("pretrain", "tokenizer.model", "data"):
+    os.symlink(os.path.join(workdir, name), os.path.join(other, name))
+  args = ["sft", "--workdir", other, *TINY_ARGS, "--gin.EVAL_EVERY=0",
+          "--gin.TRAINABLE=['final_norm/scale', 'lm_head']", "--gin_param",
+          "sft.build.eval_examples = 8"]
+  proc = lmtrain(*args, "--gin.TRAIN_STEPS=2")
+  cfg = util.TINY.__class__(**json.load(open(os.path.join(other, "sft", "model.json"))))
+  head = cfg.d_model + cfg.d_model * cfg.vocab_size
+  total = cfg.param_count()
+  assert (total, head) == (139_584, 32_832)  # counts of 100k and more said in millions
+  assert "  parameters  0.14M (32,832 trained, 0.11M frozen)\n" in proc.stdout
+  parent, child = saved_state(workdir, 6)["params"], saved_state_of(other, 2)
+  for path, before in jax.tree_util.tree_leaves_with_path(parent):
+    after = child["params"]
+    for k in path:
+      after = after[k.key]
+    name = "/".join(k.key for k in path)
+    if name in ("final_norm/scale", "lm_head"):
+      assert not np.array_equal(after, before), name
+    else:
+      np.testing.assert_array_equal(after, before, err_msg=name)
+  # The optimizer state holds the head's two moments only.
+  moments = sum(x.size for x in jax.tree.leaves(child["opt_state"]) if np.ndim(x))
+  assert moments == 2 * head
+  # Its checkpoints hold that optimizer state: a resume that trains other parameters is refused.
+  again = lmtrain(*args, "--gin.TRAIN_STEPS=4", "--gin.TRAINABLE='all'", "--allow_config_change",
+                  check=False)
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines()[-1] == (
+      f"lmtrain: error: {other}/sft: resuming with another TRAINABLE "
+      f"[\"final_norm/scale\", \"lm_head\"] -> all; the checkpoints hold the optimizer state of "
+      f"the parameters trained before; use a new --workdir (INIT_FROM this one to start from its "
+      f"weights)")
