@@ -129,7 +129,7 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
   trained = size(state.params)
   frozen = sum(int(x.size) for x in jax.tree.leaves(state.extras)
                if x.ndim >= 1 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
-  trainable = optim.trainable_fn(optim.trainable_setting())
+  trainable = optim.trainable_fn()
   if trainable is not None:  # TRAINABLE: the params it leaves out are frozen too
     held = sum(int(x.size) for x, m in zip(jax.tree.leaves(state.params),
                                            jax.tree.leaves(trainable(state.params))) if not m)

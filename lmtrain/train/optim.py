@@ -46,7 +46,7 @@ def make_schedule(learning_rate=gin.REQUIRED, total_steps=gin.REQUIRED, warmup_s
 
 def param_path(path) -> str:
   """A parameter's path as TRAINABLE's patterns see it: `layers/mlp/gate`, `final_norm/scale`."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 @gin.configurable
@@ -55,8 +55,10 @@ def trainable_setting(trainable="all"):
   return trainable
 
 
-def trainable_fn(trainable="all"):
-  """None when every parameter trains, else params -> trainable_mask(params, trainable)."""
+def trainable_fn(trainable=None):
+  """None when every parameter trains, else params -> trainable_mask(params, trainable);
+  `trainable` defaults to the run's TRAINABLE (trainable_setting)."""
+  trainable = trainable_setting() if trainable is None else trainable
   if trainable == "all":
     return None
   return lambda params: trainable_mask(params, trainable)

@@ -151,7 +151,7 @@ class StepFactory(abc.ABC):
 
   def optimizer(self, schedule, make_schedule):
     del make_schedule
-    return optim.make_optimizer(schedule, trainable=optim.trainable_fn(optim.trainable_setting()))
+    return optim.make_optimizer(schedule, trainable=optim.trainable_fn())
 
   def init(self, loaded, optimizer, rng) -> TrainState:
     return TrainState.create(loaded, optimizer, rng)
@@ -192,7 +192,7 @@ class LossStep(StepFactory):
   def compile(self, ctx: StepContext, state, batch):
     graphdef, _, _ = transformer.abstract_model(self.model_config)
     step = make_train_step(graphdef, self.loss_fn, ctx.optimizer, ctx.schedule, ctx.microbatches,
-                           trainable=optim.trainable_fn(optim.trainable_setting()))
+                           trainable=optim.trainable_fn())
     # Every batch leaf is split over its leading (batch) axis, whatever its rank.
     batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
     return jax.jit(step, in_shardings=(ctx.shardings, batch_sharding),
