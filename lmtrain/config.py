@@ -133,6 +133,14 @@ def _trainable(v):
           "['final_norm/.*', 'lm_head']")
 
 
+def _lora_targets(v):
+  from lmtrain.model.transformer import LORA_TARGETS
+  if (isinstance(v, (list, tuple)) and v and all(t in LORA_TARGETS for t in v)
+      and len(set(v)) == len(v)):
+    return None
+  return f"must be a list of one or more (each once) of {', '.join(map(repr, LORA_TARGETS))}"
+
+
 _POSITIVE, _COUNT = _integer(1), _integer(0)
 MACRO_CHECKS = {
     # The loop (common.gin).
@@ -143,6 +151,7 @@ MACRO_CHECKS = {
     "MESH_SHAPE": _mesh_shape, "MESH_DCN_SHAPE": _optional(_mesh_shape),
     "MODEL": _text, "TOKENIZER": _text, "TRAIN_DATA": _text, "EVAL_DATA": _optional(_text),
     "INIT_FROM": _optional(_text), "TRAINABLE": _trainable,
+    "LORA_RANK": _COUNT, "LORA_ALPHA": _number(above=0), "LORA_TARGETS": _lora_targets,
     # The reward model and DPO.
     "LM_SCORE": _flag, "NORMALIZATION": _text, "DPO_BETA": _number(above=0),
     "DPO_LABEL_SMOOTHING": _number(low=0, below=0.5),

@@ -461,7 +461,7 @@ def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str =
   import jax
   from safetensors.numpy import save_file
 
-  from lmtrain.model import transformer
+  from lmtrain.model import lora, transformer
   from lmtrain.train import checkpoint as ckpt_lib
   stage_dir, output_dir = os.path.abspath(stage_dir.rstrip("/")), os.path.abspath(output_dir)
   cfg, tokenizer = _load_stage(stage_dir)
@@ -476,6 +476,8 @@ def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str =
   host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), abstract)
   params, _ = ckpt_lib.restore_params(stage_dir, abstract, step)
+  if lora.has_adapters(params):  # LoRA: the adapters folded into the weights they adapt
+    params, cfg = jax.jit(lambda p: lora.merged(p, cfg.lora_scale))(params), lora.base_config(cfg)
 
   # Shard plan first (sizes come from the shapes), so file names can say "-of-N".
   items = []

@@ -49,6 +49,10 @@ REMAT_POLICIES = {
 }
 
 
+# The weights LoRA can adapt (ModelConfig.lora_targets): the attention and MLP projections.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -88,6 +92,15 @@ class ModelConfig:
   # Training losses project to the vocabulary this many positions at a time, so that the
   # [B, T, vocab] fp32 logits never exist (lmtrain.losses.token_cross_entropy); 0: all at once.
   logits_chunk: int = 0
+  # LoRA (lmtrain/model/lora.py): rank of the low-rank adapters beside each weight named in
+  # lora_targets (q, k, v, o, gate, up, down); their product x A B is scaled by lora_alpha / rank.
+  # 0: no adapters.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = LORA_TARGETS
+
+  def __post_init__(self):  # read back from model.json, a list
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
   @property
   def kv_heads(self) -> int:
@@ -124,6 +137,15 @@ class ModelConfig:
                       "score)")
     if self.logits_chunk < 0:
       raise UserError(f"ModelConfig.logits_chunk={self.logits_chunk} must be 0 (off) or positive")
+    if self.lora_rank < 0:
+      raise UserError(f"LORA_RANK={self.lora_rank} must be 0 (no adapters) or positive")
+    if self.lora_rank:
+      bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+      if bad or not self.lora_targets or len(set(self.lora_targets)) < len(self.lora_targets):
+        raise UserError(f"LORA_TARGETS={list(self.lora_targets)}: choose one or more (each once) "
+                        f"of {', '.join(LORA_TARGETS)}")
+      if not self.lora_alpha > 0:
+        raise UserError(f"LORA_ALPHA={self.lora_alpha} must be positive")
     if self.head_size % 2:
       raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
     if self.rope_scaling not in ROPE_SCALINGS:
@@ -146,7 +168,29 @@ class ModelConfig:
     logits chunking) only say how the same function is computed."""
     execution = {"remat", "dtype", "attention_impl", "attention_block", "attention_chunked_from",
                  "logits_chunk"}
-    return {k: v for k, v in dataclasses.asdict(self).items() if k not in execution}
+    arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in execution}
+    if not self.lora_rank:  # the same model as one written before LoRA existed
+      for k in ("lora_rank", "lora_alpha", "lora_targets"):
+        arch.pop(k)
+    return arch
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+  def lora_shapes(self) -> dict:
+    """{target: (input dims, output dims, their logical axes)} of the adapted weights of one layer."""
+    d, h, n, k, m = self.d_model, self.head_size, self.num_heads, self.kv_heads, self.mlp_dim
+    shapes = {
+        "q": ((d,), (n, h), ("embed",), ("heads", "head_dim")),
+        "k": ((d,), (k, h), ("embed",), ("kv_heads", "head_dim")),
+        "v": ((d,), (k, h), ("embed",), ("kv_heads", "head_dim")),
+        "o": ((n, h), (d,), ("heads", "head_dim"), ("embed",)),
+        "gate": ((d,), (m,), ("embed",), ("mlp",)),
+        "up": ((d,), (m,), ("embed",), ("mlp",)),
+        "down": ((m,), (d,), ("mlp",), ("embed",)),
+    }
+    return {t: shapes[t] for t in self.lora_targets} if self.lora_rank else {}
 
   def param_count(self) -> int:
     """Exact parameter count, from the shapes (no allocation)."""
@@ -155,7 +199,9 @@ class ModelConfig:
     lm_head = (self.head == "lm" or self.lm_score) and not self.tie_embeddings
     embeddings = self.vocab_size * d * (2 if lm_head else 1)
     score_head = (d + 1 + int(self.lm_score)) if self.head == "scalar" else 0
-    return self.num_layers * per_layer + embeddings + d + score_head
+    adapters = self.num_layers * sum(self.lora_rank * (math.prod(i) + math.prod(o))
+                                     for i, o, _, _ in self.lora_shapes().values())
+    return self.num_layers * per_layer + embeddings + d + score_head + adapters
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (non-embedding matmul params + output head) plus causal
@@ -170,8 +216,10 @@ class ModelConfig:
 
 
 @gin.configurable
-def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> ModelConfig:
-  """The `MODEL` preset (gin scope `preset_<name>` of ModelConfig, gin_configs/models/) plus overrides."""
+def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None, lora_rank: int = 0,
+                 lora_alpha: float = 16.0, lora_targets=LORA_TARGETS) -> ModelConfig:
+  """The `MODEL` preset (gin scope `preset_<name>` of ModelConfig, gin_configs/models/) plus overrides,
+  with LoRA adapters of `lora_rank` (LORA_RANK; 0: none) on `lora_targets`."""
   known = sorted(PRESET_NAMES)
   if preset not in known:
     import difflib
@@ -185,6 +233,9 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None) -> M
     if bad:
       raise UserError(f"model_config.overrides: unknown ModelConfig fields {sorted(bad)}")
     cfg = dataclasses.replace(cfg, **overrides)
+  if lora_rank:
+    cfg = dataclasses.replace(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                              lora_targets=tuple(lora_targets))
   return cfg.validate()
 
 
@@ -259,6 +310,40 @@ def rotary(x, positions, freqs):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def project(x, weight, adapters, name: str, dt, in_dims: int = 1):
+  """x @ weight in the compute dtype, plus the LoRA adapter's x A B x (alpha / rank) when
+  `adapters` (a layer's LayerAdapters) has one for `name`."""
+  y = dense(x, weight[...].astype(dt), in_dims)
+  if adapters is not None and name in adapters.targets:
+    y = y + getattr(adapters, name)(x, dt)
+  return y
+
+
+class Adapter(nnx.Module):
+  """A low-rank update beside a weight of input dims I and output dims O: A [*I, r] (random) and
+  B [r, *O] (zeros, so a fresh adapter changes nothing), each sharded like the weight along its
+  own dims and whole along the rank."""
+
+  def __init__(self, shapes, rank: int, scale: float, rngs: nnx.Rngs):
+    in_shape, out_shape, in_axes, out_axes = shapes
+    self.scale = scale
+    self.a = _param(rngs, _dense_init(math.prod(in_shape)), (*in_shape, rank), (*in_axes, None))
+    self.b = nnx.Param(jnp.zeros((rank, *out_shape), jnp.float32), out_sharding=(None, *out_axes))
+
+  def __call__(self, x, dt):
+    low = dense(x, self.a[...].astype(dt), in_dims=self.a.ndim - 1)
+    return dense(low, self.b[...].astype(dt)) * jnp.asarray(self.scale, dt)
+
+
+class LayerAdapters(nnx.Module):
+  """One layer's adapters, an Adapter per LoRA target (ModelConfig.lora_shapes)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.targets = tuple(cfg.lora_shapes())
+    for name, shapes in cfg.lora_shapes().items():
+      setattr(self, name, Adapter(shapes, cfg.lora_rank, cfg.lora_scale, rngs))
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -270,39 +355,40 @@ class Attention(nnx.Module):
     out_scale = 1.0 / (2 * cfg.num_layers) ** 0.5
     self.o = _param(rngs, _dense_init(n * h, out_scale), (n, h, d), ("heads", "head_dim", "embed"))
 
-  def __call__(self, x, positions, vis):
-    return self.attend(*self.project(x, positions), vis)
+  def __call__(self, x, positions, vis, adapters=None):
+    return self.attend(*self.project(x, positions, adapters), vis, adapters=adapters)
 
-  def project(self, x, positions):
+  def project(self, x, positions, adapters=None):
     """Rotated queries [B, T, N, H] and keys [B, T, K, H], and values [B, T, K, H]."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q = dense(x, self.q[...].astype(dt))
-    k = dense(x, self.k[...].astype(dt))
-    v = dense(x, self.v[...].astype(dt))
+    q = project(x, self.q, adapters, "q", dt)
+    k = project(x, self.k, adapters, "k", dt)
+    v = project(x, self.v, adapters, "v", dt)
     q = parallel.constrain(q, ("batch", "length", "act_heads", None))
     k = parallel.constrain(k, ("batch", "length", "act_kv_heads", None))
     freqs = rope_frequencies(cfg)
     q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)
     return (checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value"))
 
-  def attend(self, q, k, v, vis, cached=False):
+  def attend(self, q, k, v, vis, cached=False, adapters=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     impl = attention.resolve(cfg.attention_impl, q.shape[1], dt, cfg.attention_chunked_from,
                              cached=cached)
     out = attention.attend(q, k, v, vis, impl, cfg.attention_block)
     out = checkpoint_name(parallel.constrain(out, ("batch", "length", "act_heads", None)),
                           "attention_out")
-    return dense(out, self.o[...].astype(dt), in_dims=2)
+    return project(out, self.o, adapters, "o", dt, in_dims=2)
 
-  def cached(self, x, positions, vis, layer_cache, start):
+  def cached(self, x, positions, vis, layer_cache, start, adapters=None):
     """Writes this chunk's keys/values into cache slots start[b].. and attends over the cache."""
-    q, k, v = self.project(x, positions)
+    q, k, v = self.project(x, positions, adapters)
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
     layer_cache = {"k": write(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
                    "v": write(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)}
     layer_cache = jax.tree.map(
         lambda c: parallel.constrain(c, ("batch", "length", "act_kv_heads", None)), layer_cache)
-    return self.attend(q, layer_cache["k"], layer_cache["v"], vis, cached=True), layer_cache
+    return (self.attend(q, layer_cache["k"], layer_cache["v"], vis, cached=True,
+                        adapters=adapters), layer_cache)
 
 
 class MLP(nnx.Module):
@@ -315,11 +401,12 @@ class MLP(nnx.Module):
     self.down = _param(rngs, _dense_init(m, 1.0 / (2 * cfg.num_layers) ** 0.5), (m, d),
                        ("mlp", "embed"))
 
-  def __call__(self, x):
+  def __call__(self, x, adapters=None):
     dt = self.dtype
-    hidden = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
+    hidden = (jax.nn.silu(project(x, self.gate, adapters, "gate", dt))
+              * project(x, self.up, adapters, "up", dt))
     hidden = parallel.constrain(hidden, ("batch", "length", "act_mlp"))
-    return dense(hidden, self.down[...].astype(dt))
+    return project(hidden, self.down, adapters, "down", dt)
 
 
 class Block(nnx.Module):
@@ -330,16 +417,17 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, vis):
-    x = x + self.attn(self.attn_norm(x), positions, vis)
-    return self._mlp(x)
+  def __call__(self, x, positions, vis, adapters=None):
+    x = x + self.attn(self.attn_norm(x), positions, vis, adapters)
+    return self._mlp(x, adapters)
 
-  def cached(self, x, positions, vis, layer_cache, start):
-    attn, layer_cache = self.attn.cached(self.attn_norm(x), positions, vis, layer_cache, start)
-    return self._mlp(x + attn), layer_cache
+  def cached(self, x, positions, vis, layer_cache, start, adapters=None):
+    attn, layer_cache = self.attn.cached(self.attn_norm(x), positions, vis, layer_cache, start,
+                                         adapters)
+    return self._mlp(x + attn, adapters), layer_cache
 
-  def _mlp(self, x):
-    x = x + self.mlp(self.mlp_norm(x))
+  def _mlp(self, x, adapters):
+    x = x + self.mlp(self.mlp_norm(x), adapters)
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -357,6 +445,14 @@ class Transformer(nnx.Module):
       return Block(cfg, r)
 
     self.layers = make_blocks(rngs)
+    if cfg.lora_rank:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_adapters(r):
+        return LayerAdapters(cfg, r)
+
+      # A tree of its own beside the base weights: `lora/q/a` [layers, d_model, rank], ...
+      self.lora = make_adapters(rngs)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     if cfg.head == "scalar":
       self.score = _param(rngs, _dense_init(cfg.d_model), (cfg.d_model,), ("embed",))
@@ -375,16 +471,26 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones_like(tokens)
     vis = attention.Visibility(segment_ids, segment_ids, positions, positions)
     x = self._embed(tokens)
-    graphdef, layer_state = nnx.split(self.layers)
+    merge_layer, layer_state = self._layer_stack()
 
     def body(carry, state):
-      return nnx.merge(graphdef, state)(carry, positions, vis), None
+      block, adapters = merge_layer(state)
+      return block(carry, positions, vis, adapters), None
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, _ = jax.lax.scan(body, x, layer_state)
     return self.final_norm(x)
+
+  def _layer_stack(self):
+    """(merge(one layer's state) -> (Block, LayerAdapters or None), the states stacked on the
+    layers axis) for a scan over the layers."""
+    graphdef, state = nnx.split(self.layers)
+    if not hasattr(self, "lora"):
+      return (lambda s: (nnx.merge(graphdef, s), None)), state
+    lora_def, lora_state = nnx.split(self.lora)
+    return (lambda s: (nnx.merge(graphdef, s[0]), nnx.merge(lora_def, s[1]))), (state, lora_state)
 
   def _embed(self, tokens):
     # Rows looked up where the table lives (parallel.lookup): the token ids travel, not the table.
@@ -413,11 +519,12 @@ class Transformer(nnx.Module):
     slots = jnp.broadcast_to(jnp.arange(length), (tokens.shape[0], length))
     vis = attention.Visibility(jnp.ones_like(positions), jnp.ones_like(slots), positions, slots)
     x = self._embed(tokens)
-    graphdef, layer_state = nnx.split(self.layers)
+    merge_layer, layer_state = self._layer_stack()
 
     def body(carry, layer):
       state, layer_cache = layer
-      return nnx.merge(graphdef, state).cached(carry, positions, vis, layer_cache, start)
+      block, adapters = merge_layer(state)
+      return block.cached(carry, positions, vis, layer_cache, start, adapters)
 
     x, cache = jax.lax.scan(body, x, (layer_state, cache))
     return self.final_norm(x), cache

@@ -301,6 +301,10 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
     raise UserError(f"TRAINABLE={optim.trainable_setting()!r}: {name} trains every weight of the "
                     f"policy and value model for now; freezing is there for pretrain, sft, reward "
                     f"and dpo")
+  if model_cfg.lora_rank:
+    raise UserError(f"LORA_RANK={model_cfg.lora_rank}: {name} trains every weight of the policy "
+                    f"and value model for now; LoRA is there for sft, reward and dpo (a LoRA "
+                    f"parent is fine: its adapters are folded into its weights)")
   if reward not in ("model", "scorer"):
     raise UserError(f"REWARD={reward!r}: choose 'model' (the reward model) or 'scorer'")
   if reward == "scorer" and not scorer:

@@ -26,6 +26,7 @@ from lmtrain import fileio
 from lmtrain.data import prepare
 from lmtrain.data.loader import STATE_KIND as LOADER_STATE_KIND
 from lmtrain.errors import UserError
+from lmtrain.model import lora
 from lmtrain.train import roles
 
 
@@ -333,9 +334,19 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
       raise UserError(f"INIT_FROM={path}: checkpoint {latest} cannot be restored "
                       f"({one_line(e)})") from None
     saved, _ = roles.one_model(saved, abstract_params)
-    new_keys = [k for k in abstract_params if k not in saved] if model_config else []
-    loaded = {k: v for k, v in abstract_params.items() if k not in new_keys}
-    params, step = restore_params(path, loaded)
+    # A child's adapters are its own (fresh); a parent's are folded into its weights.
+    base = lora.without_adapters(abstract_params)
+    new_keys = [k for k in base if k not in saved] if model_config else []
+    loaded = {k: v for k, v in base.items() if k not in new_keys}
+    if lora.has_adapters(saved):
+      params, step = _restore_merged(path, loaded, saved[lora.KEY])
+    else:
+      params, step = restore_params(path, loaded)
+    if lora.has_adapters(abstract_params):
+      adapters = abstract_params[lora.KEY]
+      params[lora.KEY] = jax.jit(
+          lora.fresh_adapters, out_shardings=jax.tree.map(lambda a: a.sharding, adapters))(
+              adapters, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
     if new_keys:
       from lmtrain.model import transformer
       full_init = transformer.init_fn(model_config)
@@ -347,6 +358,25 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
     return params, {"stage": parent_stage, "path": path, "step": int(step)}
 
   return init
+
+
+def _restore_merged(path: str, abstract_base, saved_adapters):
+  """The base params of a LoRA checkpoint with its adapters folded in (lora.merged), laid out as
+  `abstract_base`; the adapters are read whole onto every device (they are small)."""
+  model_json = os.path.join(path, "model.json")
+  if not fileio.exists(model_json):
+    raise UserError(f"INIT_FROM={path}: its checkpoint holds LoRA adapters but model.json (their "
+                    f"alpha and rank) is missing")
+  cfg = fileio.read_json(model_json)
+  scale = float(cfg["lora_alpha"]) / int(cfg["lora_rank"])
+  mesh = jax.tree.leaves(abstract_base)[0].sharding.mesh
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_adapters = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=whole), saved_adapters)
+  params, step = restore_params(path, {**abstract_base, lora.KEY: abstract_adapters})
+  fold = jax.jit(lambda p: lora.merged(p, scale),
+                 out_shardings=jax.tree.map(lambda a: a.sharding, abstract_base))
+  return fold(params), step
 
 
 def saved_params(ckpt_dir: str, step: int):

@@ -8,8 +8,6 @@ import jax
 import numpy as np
 
 from lmtrain import parallel
-from lmtrain.model import transformer
-from lmtrain.train.step import make_eval_step
 
 
 def _no_metrics(totals: dict) -> dict:
@@ -71,7 +69,7 @@ class Evaluator:
   """An Evaluation compiled for the run: `evaluator(state) -> dict` of eval metrics ({} when
   there is nothing to evaluate)."""
 
-  def __init__(self, evaluation: Evaluation | None, model_config, ctx, first_local: dict,
+  def __init__(self, evaluation: Evaluation | None, step_factory, ctx, first_local: dict,
                first_global: dict, eval_steps: int):
     self.evaluation = evaluation or Evaluation()
     self.ctx, self.eval_steps = ctx, eval_steps
@@ -79,10 +77,9 @@ class Evaluator:
     self.template = jax.tree.map(np.zeros_like, first_local)
     self.compiled = None
     if self.evaluation.data is not None:
-      graphdef, _, _ = transformer.abstract_model(model_config)
       batch_sharding = jax.tree.map(lambda x: x.sharding, first_global)
       self.compiled = jax.jit(
-          make_eval_step(graphdef, self.evaluation.loss_fn),
+          step_factory.eval_step(self.evaluation.loss_fn),
           in_shardings=(ctx.shardings.params, ctx.shardings.extras, batch_sharding),
           out_shardings=parallel.replicated(ctx.mesh))
 

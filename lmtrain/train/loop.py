@@ -129,8 +129,8 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
   trained = size(state.params)
   frozen = sum(int(x.size) for x in jax.tree.leaves(state.extras)
                if x.ndim >= 1 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
-  trainable = optim.trainable_fn()
-  if trainable is not None:  # TRAINABLE: the params it leaves out are frozen too
+  trainable = stage.step.trainable()
+  if trainable is not None:  # TRAINABLE or LoRA: the params left out are frozen too
     held = sum(int(x.size) for x, m in zip(jax.tree.leaves(state.params),
                                            jax.tree.leaves(trainable(state.params))) if not m)
     trained, frozen = trained - held, frozen + held
@@ -370,7 +370,7 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
       ctx = StepContext(mesh, rules, start.shardings, start.optimizer, start.schedule,
                         cfg.microbatches)
       compiled = stage.step.compile(ctx, state, batch)
-      evaluator = Evaluator(stage.evaluation, stage.step.model_config, ctx, first_local, batch,
+      evaluator = Evaluator(stage.evaluation, stage.step, ctx, first_local, batch,
                             cfg.eval_steps)
       summary["compile_time"] = time.time() - compile_start
       periodic = [Hook(lambda i: evaluator(i.state), every=cfg.eval_every), *stage.hooks]

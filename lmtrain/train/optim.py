@@ -55,13 +55,20 @@ def trainable_setting(trainable="all"):
   return trainable
 
 
-def trainable_fn(trainable=None):
-  """None when every parameter trains, else params -> trainable_mask(params, trainable);
-  `trainable` defaults to the run's TRAINABLE (trainable_setting)."""
+def trainable_fn(trainable=None, lora: bool = False):
+  """None when every parameter trains, else params -> trainable_mask(params, patterns);
+  `trainable` defaults to the run's TRAINABLE (trainable_setting). With `lora` (a model with
+  adapters) the adapters and a scalar head train (lora.trainable_patterns), plus what TRAINABLE
+  names when it is not 'all'."""
   trainable = trainable_setting() if trainable is None else trainable
-  if trainable == "all":
+  if trainable == "all" and not lora:
     return None
-  return lambda params: trainable_mask(params, trainable)
+  if not lora:
+    return lambda params: trainable_mask(params, trainable)
+  from lmtrain.model import lora as lora_lib
+  extra = [] if trainable == "all" else ([trainable] if isinstance(trainable, str)
+                                         else list(trainable))
+  return lambda params: trainable_mask(params, lora_lib.trainable_patterns(params) + extra)
 
 
 def trainable_mask(params, trainable="all"):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from lmtrain import parallel
-from lmtrain.model import transformer
+from lmtrain.model import lora, transformer
 from lmtrain.model.transformer import merge
 from lmtrain.train import optim, roles, start
 from lmtrain.train.state import TrainState
@@ -27,11 +27,16 @@ from lmtrain.train.state import TrainState
 LossFn = Callable  # (model, batch, rng) -> (loss_sum, weight, dict of metric sums)
 
 
-def _frozen_models(graphdef, extras) -> dict:
-  """The frozen models a loss takes besides the trained one (DPO's reference)."""
-  if roles.REFERENCE not in extras:
-    return {}
-  return {roles.REFERENCE: merge(graphdef, jax.lax.stop_gradient(extras[roles.REFERENCE]))}
+def _frozen_models(graphdef, extras, params, base_reference=None) -> dict:
+  """The frozen models a loss takes besides the trained one: DPO's reference, a frozen copy in
+  the extras, or with `base_reference` (the graphdef of the model without adapters) the trained
+  params' own base: LoRA's reference is the model with its adapters off."""
+  if roles.REFERENCE in extras:
+    return {roles.REFERENCE: merge(graphdef, jax.lax.stop_gradient(extras[roles.REFERENCE]))}
+  if base_reference is not None:
+    base = jax.lax.stop_gradient(lora.without_adapters(params))
+    return {roles.REFERENCE: merge(base_reference, base)}
+  return {}
 
 
 def split_microbatches(batch, n: int):
@@ -51,15 +56,16 @@ def scan_sum(fn, xs):
 
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbatches: int = 1,
-                    trainable=None):
+                    trainable=None, base_reference=None):
   """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight.
-  `trainable`: params -> mask (optim.trainable_fn); the frozen ones get no gradient."""
+  `trainable`: params -> mask (optim.trainable_fn); the frozen ones get no gradient.
+  `base_reference`: the loss's reference is the params without adapters (_frozen_models)."""
 
   def summed_loss(params, batch, rng, extras):
     if trainable is not None:
       params = optim.freeze(params, trainable(params))
     loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, rng,
-                                     **_frozen_models(graphdef, extras))
+                                     **_frozen_models(graphdef, extras, params, base_reference))
     return loss_sum, (weight, sums)
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -90,12 +96,12 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
   return step
 
 
-def make_eval_step(graphdef, loss_fn: LossFn):
+def make_eval_step(graphdef, loss_fn: LossFn, base_reference=None):
   """eval_step(params, batch) -> sums (loss_sum, weight, metric sums), to be added over batches."""
 
   def eval_step(params, extras, batch):
     loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, jax.random.PRNGKey(0),
-                                     **_frozen_models(graphdef, extras))
+                                     **_frozen_models(graphdef, extras, params, base_reference))
     return {"loss_sum": loss_sum, "weight": weight, **sums}
 
   return eval_step
@@ -151,10 +157,20 @@ class StepFactory(abc.ABC):
 
   def optimizer(self, schedule, make_schedule):
     del make_schedule
-    return optim.make_optimizer(schedule, trainable=optim.trainable_fn())
+    return optim.make_optimizer(schedule, trainable=self.trainable())
+
+  def trainable(self):
+    """params -> the mask of the trained ones (optim.trainable_fn: TRAINABLE, and with LoRA the
+    adapters), or None when all train."""
+    return optim.trainable_fn(lora=self.model_config.lora_rank > 0)
 
   def init(self, loaded, optimizer, rng) -> TrainState:
     return TrainState.create(loaded, optimizer, rng)
+
+  def eval_step(self, loss_fn: LossFn):
+    """eval_step(params, extras, batch) -> sums of `loss_fn` (the Evaluator compiles it)."""
+    graphdef, _, _ = transformer.abstract_model(self.model_config)
+    return make_eval_step(graphdef, loss_fn)
 
   def state_names(self, names):
     return names, None
@@ -172,27 +188,37 @@ class StepFactory(abc.ABC):
 
 class LossStep(StepFactory):
   """The step of a stage that is its loss (pretrain, SFT, reward model, DPO). With
-  frozen_reference, a frozen copy of the starting params is kept as extras[REFERENCE] and the
-  loss receives it as `reference=` (DPO); it is checkpointed with the state, sharded like the
-  params."""
+  frozen_reference, the loss receives the starting model as `reference=` (DPO): a frozen copy of
+  the starting params kept as extras[REFERENCE] (checkpointed with the state, sharded like the
+  params), or with LoRA the trained params' own base with the adapters off (no copy)."""
 
   def __init__(self, model_config, loss_fn: LossFn, frozen_reference: bool = False):
     super().__init__(model_config)
     self.loss_fn = loss_fn
     self.frozen_reference = frozen_reference
+    self.base_reference = None
+    if frozen_reference and model_config.lora_rank:
+      self.base_reference, _, _ = transformer.abstract_model(lora.base_config(model_config))
+
+  def _copies_reference(self) -> bool:
+    return self.frozen_reference and self.base_reference is None
 
   def init(self, loaded, optimizer, rng) -> TrainState:
-    extras = ({roles.REFERENCE: jax.tree.map(jnp.copy, loaded)} if self.frozen_reference
+    extras = ({roles.REFERENCE: jax.tree.map(jnp.copy, loaded)} if self._copies_reference()
               else {})
     return TrainState.create(loaded, optimizer, rng, extras)
 
   def state_names(self, names):
-    return names, ({roles.REFERENCE: names} if self.frozen_reference else None)
+    return names, ({roles.REFERENCE: names} if self._copies_reference() else None)
+
+  def eval_step(self, loss_fn: LossFn):
+    graphdef, _, _ = transformer.abstract_model(self.model_config)
+    return make_eval_step(graphdef, loss_fn, self.base_reference)
 
   def compile(self, ctx: StepContext, state, batch):
     graphdef, _, _ = transformer.abstract_model(self.model_config)
     step = make_train_step(graphdef, self.loss_fn, ctx.optimizer, ctx.schedule, ctx.microbatches,
-                           trainable=optim.trainable_fn())
+                           trainable=self.trainable(), base_reference=self.base_reference)
     # Every batch leaf is split over its leading (batch) axis, whatever its rank.
     batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
     return jax.jit(step, in_shardings=(ctx.shardings, batch_sharding),

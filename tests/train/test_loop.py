@@ -164,7 +164,7 @@ def test_the_evaluator_sums_the_loss_over_the_eval_batches():
                           measure=lambda params, extras, m, r: measured.append(m) or {"x": 1.0})
   with mesh, parallel.activate(mesh, rules):
     first = parallel.global_batch(batches[0], mesh, rules)
-    out = Evaluator(evaluation, util.TINY, ctx, batches[0], first, eval_steps=2)(state)
+    out = Evaluator(evaluation, factory, ctx, batches[0], first, eval_steps=2)(state)
   model = transformer.merge(transformer.abstract_model(util.TINY)[0], state.params)
   sums = [lm_loss(model, b, None) for b in batches[:2]]  # eval_steps=2 of the 3
   expected = sum(float(s) for s, _, _ in sums) / sum(float(w) for _, w, _ in sums)

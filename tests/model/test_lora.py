@@ -1,0 +1,201 @@
+"""LoRA adapters: a fresh one changes nothing, merging gives the same model, training moves only
+the adapters (the same on 1 device and on (2, 2, 2)), and DPO's reference is the base."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmtrain import parallel
+from lmtrain.errors import UserError
+from lmtrain.losses import lm_loss
+from lmtrain.model import generate as generate_lib
+from lmtrain.model import lora, transformer
+from lmtrain.train import optim
+from lmtrain.train.state import TrainState, state_shardings
+from lmtrain.train.step import LossStep, make_train_step
+import util
+
+RANK = 4
+LORA = dataclasses.replace(util.TINY, lora_rank=RANK, lora_alpha=8.0)
+
+
+def lora_params(base, seed=1, b_scale=0.0):
+  """`base` with adapters: A as a fresh model makes them, B zero or random of std b_scale."""
+  fresh = transformer.init_fn(LORA)(jax.random.PRNGKey(seed))[lora.KEY]
+  if b_scale:
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), len(fresh)))
+    fresh = {t: {"a": ad["a"], "b": b_scale * jax.random.normal(next(keys), ad["b"].shape)}
+             for t, ad in fresh.items()}
+  return {**base, lora.KEY: fresh}
+
+
+def logits_of(cfg, params, tokens):
+  return transformer.merge(transformer.abstract_model(cfg)[0], params)(tokens)
+
+
+def test_adapters_sit_beside_the_weights_they_adapt_with_their_axes():
+  _, abstract, names = transformer.abstract_model(LORA)
+  d, h, n, m, layers = 64, 16, 4, 128, 2
+  shapes = {t: (abstract[lora.KEY][t]["a"].shape, abstract[lora.KEY][t]["b"].shape)
+            for t in transformer.LORA_TARGETS}
+  assert shapes["q"] == ((layers, d, RANK), (layers, RANK, n, h))
+  assert shapes["o"] == ((layers, n, h, RANK), (layers, RANK, d))
+  assert shapes["down"] == ((layers, m, RANK), (layers, RANK, d))
+  assert names[lora.KEY]["q"]["a"] == ("layers", "embed", None)
+  assert names[lora.KEY]["q"]["b"] == ("layers", None, "heads", "head_dim")
+  assert names[lora.KEY]["o"]["a"] == ("layers", "heads", "head_dim", None)
+  adapters = sum(math.prod(s) for pair in shapes.values() for s in pair)
+  assert LORA.param_count() == util.TINY.param_count() + adapters
+  assert sum(x.size for x in jax.tree.leaves(abstract)) == LORA.param_count()
+  # Another rank or targets is another model (a resume key); a model without LoRA is described
+  # as it was before LoRA existed.
+  assert "lora_rank" not in util.TINY.architecture()
+  assert LORA.architecture()["lora_targets"] == transformer.LORA_TARGETS
+
+
+def test_fresh_adapters_give_exactly_the_base_models_logits():
+  base = util.init_params()
+  tokens = jnp.asarray(util.packed_batch(batch_size=2, seq_len=16)["inputs"])
+  expected = np.asarray(logits_of(util.TINY, base, tokens))
+  np.testing.assert_array_equal(np.asarray(logits_of(LORA, lora_params(base), tokens)), expected)
+  # And the KV-cache sampler: the same greedy tokens.
+  mesh, rules = util.mesh_of({"data": 1, "fsdp": 1, "tensor": 1}), parallel.axis_rules()
+  ids, lengths = generate_lib.pad_prompts([[5, 6, 7], [9, 10]], pad_id=0)
+  outs = []
+  for cfg, params in ((util.TINY, base), (LORA, lora_params(base))):
+    gen = generate_lib.make_generate(mesh, rules, cfg, 2, ids.shape[1], max_new_tokens=6,
+                                     greedy=True, eos_id=2, pad_id=0)
+    outs.append(np.asarray(gen(params, ids, lengths, jax.random.PRNGKey(0)).tokens))
+  np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_merged_weights_give_the_same_logits_as_base_plus_adapters():
+  base = util.init_params()
+  params = lora_params(base, b_scale=0.05)
+  tokens = jnp.asarray(util.packed_batch(batch_size=2, seq_len=16)["inputs"])
+  with_adapters = np.asarray(logits_of(LORA, params, tokens))
+  assert not np.allclose(with_adapters, np.asarray(logits_of(util.TINY, base, tokens)), atol=1e-3)
+  merged = lora.merged(params, LORA.lora_scale)
+  assert lora.KEY not in merged
+  np.testing.assert_allclose(np.asarray(logits_of(util.TINY, merged, tokens)), with_adapters,
+                             atol=1e-5, rtol=1e-5)
+  # By hand for one weight: W + alpha / r x A B.
+  a, b = params[lora.KEY]["up"]["a"], params[lora.KEY]["up"]["b"]
+  expected = base["layers"]["mlp"]["up"] + 2.0 * jnp.einsum("ldr,lrm->ldm", a, b)
+  np.testing.assert_allclose(merged["layers"]["mlp"]["up"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_fewer_targets_adapt_only_those_weights():
+  cfg = dataclasses.replace(LORA, lora_targets=("q", "v"))
+  _, abstract, _ = transformer.abstract_model(cfg)
+  assert sorted(abstract[lora.KEY]) == ["q", "v"]
+  for bad, message in (
+      ({"lora_targets": ("q", "w")}, "LORA_TARGETS=['q', 'w']: choose one or more (each once) of "
+                                     "q, k, v, o, gate, up, down"),
+      ({"lora_targets": ()}, "LORA_TARGETS=[]"),
+      ({"lora_rank": -1}, "LORA_RANK=-1 must be 0 (no adapters) or positive"),
+      ({"lora_alpha": 0.0}, "LORA_ALPHA=0.0 must be positive")):
+    with pytest.raises(UserError) as error:
+      dataclasses.replace(LORA, **bad).validate()
+    assert str(error.value).startswith(message)
+
+
+def lora_setup(mesh, loss_fn=lm_loss, frozen_reference=False):
+  """(jitted step, state, batch sharding, factory) of a LoRA model on `mesh`, as the loop builds
+  them (LossStep's optimizer, init and trainable mask)."""
+  factory = LossStep(LORA, loss_fn, frozen_reference=frozen_reference)
+  graphdef, abstract_params, names = transformer.abstract_model(LORA)
+  schedule = optax.constant_schedule(1e-2)
+  optimizer = factory.optimizer(schedule, None)
+  abstract_state = jax.eval_shape(lambda p: factory.init(p, optimizer, jax.random.PRNGKey(0)),
+                                  abstract_params)
+  param_names, extras_names = factory.state_names(names)
+  shardings = state_shardings(mesh, parallel.axis_rules(), abstract_state, param_names,
+                              extras_names)
+  step = make_train_step(graphdef, loss_fn, optimizer, schedule, trainable=factory.trainable(),
+                         base_reference=factory.base_reference)
+  batch_sharding = parallel.batch_sharding(mesh, parallel.axis_rules())
+  with parallel.activate(mesh, parallel.axis_rules()):
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, parallel.replicated(mesh)))
+  state = jax.jit(lambda p: factory.init(p, optimizer, jax.random.PRNGKey(0)),
+                  out_shardings=shardings)(lora_params(util.init_params()))
+  return jitted, state, batch_sharding, factory
+
+
+def test_training_moves_only_the_adapters_the_same_on_any_mesh():
+  start = jax.device_get(lora_params(util.init_params()))
+  batch = util.packed_batch(batch_size=8, seed=5)
+  runs = []
+  for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    step, state, batch_sharding, _ = lora_setup(util.mesh_of(shape))
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, jax.device_put(batch, batch_sharding))
+      losses.append(float(metrics["loss"]))
+    runs.append((jax.device_get(state), losses))
+  (state, losses), (state_8, losses_8) = runs
+  assert losses[2] < losses[0]
+  np.testing.assert_allclose(losses_8, losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               state_8.params, state.params)
+  for path, before in jax.tree_util.tree_leaves_with_path(start):
+    name = optim.param_path(path)
+    after = state.params
+    for k in path:
+      after = after[k.key]
+    if name.startswith("lora/") and name.endswith("/b"):
+      assert np.abs(after).max() > 0, name  # B leaves zero at the first step
+    elif not name.startswith("lora/"):
+      np.testing.assert_array_equal(after, before, err_msg=name)
+  # AdamW's moments exist for the adapters only.
+  moments = sum(int(x.size) for x in jax.tree.leaves(state.opt_state) if np.ndim(x))
+  assert moments == 2 * lora.adapter_count(start)
+
+
+def test_a_scalar_head_trains_beside_the_adapters():
+  cfg = dataclasses.replace(LORA, head="scalar")
+  _, abstract, _ = transformer.abstract_model(cfg)
+  mask = optim.trainable_fn("all", lora=True)(abstract)
+  trained = sorted(optim.param_path(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m)
+  assert trained == sorted([f"lora/{t}/{x}" for t in transformer.LORA_TARGETS for x in "ab"]
+                           + ["score", "score_bias"])
+  # TRAINABLE's patterns add to the adapters.
+  mask = optim.trainable_fn(["final_norm/scale"], lora=True)(abstract)
+  assert mask["final_norm"]["scale"]
+  assert not mask["layers"]["mlp"]["up"]
+
+
+def test_dpo_with_lora_references_the_base_without_a_copy():
+  from lmtrain.stages.dpo import completion_logprobs, make_dpo_loss
+  mesh = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2})
+  loss = make_dpo_loss(beta=0.1, label_smoothing=0.0)
+  step, state, batch_sharding, factory = lora_setup(mesh, loss, frozen_reference=True)
+  assert state.extras == {}  # no second copy of the weights
+  rng = np.random.default_rng(0)
+  batch = {}
+  for side in ("chosen", "rejected"):
+    inputs = rng.integers(3, 128, (8, 17)).astype(np.int32)
+    batch.update({f"{side}_inputs": inputs,
+                  f"{side}_positions": np.tile(np.arange(17, dtype=np.int32), (8, 1)),
+                  f"{side}_segment_ids": np.ones((8, 17), np.int32),
+                  f"{side}_loss_mask": (np.arange(17) >= 8).astype(np.float32)[None].repeat(8, 0)})
+  for i in range(2):
+    new_state, metrics = step(state, jax.device_put(batch, batch_sharding))
+    if i == 0:
+      assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-6)
+    state = new_state
+  # The reference's log-probs are the base model's (the parent's weights, no adapters).
+  base_model = transformer.merge(transformer.abstract_model(util.TINY)[0], util.init_params())
+  expected = completion_logprobs(base_model, jax.tree.map(jnp.asarray, batch), "chosen")
+  ref_fn = jax.jit(lambda p: completion_logprobs(
+      transformer.merge(factory.base_reference, lora.without_adapters(p)),
+      jax.tree.map(jnp.asarray, batch), "chosen"))
+  np.testing.assert_allclose(np.asarray(ref_fn(jax.device_get(state.params))),
+                             np.asarray(expected), rtol=1e-5, atol=1e-5)
+  assert float(metrics["loss"]) < math.log(2)
