@@ -192,6 +192,28 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, tokeniz
                               _hf_logits(hf, tokens, LENGTHS))
 
 
+def test_a_lora_checkpoint_exports_merged_weights_with_the_same_logits(tmp_path, tokenizer_path):
+  from lmtrain.model import lora
+  cfg = dataclasses.replace(TINY, vocab_size=512, lora_rank=4, lora_alpha=8.0)
+  params = init_params(cfg, seed=3)
+  keys = iter(jax.random.split(jax.random.PRNGKey(5), 64))
+  params[lora.KEY] = jax.tree.map(  # trained-looking adapters: B off zero
+      lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params[lora.KEY])
+  stage = str(tmp_path / "run" / "sft")
+  _write_stage(stage, cfg, params, tokenizer_path)
+  hf_dir = str(tmp_path / "hf")
+  convert.to_hf(stage, hf_dir)
+  hf_config = json.load(open(os.path.join(hf_dir, "config.json")))
+  assert hf_config["architectures"] == ["LlamaForCausalLM"]
+  hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+  tokens = _ragged_tokens(cfg.vocab_size, seed=1)
+  ours = _lmtrain_logits(cfg)(jax.tree.map(np.asarray, params), tokens, LENGTHS)
+  base = _lmtrain_logits(lora.base_config(cfg))(
+      jax.tree.map(np.asarray, lora.without_adapters(params)), tokens, LENGTHS)
+  assert np.abs(ours - base).max() > 1e-2  # the adapters matter
+  _assert_same_on_real_tokens(ours, _hf_logits(hf, tokens, LENGTHS))
+
+
 @pytest.fixture(scope="module")
 def bf16_export(tmp_path_factory, tokenizer_path):
   """(cfg, params, HF directory, files written) of a bfloat16 to-hf export of a tiny model that

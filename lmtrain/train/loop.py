@@ -270,7 +270,7 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
     device_gib = cfg.device_memory_gib or memory_lib.device_memory_gib()
     extra, (rows, length) = stage.step.memory(mesh, cfg.batch_size, cfg.seq_len, cfg.microbatches)
     memory = memory_lib.memory_plan(abstract_state, shardings, stage.step.model_config, rows,
-                                    length, mesh, device_gib)
+                                    length, mesh, device_gib, stage.step.trainable())
     memory.parts.update(extra)
     if jax.process_index() == 0:
       print(f"{stage.name}: memory per device: {memory.summary()}", flush=True)

@@ -25,12 +25,20 @@ def tree_bytes(abstract_tree, sharding_tree) -> int:
   return sum(jax.tree.leaves(jax.tree.map(one, abstract_tree, sharding_tree)))
 
 
-def state_bytes(abstract_state, shardings) -> dict:
-  """Exact per-device bytes of a train state's parts (the largest shard of each leaf)."""
+def state_bytes(abstract_state, shardings, trainable=None) -> dict:
+  """Exact per-device bytes of a train state's parts (the largest shard of each leaf).
+  `trainable`: params -> mask of the trained ones (TRAINABLE, LoRA); the others count as frozen
+  and have no gradients."""
   params = tree_bytes(abstract_state.params, shardings.params)
+  frozen = tree_bytes(abstract_state.extras, shardings.extras)
+  if trainable is not None:
+    mask = trainable(abstract_state.params)
+    held = tree_bytes(*[jax.tree.map(lambda x, m: None if m else x, tree, mask)
+                        for tree in (abstract_state.params, shardings.params)])
+    params, frozen = params - held, frozen + held
   return {"trained params": params, "gradients": params,
           "optimizer state": tree_bytes(abstract_state.opt_state, shardings.opt_state),
-          "frozen models": tree_bytes(abstract_state.extras, shardings.extras)}
+          "frozen models": frozen}
 
 
 def activation_bytes(cfg: transformer.ModelConfig, local_batch: int, seq_len: int,
@@ -95,9 +103,9 @@ def device_memory_gib() -> float | None:
 
 
 def memory_plan(abstract_state, shardings, cfg, local_batch, seq_len, mesh,
-                device_gib=None) -> MemoryPlan:
+                device_gib=None, trainable=None) -> MemoryPlan:
   tensor = mesh.shape.get("tensor", 1)
-  return MemoryPlan(state_bytes(abstract_state, shardings),
+  return MemoryPlan(state_bytes(abstract_state, shardings, trainable),
                     activation_bytes(cfg, local_batch, seq_len, tensor), False, device_gib)
 
 

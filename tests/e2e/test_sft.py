@@ -1,5 +1,6 @@
 """The pretrain -> SFT chain through `lmtrain sft`, its resume, and `lmtrain sample`."""
 
+import dataclasses
 import json
 import os
 
@@ -166,3 +167,61 @@ def test_sft_with_only_the_head_trainable_leaves_the_rest_as_the_parent(chain, t
       f"[\"final_norm/scale\", \"lm_head\"] -> all; the checkpoints hold the optimizer state of "
       f"the parameters trained before; use a new --workdir (INIT_FROM this one to start from its "
       f"weights)")
+
+
+@pytest.mark.slow
+def test_lora_sft_trains_only_adapters_resumes_exactly_and_its_children_start_merged(chain,
+                                                                                   tmp_path):
+  from lmtrain.model import lora
+  workdir, _ = chain
+  dirs = [str(tmp_path / name) for name in ("straight", "resumed")]
+  for d in dirs:
+    os.makedirs(d)
+    for name in ("pretrain", "tokenizer.model", "data"):
+      os.symlink(os.path.join(workdir, name), os.path.join(d, name))
+  args = [*TINY_ARGS, "--gin.EVAL_EVERY=0", "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_EVERY=2",
+          "--gin.LORA_RANK=4", "--gin.LORA_ALPHA=8", "--gin.LORA_TARGETS=['q', 'v', 'down']",
+          "--gin_param", "sft.build.eval_examples = 8"]
+  straight = lmtrain("sft", "--workdir", dirs[0], *args)
+  lmtrain("sft", "--workdir", dirs[1], *args, "--gin_param", "LoopConfig.stop_after = 2")
+  lmtrain("sft", "--workdir", dirs[1], *args)
+  assert [r["loss"] for r in train_rows_of(dirs[0])] == [r["loss"] for r in train_rows_of(dirs[1])]
+  state = saved_state_of(dirs[0], 4)
+  jax.tree.map(np.testing.assert_array_equal, saved_state_of(dirs[1], 4), state)
+
+  cfg = util.TINY.__class__(**json.load(open(os.path.join(dirs[0], "sft", "model.json"))))
+  assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) == (4, 8.0, ("q", "v", "down"))
+  # q: 64 x 4 + 4 x 4 x 16, v: 64 x 4 + 4 x 2 x 16, down: 128 x 4 + 4 x 64, in 2 layers.
+  adapters = 2 * ((256 + 256) + (256 + 128) + (512 + 256))
+  assert adapters == lora.adapter_count(state["params"]) == 3_328
+  assert "  parameters  0.14M (3,328 trained, 0.14M frozen)\n" in straight.stdout
+  moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
+  assert moments == 2 * adapters
+  # The parent's weights are in the checkpoint bit for bit; the adapters moved.
+  pretrained = saved_state(workdir, 6)["params"]
+  jax.tree.map(np.testing.assert_array_equal, lora.without_adapters(state["params"]), pretrained)
+  assert all(np.abs(ad["b"]).max() > 0 for ad in state["params"][lora.KEY].values())
+
+  # A child stage starts from the merged weights (W + alpha / r x A B), with adapters of its own
+  # when it uses LoRA too (a reward model: fresh B = 0, its new scalar head).
+  expected = jax.tree.map(np.asarray, lora.merged(state["params"], 2.0))
+  for child in (dataclasses.replace(cfg, lora_rank=0), dataclasses.replace(cfg, head="scalar")):
+    mesh = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2})
+    _, abstract, names = transformer.abstract_model(child)
+    shardings = parallel.tree_shardings(mesh, abstract, names, parallel.axis_rules())
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    params, parent = ckpt_lib.parent_initializer(dirs[0], None, "sft", child)(abstract)
+    assert parent["stage"] == "sft" and parent["step"] == 4
+    params = jax.device_get(params)
+    base = {k: v for k, v in lora.without_adapters(params).items() if k in expected}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 base, {k: expected[k] for k in base})
+    if child.lora_rank:
+      assert sorted(params[lora.KEY]) == ["down", "q", "v"]
+      assert all(not np.any(ad["b"]) for ad in params[lora.KEY].values())
+      assert "score" in params
+  # `lmtrain sample` loads base + adapters.
+  out = lmtrain("sample", "--checkpoint", os.path.join(dirs[0], "sft"), "--prompt",
+                "What is 2 + 3?", "--max_new_tokens", "4", "--greedy")
+  assert out.stdout.startswith(f"# sft checkpoint step 4 ({dirs[0]}/sft)\n\n>>> What is 2 + 3?\n")

@@ -16,7 +16,7 @@ from lmtrain.losses import lm_loss
 from lmtrain.model import generate as generate_lib
 from lmtrain.model import lora, transformer
 from lmtrain.train import optim
-from lmtrain.train.state import TrainState, state_shardings
+from lmtrain.train.state import state_shardings
 from lmtrain.train.step import LossStep, make_train_step
 import util
 
@@ -199,3 +199,17 @@ def test_dpo_with_lora_references_the_base_without_a_copy():
   np.testing.assert_allclose(np.asarray(ref_fn(jax.device_get(state.params))),
                              np.asarray(expected), rtol=1e-5, atol=1e-5)
   assert float(metrics["loss"]) < math.log(2)
+
+
+def test_the_memory_plan_counts_the_frozen_base_without_gradients():
+  from lmtrain.train import memory
+  mesh = util.mesh_of({"data": 1, "fsdp": 1, "tensor": 1})
+  _, state, _, factory = lora_setup(mesh)
+  abstract = jax.eval_shape(lambda s: s, state)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  parts = memory.state_bytes(abstract, shardings, factory.trainable())
+  adapters = 4 * lora.adapter_count(state.params)
+  assert parts["trained params"] == parts["gradients"] == adapters
+  assert parts["optimizer state"] >= 2 * adapters  # AdamW's two moments (and its counts)
+  assert parts["optimizer state"] < 2 * adapters + 64
+  assert parts["frozen models"] == 4 * util.TINY.param_count()
