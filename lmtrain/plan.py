@@ -99,11 +99,17 @@ def shape_for_params(n: float, vocab: int = 32000) -> transformer.ModelConfig:
 def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dtype="auto"):
   """(abstract train state, its shardings) of `stage` for model `cfg` on `mesh`, as the stage
   would create it (AdamW over the trained roles; frozen roles in extras, their matrices in
-  `frozen_dtype` for PPO/GRPO, as FROZEN_DTYPE stores them)."""
+  `frozen_dtype` for PPO/GRPO, as FROZEN_DTYPE stores them). With LoRA (cfg.lora_rank), AdamW
+  covers the adapters only and DPO's reference is the base itself (no copy)."""
   if stage not in STAGE_ROLES:
     raise UserError(f"--stage {stage!r}; choose one of {', '.join(STAGE_ROLES)}")
+  if cfg.lora_rank and stage in ("ppo", "grpo"):
+    raise UserError(f"lora_rank={cfg.lora_rank}: {stage} trains every weight for now; LoRA "
+                    f"is there for sft, reward and dpo")
   trees, names, trained = {}, {}, []
   for role, head, is_trained in STAGE_ROLES[stage]:
+    if cfg.lora_rank and role == roles.REFERENCE:
+      continue
     _, trees[role], names[role] = transformer.abstract_model(
         dataclasses.replace(cfg, head=head, lm_score=False))
     if is_trained:
@@ -118,7 +124,8 @@ def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dt
   def params_of(tree):  # loss stages train one params tree; PPO/GRPO a dict of roles
     return tree[trained[0]] if stage not in ("ppo", "grpo") else {r: tree[r] for r in trained}
 
-  optimizer = optim.make_optimizer(optax.constant_schedule(0.0))  # the state's shapes only
+  optimizer = optim.make_optimizer(optax.constant_schedule(0.0),  # the state's shapes only
+                                   trainable=optim.trainable_fn("all", lora=cfg.lora_rank > 0))
   abstract_state = jax.eval_shape(lambda: TrainState.create(
       params_of(trees), optimizer, jax.random.PRNGKey(0), {r: trees[r] for r in frozen}))
   shardings = state_shardings(mesh, rules, abstract_state, params_of(names),
@@ -236,7 +243,7 @@ def plan(args) -> dict:
   abstract_state, shardings = stage_state(args.stage, cfg, mesh, parallel.axis_rules(),
                                           args.frozen_dtype)
   memory = memory_plan(abstract_state, shardings, cfg, local, args.seq_len, mesh,
-                       hardware.memory_gib)
+                       hardware.memory_gib, optim.trainable_fn("all", lora=cfg.lora_rank > 0))
   if args.stage in ("ppo", "grpo"):  # the decode copy of the policy and the KV cache
     from lmtrain.rl.rollout import rollout_memory
     memory.parts.update(rollout_memory(cfg, args.rollout_dtype, mesh, args.rollouts or batch,

@@ -129,3 +129,28 @@ def test_bad_flags_are_one_line_errors(args, message):
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().startswith(f"lmtrain: error: {message}")
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_lora_dpo_holds_adapter_moments_and_no_reference_copy():
+  """llama2_7b DPO with r=8 adapters on all seven weights: AdamW and the gradients cover the
+  adapters only, and the base (DPO's reference) is held once."""
+  full, lora = (json.loads(run_plan("--model", "llama2_7b", "--stage", "dpo", "--slice", "v5p-8",
+                                    "--seq_len", "1024", "--batch_size", "8", "--json", *extra))
+                for extra in ((), ("--override", "lora_rank=8")))
+  base = 6_738_415_616
+  # Per layer: r x (in + out) for q, k, v, o (4096 + 4096 each) and gate, up, down (4096 + 11008).
+  adapters = 32 * 8 * (4 * 8192 + 3 * 15104)
+  assert lora["model"]["params"] == base + adapters
+  mem, before = lora["memory_per_device_bytes"], full["memory_per_device_bytes"]
+  # Each adapter matrix is split like its weight along the weight's own dims: those with an embed
+  # dim split over fsdp (A of q, k, v, gate, up; B of o, down), the others (heads and mlp dims,
+  # on the tensor axis of size 1 here) whole.
+  split = 5 * 4096 * 8 + 2 * 8 * 4096
+  whole = 4096 * 8 + 11008 * 8 + 3 * 8 * 4096 + 2 * 8 * 11008
+  assert 32 * (split + whole) == adapters
+  per_device = 4 * 32 * (split // 4 + whole)
+  assert mem["trained params"] == mem["gradients"] == per_device
+  assert 0 <= mem["optimizer state"] - 2 * per_device <= 16
+  assert mem["frozen models"] == 4 * base // 4  # the base once; no reference copy
+  assert before["frozen models"] == before["trained params"] == 4 * base // 4
+  assert mem["total"] < before["total"] / 2
