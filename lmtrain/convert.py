@@ -454,10 +454,48 @@ def _hf_config(cfg, special: dict, dtype: str, max_positions: int, score_bias: f
   }
 
 
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                "down": "mlp.down_proj"}
+
+
+def _write_peft_adapter(cfg, adapters, adapter_dir: str, base_dir: str, np_dtype) -> list[str]:
+  """A PEFT LoRA adapter directory: adapter_config.json and adapter_model.safetensors, whose
+  lora_A [r, in] and lora_B [out, r] per layer and module are lmtrain's A [*in, r] and B [r, *out]
+  flattened as to-hf flattens their weight. PEFT's scale is lora_alpha / r, as lmtrain's."""
+  from safetensors.numpy import save_file
+  if os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+    raise UserError(f"--adapter {adapter_dir}: already holds adapter_config.json; choose a new "
+                    f"directory")
+  tensors = {}
+  for target, adapter in adapters.items():
+    a, b = np.asarray(adapter["a"], np.float32), np.asarray(adapter["b"], np.float32)
+    for i in range(cfg.num_layers):
+      name = f"base_model.model.model.layers.{i}.{PEFT_MODULES[target]}"
+      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(
+          a[i].reshape(-1, cfg.lora_rank).T).astype(np_dtype)
+      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(
+          b[i].reshape(cfg.lora_rank, -1).T).astype(np_dtype)
+  os.makedirs(adapter_dir, exist_ok=True)
+  save_file(tensors, os.path.join(adapter_dir, "adapter_model.safetensors"),
+            metadata={"format": "pt"})
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if cfg.head == "lm" else "SEQ_CLS",
+            "base_model_name_or_path": base_dir, "r": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": sorted(PEFT_MODULES[t].split(".")[1] for t in adapters),
+            "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}
+  with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str = "float32",
-          max_shard_bytes: int = 5 * 2**30, max_positions: int = 4096) -> list[str]:
+          max_shard_bytes: int = 5 * 2**30, max_positions: int = 4096,
+          adapter_dir: str | None = None) -> list[str]:
   """Writes the checkpoint in `stage_dir` as an HF directory, LlamaForCausalLM or (scalar head)
-  LlamaForSequenceClassification; returns the names of the files written."""
+  LlamaForSequenceClassification; returns the names of the files written. A LoRA checkpoint is
+  written with its adapters merged into the weights, or with `adapter_dir` as its base there and
+  its adapters as a PEFT adapter directory in `adapter_dir`."""
   import jax
   from safetensors.numpy import save_file
 
@@ -476,7 +514,14 @@ def to_hf(stage_dir: str, output_dir: str, step: int | None = None, dtype: str =
   host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), abstract)
   params, _ = ckpt_lib.restore_params(stage_dir, abstract, step)
-  if lora.has_adapters(params):  # LoRA: the adapters folded into the weights they adapt
+  if adapter_dir and not lora.has_adapters(params):
+    raise UserError(f"--adapter: {stage_dir} has no LoRA adapters (it was trained with "
+                    f"LORA_RANK=0)")
+  if adapter_dir:  # the base here, the adapters for PEFT there
+    _write_peft_adapter(cfg, params[lora.KEY], os.path.abspath(adapter_dir), output_dir,
+                        np_dtype)
+    params, cfg = lora.without_adapters(params), lora.base_config(cfg)
+  elif lora.has_adapters(params):  # the adapters folded into the weights they adapt
     params, cfg = jax.jit(lambda p: lora.merged(p, cfg.lora_scale))(params), lora.base_config(cfg)
 
   # Shard plan first (sizes come from the shapes), so file names can say "-of-N".
@@ -776,6 +821,9 @@ def add_arguments(subparsers):
   q.add_argument("--max_shard_gb", type=float, default=5.0, help="largest safetensors shard")
   q.add_argument("--max_position_embeddings", type=int, default=4096,
                  help="config.json's context length (lmtrain's RoPE sets no limit)")
+  q.add_argument("--adapter", metavar="DIR",
+                 help="LoRA checkpoints: write the base to --output and the adapters as a PEFT "
+                      "adapter directory here (default: merged weights)")
 
 
 def run(args):
@@ -786,8 +834,10 @@ def run(args):
   else:
     files = to_hf(args.checkpoint, args.output, step=args.step, dtype=args.dtype,
                   max_shard_bytes=int(args.max_shard_gb * 2**30),
-                  max_positions=args.max_position_embeddings)
+                  max_positions=args.max_position_embeddings, adapter_dir=args.adapter)
     print(f"wrote {args.output}: {', '.join(files)}")
+    if args.adapter:
+      print(f"wrote {args.adapter}: adapter_config.json, adapter_model.safetensors (PEFT LoRA)")
 
 
 def main(argv=None):

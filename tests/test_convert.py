@@ -212,6 +212,18 @@ def test_a_lora_checkpoint_exports_merged_weights_with_the_same_logits(tmp_path,
       jax.tree.map(np.asarray, lora.without_adapters(params)), tokens, LENGTHS)
   assert np.abs(ours - base).max() > 1e-2  # the adapters matter
   _assert_same_on_real_tokens(ours, _hf_logits(hf, tokens, LENGTHS))
+  # --adapter: the base there, and a PEFT adapter directory that PEFT loads onto it.
+  import peft
+  base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+  convert.to_hf(stage, base_dir, adapter_dir=adapter_dir)
+  assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+  hf_base = transformers.LlamaForCausalLM.from_pretrained(base_dir,
+                                                          attn_implementation="eager").eval()
+  _assert_same_on_real_tokens(base, _hf_logits(hf_base, tokens, LENGTHS))
+  with_adapter = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()
+  _assert_same_on_real_tokens(ours, _hf_logits(with_adapter, tokens, LENGTHS))
+  with pytest.raises(UserError, match="already holds adapter_config.json"):
+    convert.to_hf(stage, str(tmp_path / "base2"), adapter_dir=adapter_dir)
 
 
 @pytest.fixture(scope="module")
