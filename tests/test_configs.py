@@ -213,6 +213,10 @@ def test_every_stage_macro_has_a_type_and_range_check():
     ("ppo", "GAMMA", "1.5", "GAMMA=1.5: must be at most 1"),
     ("ppo", "TEMPERATURE", "0", "TEMPERATURE=0: must be above 0"),
     ("grpo", "GROUP_SIZE", "0", "GROUP_SIZE=0: must be at least 1"),
+    ("sft", "LORA_RANK", "-2", "LORA_RANK=-2: must be at least 0"),
+    ("sft", "LORA_ALPHA", "0", "LORA_ALPHA=0: must be above 0"),
+    ("sft", "LORA_TARGETS", "['q', 'x']", "LORA_TARGETS=['q', 'x']: must be a list of one or "
+                                           "more (each once) of 'q', 'k', 'v', 'o', 'gate'"),
 ])
 def test_a_bad_setting_is_one_line_naming_its_macro(stage, macro, value, expected):
   with pytest.raises(config.UserError) as e:

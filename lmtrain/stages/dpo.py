@@ -9,11 +9,13 @@ import gin
 import jax.numpy as jnp
 
 from lmtrain.data import demo, preference, sft as sft_data
+from lmtrain.errors import UserError
 from lmtrain.losses import mean_metrics
 from lmtrain.rl import core as rl
 from lmtrain.stages import REGISTRY
 from lmtrain.stages.common import data_factory, resolve_sources, stage_tokenizer
 from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train import optim
 from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import LoopConfig, Stage
 from lmtrain.train.step import LossStep
@@ -43,6 +45,10 @@ def make_dpo_loss(beta: float, label_smoothing: float):
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED, eval_data=None,
           tokenizer="auto", init_from=None, beta=0.1, label_smoothing=0.0,
           on_bad_record="raise") -> Stage:
+  if model_cfg.lora_rank and optim.trainable_setting() != "all":
+    raise UserError(f"TRAINABLE={optim.trainable_setting()!r} with LORA_RANK="
+                    f"{model_cfg.lora_rank}: DPO's reference is the base without the adapters, "
+                    f"so with LoRA only the adapters may train (TRAINABLE='all')")
   train, evals = resolve_sources(workdir, train_data, eval_data, demo.write_preference_data,
                                  "preference JSONL")
   tok = stage_tokenizer(workdir, tokenizer)

@@ -51,6 +51,9 @@ def check_vocab(tok, model_cfg):
 @gin.configurable
 def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED,
           eval_data=None, on_bad_record="raise") -> Stage:
+  if model_cfg.lora_rank:
+    raise UserError(f"LORA_RANK={model_cfg.lora_rank}: pretraining starts from fresh weights, "
+                    f"which adapters would leave frozen at random; LoRA is for sft, reward and dpo")
   train, evals = resolve_text_data(workdir, train_data, eval_data)
   tok, tokenizer_made = resolve_tokenizer(workdir, train, vocab_size=model_cfg.vocab_size)
   check_vocab(tok, model_cfg)

@@ -213,3 +213,28 @@ def test_the_memory_plan_counts_the_frozen_base_without_gradients():
   assert parts["optimizer state"] >= 2 * adapters  # AdamW's two moments (and its counts)
   assert parts["optimizer state"] < 2 * adapters + 64
   assert parts["frozen models"] == 4 * util.TINY.param_count()
+
+
+@pytest.mark.parametrize("stage, macros, expected", [
+    ("pretrain", {"LORA_RANK": "4"}, "LORA_RANK=4: pretraining starts from fresh weights, which "
+                                     "adapters would leave frozen at random"),
+    ("dpo", {"LORA_RANK": "4", "TRAINABLE": "['lm_head']"},
+     "TRAINABLE=['lm_head'] with LORA_RANK=4: DPO's reference is the base without the adapters"),
+    ("ppo", {"LORA_RANK": "4"}, "LORA_RANK=4: ppo trains every weight of the policy and value "
+                                "model for now"),
+])
+def test_stages_that_cannot_take_lora_refuse_it_in_one_line(tmp_path, stage, macros, expected):
+  import gin
+  from lmtrain import config
+  from lmtrain.stages import get_stage_builder
+  from lmtrain.train.loop import LoopConfig
+  config.setup(stage, macros={"MODEL": "tiny", **macros})
+  try:
+    with gin.config_scope(stage), pytest.raises(UserError) as error:
+      config.call(get_stage_builder(stage), stage, str(tmp_path),
+                  config.call(transformer.model_config, "model_config"),
+                  config.call(LoopConfig, "LoopConfig"))
+  finally:
+    gin.clear_config()
+  # (gin adds a line naming the configurable; the CLI prints the first line only)
+  assert str(error.value).splitlines()[0].startswith(expected)
