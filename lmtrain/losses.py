@@ -9,6 +9,10 @@ import optax
 
 from lmtrain.model.transformer import dense
 
+# The entry of a loss's metric sums that holds the weight they are sums over, when that is not the
+# loss's own (a ranking loss averages rankings while its accuracy counts their pairs).
+METRIC_WEIGHT = "metric_weight"
+
 
 def position_blocks(x, chunk: int):
   """[B, T, ...] -> [n, B, chunk, ...], T zero-padded to a multiple of chunk."""
@@ -98,7 +102,8 @@ def perplexity_metrics(totals: dict) -> dict:
 
 def mean_metrics(*names: str):
   """eval_metrics for stages whose metric sums are weighted by the batch's weight: eval_<name>
-  is each sum over the total weight."""
+  is each sum over the total weight (the metrics' own, METRIC_WEIGHT, when the loss gives it)."""
   def metrics(totals: dict) -> dict:
-    return {f"eval_{k}": totals[k] / max(totals["weight"], 1e-9) for k in names}
+    weight = totals.get(METRIC_WEIGHT, totals["weight"])
+    return {f"eval_{k}": totals[k] / max(weight, 1e-9) for k in names}
   return metrics

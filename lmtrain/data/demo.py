@@ -3,9 +3,9 @@
 The corpus is English that ships with Python: the reference topics (`pydoc_data.topics`) and the
 docstrings of a fixed list of standard library modules and their public functions, classes and
 methods, about 1 MB in all. The tasks (reverse or sort a list of words, name its last word, count
-its words) have checkable answers, for SFT, preference pairs and PPO prompts. The SFT
-demonstrations can carry one systematic flaw that the preference pairs lack (`careless_count`):
-what RLHF is for.
+its words) have checkable answers, for SFT, preference rankings and PPO prompts. The SFT
+demonstrations can carry one systematic flaw that the preference rankings correct
+(`careless_count`): what RLHF is for.
 """
 
 import hashlib
@@ -16,6 +16,7 @@ import os
 import random
 import re
 
+from lmtrain.data import scorers
 from lmtrain.errors import UserError
 
 # Sorted and fixed so the corpus is the same on every run of a given Python.
@@ -108,7 +109,7 @@ def write_pretrain_corpus(out_dir: str) -> tuple[str, str]:
   return train_path, eval_path
 
 
-# Generated instruction tasks (SFT, preference pairs, PPO prompts). Short common words of the
+# Generated instruction tasks (SFT, preference rankings, PPO prompts). Short common words of the
 # pretraining corpus, so the tokenizer knows them; answers are checked by scorers.demo_tasks.
 WORDS = (
     "array", "audio", "bacon", "block", "body", "buffer", "case", "class", "code", "column",
@@ -148,10 +149,33 @@ def _near_miss(rng: random.Random, words: list[str], answer: list[str]) -> list[
   return answer[:i] + [outside] + answer[i + 1:]
 
 
-def _task_example(rng: random.Random, task: str) -> tuple[str, str, str]:
-  """(prompt, answer, a plausible wrong answer) of one example of `task`. Every task is about a
-  list of 3-5 distinct words, so held-out prompts test the skill, not memorised facts. The wrong
-  answer comes from a generator seeded by the prompt, so it never shifts the task stream."""
+# Answers that ignore the task's format.
+OFF_FORMAT = ("I do not know.", "Let me think about it.", "The list is too long.")
+
+
+def _wrong_answers(rng: random.Random, task: str, words: list[str],
+                   answer) -> tuple[str, str, str]:
+  """Three distinct wrong answers of differing quality: two plausible mistakes in the task's
+  format (for count, the careless annotator's, `careless_count`, and a near miss; for last, the
+  first word or another one; for lists, two `_near_miss`es) and one that ignores the format."""
+  if task == "count":
+    mistakes = [str(len(words) - 1), str(len(words) + rng.choice((1, 2)))]
+  elif task == "last":
+    others = words[1:-1] + [rng.choice([w for w in WORDS if w not in words])]
+    mistakes = [words[0], rng.choice(others)]
+  else:
+    first = _near_miss(rng, words, answer)
+    second = _near_miss(rng, words, answer)
+    while second == first:
+      second = _near_miss(rng, words, answer)
+    mistakes = [", ".join(first), ", ".join(second)]
+  return mistakes[0], mistakes[1], rng.choice(OFF_FORMAT)
+
+
+def _task_example(rng: random.Random, task: str) -> tuple[str, str, tuple[str, str, str]]:
+  """(prompt, answer, three wrong answers) of one example of `task`. Every task is about a list
+  of 3-5 distinct words, so held-out prompts test the skill, not memorised facts. The wrong
+  answers come from a generator seeded by the prompt, so they never shift the task stream."""
   words = rng.sample(WORDS, rng.randint(3, 5))
   listed = ", ".join(words)
   if task == "count":
@@ -164,13 +188,8 @@ def _task_example(rng: random.Random, task: str) -> tuple[str, str, str]:
     prompt, answer = f"Sort alphabetically: {listed}", sorted(words)
   else:
     raise ValueError(f"unknown task {task!r}")
-  wrong_rng = random.Random(f"near-miss {prompt}")
-  if task == "count":
-    return prompt, answer, str(len(words) + wrong_rng.choice((-1, 1)))
-  if task == "last":
-    others = words[:-1] + [wrong_rng.choice([w for w in WORDS if w not in words])]
-    return prompt, answer, wrong_rng.choice(others)
-  return prompt, ", ".join(answer), ", ".join(_near_miss(wrong_rng, words, answer))
+  wrong = _wrong_answers(random.Random(f"near-miss {prompt}"), task, words, answer)
+  return prompt, answer if isinstance(answer, str) else ", ".join(answer), wrong
 
 
 def is_eval_prompt(prompt: str) -> bool:
@@ -179,8 +198,8 @@ def is_eval_prompt(prompt: str) -> bool:
   return int.from_bytes(digest[:8], "big") % 100 < SFT_EVAL_PERCENT
 
 
-def task_examples(name: str, n: int, held_out: bool) -> list[tuple[str, str, str, str]]:
-  """n (task, prompt, answer, wrong answer) tuples, tasks in turn, from the stream seeded by
+def task_examples(name: str, n: int, held_out: bool) -> list[tuple[str, str, str, tuple]]:
+  """n (task, prompt, answer, three wrong answers) tuples, tasks in turn, from the stream seeded by
   `name`; held_out picks the eval prompts, else only training ones (never the same prompt)."""
   rng = random.Random(f"lmtrain-{name}")
   out = []
@@ -233,11 +252,11 @@ def write_sft_data(out_dir: str, n_train: int = 4000, n_eval: int = 200,
 
   `careless_count_share`: the share of the training split's count demonstrations whose
   response is wrong the careless annotator's way (`careless_count`); "answer" stays right, and
-  the eval split is always right. The preference pairs have no such flaw, so this is the mistake
-  the reward model and PPO (or DPO) have to correct: the demo's SFT model learns it, greedy
-  decoding then answers most count prompts one too low, and the policy's own samples are right
-  often enough for PPO to find out. Deterministic; a file already holding the same records is
-  not rewritten.
+  the eval split is always right. The preference rankings put the right count above the careless
+  one, so this is the mistake the reward model and PPO (or DPO) have to correct: the demo's SFT
+  model learns it, greedy decoding then answers most count prompts one too low, and the policy's
+  own samples are right often enough for PPO to find out. Deterministic; a file already holding
+  the same records is not rewritten.
   """
   if not 0.0 <= careless_count_share <= 1.0:
     raise UserError(f"careless_count_share={careless_count_share}: must be in [0, 1]")
@@ -249,12 +268,35 @@ def write_sft_data(out_dir: str, n_train: int = 4000, n_eval: int = 200,
   return paths[0], paths[1]
 
 
+def _in_format(task: str, response: str) -> bool:
+  """Whether `response` has the form of the task's answers, right or wrong: a number, one word, or
+  words separated by commas."""
+  shape = {"count": r"\d+", "last": r"\w+"}.get(task, r"\w+(, \w+)*")
+  return re.fullmatch(shape, response) is not None
+
+
+def demo_ranking(task: str, answer: str, responses: list[str]) -> list[int]:
+  """The rank of each response (1 the best): by the task's scorer (scorers.demo_tasks), then
+  whether it keeps the answer format; responses equal on both tie."""
+  keys = [(scorers.demo_tasks(r, {"task": task, "answer": answer}), _in_format(task, r))
+          for r in responses]
+  order = sorted(set(keys), reverse=True)
+  return [order.index(key) + 1 for key in keys]
+
+
 def write_preference_data(out_dir: str, n_train: int = 8000,
                           n_eval: int = 200) -> tuple[str, str]:
-  """Writes OUT_DIR/preference_{train,eval}.jsonl of {"prompt", "chosen", "rejected", "answer",
-  "task"}: chosen is the right answer, rejected a plausible wrong one."""
-  return _write_splits(out_dir, "preference", n_train, n_eval, lambda task, prompt, answer, wrong: {
-      "prompt": prompt, "chosen": answer, "rejected": wrong, "answer": answer, "task": task})
+  """Writes OUT_DIR/preference_{train,eval}.jsonl of K = 4 rankings {"prompt", "responses",
+  "ranking", "answer", "task"}: the right answer and three wrong ones (two plausible mistakes,
+  one answer that ignores the format), in an order seeded by the prompt, ranked by demo_ranking:
+  the right answer first, the two mistakes tied, the off-format answer last."""
+  def to_record(task, prompt, answer, wrong):
+    responses = [answer, *wrong]
+    random.Random(f"order {prompt}").shuffle(responses)
+    return {"prompt": prompt, "responses": responses,
+            "ranking": demo_ranking(task, answer, responses), "answer": answer, "task": task}
+
+  return _write_splits(out_dir, "preference", n_train, n_eval, to_record)
 
 
 def write_ppo_prompts(out_dir: str, n_train: int = 1000, n_eval: int = 200) -> tuple[str, str]:

@@ -269,6 +269,41 @@ def pairwise_reward_loss(r_chosen, r_rejected, margin=None):
   return loss, metrics
 
 
+def ranking_reward_loss(scores, ranks, valid, margin=None):
+  """InstructGPT's reward loss on rankings: (loss, metrics) for scores, ranks and valid [B, K]
+  (one ranking of up to K responses a row; rank 1 is the best, equal ranks a tie; valid 0 marks
+  a padding response) and margin [B] or None.
+
+  Every ordered pair (i better than j: rank_i < rank_j, both valid) of a row costs
+  -log sigmoid(s_i - s_j - margin); a row's loss is the mean over its pairs and `loss` the mean
+  over the rows that have one, so a ranking is one example however many pairs it holds (they
+  share its responses, and counting each pair as an example overfits). Tied and padding pairs
+  contribute nothing. Metrics are means over all the batch's pairs: `accuracy` (s_i > s_j),
+  `margin` (s_i - s_j), `chosen_mean` and `rejected_mean` (s_i and s_j); and the counts `pairs`
+  and `rankings` (rows with a pair) that those means and `loss` divide by. A pair of responses
+  is a K = 2 ranking: then loss and metrics are pairwise_reward_loss's."""
+  valid = valid > 0
+  scores = jnp.where(valid, scores, 0.0)  # a padding response's score, even inf, cannot leak
+  better = (valid[:, :, None] & valid[:, None, :]
+            & (ranks[:, :, None] < ranks[:, None, :])).astype(jnp.float32)  # [B, K, K]: i beats j
+  diff = scores[:, :, None] - scores[:, None, :]
+  target = diff if margin is None else diff - margin[:, None, None]
+  row_pairs = jnp.sum(better, axis=(1, 2))
+  row_loss = masked_sum(-jax.nn.log_sigmoid(target), better, axis=(1, 2)) / jnp.maximum(
+      row_pairs, 1.0)
+  rankings = jnp.sum((row_pairs > 0).astype(jnp.float32))
+  pairs = jnp.sum(row_pairs)
+
+  def pair_mean(x):
+    return masked_sum(x, better) / jnp.maximum(pairs, 1.0)
+
+  metrics = {"accuracy": pair_mean((diff > 0).astype(jnp.float32)), "margin": pair_mean(diff),
+             "chosen_mean": pair_mean(jnp.broadcast_to(scores[:, :, None], diff.shape)),
+             "rejected_mean": pair_mean(jnp.broadcast_to(scores[:, None, :], diff.shape)),
+             "pairs": pairs, "rankings": rankings}
+  return jnp.sum(row_loss) / jnp.maximum(rankings, 1.0), metrics
+
+
 def dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp,
              beta: float = 0.1, label_smoothing: float = 0.0):
   """DPO on summed completion log-probs per pair [B] -> (mean loss, metrics).

@@ -1,5 +1,8 @@
 """Direct preference optimisation: the SFT policy against a frozen copy of itself on preference pairs.
 
+The pairs are the pair records of the preference data and the ordered pairs of its rankings, ties
+left out (preference.load_pairs), each one example.
+
 Summed completion log-probs (response tokens and their EOS) of chosen and rejected under the policy
 and the reference give the DPO logits beta * ((pc - rc) - (pr - rr)); at initialisation policy ==
 reference, so the loss is ln 2.
@@ -58,7 +61,7 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   data_info = {"unit": "pairs", "per_step": loop_cfg.batch_size}
 
   def batches(sources, train):
-    return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
+    return data_factory(preference.make_pair_iterator, sources, tok, loop_cfg, train=train,
                         info=data_info if train else None,
                         on_error=on_bad_record, template=template)
 

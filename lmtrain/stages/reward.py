@@ -1,12 +1,15 @@
-"""Reward model: the SFT trunk with a new scalar head, trained on preference pairs.
+"""Reward model: the SFT trunk with a new scalar head, trained on preference rankings and pairs.
 
-loss = -log sigmoid(r_chosen - r_rejected - margin), with r read at each sequence's last real token
-(its EOS); with `lm_score`, r also adds a learned weight x the response's mean log-prob under the
-trunk's own LM head (rl.reward_scores). After training, the rewards of the parent (SFT) policy's own
-samples for the training prompts (NORMALIZATION = 'policy', as lm-human-preferences does; or of the
-held-out pairs' responses, 'preference') give a normalisation (offset, scale) saved beside the
-checkpoint, which PPO applies so that its first rollouts' rewards have mean 0 and std 1 and its KL
-coefficient, EOS penalty and value clip mean the same across RMs.
+A batch element is a ranking of up to K responses (a pair is one of two), each response scored
+once: r read at its last real token (its EOS); with `lm_score`, r also adds a learned weight x the
+response's mean log-prob under the trunk's own LM head (rl.reward_scores). The element's loss is
+the mean of -log sigmoid(r_better - r_worse - margin) over its ordered pairs, ties left out
+(rl.ranking_reward_loss, InstructGPT's); for a pair, the Bradley-Terry loss. After training, the
+rewards of the parent (SFT) policy's own samples for the training prompts (NORMALIZATION =
+'policy', as lm-human-preferences does; or of every response of the held-out records,
+'preference') give a normalisation (offset, scale) saved beside the checkpoint, which PPO applies
+so that its first rollouts' rewards have mean 0 and std 1 and its KL coefficient, EOS penalty and
+value clip mean the same across RMs.
 """
 
 import dataclasses
@@ -14,13 +17,12 @@ import os
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lmtrain import fileio, parallel
 from lmtrain.data import demo, preference, prompts as prompts_lib, sft as sft_data
 from lmtrain.errors import UserError
-from lmtrain.losses import mean_metrics
+from lmtrain.losses import METRIC_WEIGHT, mean_metrics
 from lmtrain.model import transformer
 from lmtrain.rl import core as rl
 from lmtrain.rl import rollout as rollout_lib
@@ -32,21 +34,30 @@ from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import Hook, LoopConfig, Stage
 from lmtrain.train.step import LossStep
 
-def pair_scores(model, batch):
-  both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
-          for k in ("inputs", "positions", "segment_ids", "loss_mask")}
-  scores = rl.reward_scores(model, both["inputs"], both["positions"], both["segment_ids"],
-                            both["loss_mask"])
-  return jnp.split(scores, 2)
+
+# The features of a batch that hold one row per response ([B, K, T]).
+RESPONSE_FEATURES = ("inputs", "positions", "segment_ids", "loss_mask")
+
+
+def ranking_scores(model, batch):
+  """[B, K] the score of every response of the batch's B rankings: one forward pass over its
+  B * K rows."""
+  shape = batch["inputs"].shape
+  rows = {k: batch[k].reshape(-1, shape[-1]) for k in RESPONSE_FEATURES}
+  scores = rl.reward_scores(model, rows["inputs"], rows["positions"], rows["segment_ids"],
+                            rows["loss_mask"])
+  return scores.reshape(shape[:-1])
 
 
 def reward_loss(model, batch, rng):
-  """Summed over the pairs of the batch (the step divides by the global pair count)."""
+  """Summed over the rankings of the batch that hold a pair (the step divides by their global
+  count); the metrics are sums over the pairs, their count the METRIC_WEIGHT."""
   del rng
-  chosen, rejected = pair_scores(model, batch)
-  loss, metrics = rl.pairwise_reward_loss(chosen, rejected, batch["margin"])
-  n = jnp.asarray(chosen.shape[0], jnp.float32)
-  return loss * n, n, {k: v * n for k, v in metrics.items()}
+  loss, metrics = rl.ranking_reward_loss(ranking_scores(model, batch), batch["ranks"],
+                                         batch["valid"], batch["margin"])
+  rankings, pairs = metrics.pop("rankings"), metrics.pop("pairs")
+  return (loss * rankings, rankings,
+          {**{k: v * pairs for k, v in metrics.items()}, METRIC_WEIGHT: pairs})
 
 
 NORMALIZATION_SOURCES = ("policy", "preference")
@@ -62,14 +73,15 @@ def _on_mesh(rows, mesh, rules):
 
 
 def preference_scores(rm_graphdef, rm_params, rows, mesh, rules):
-  """[2n] reward-model scores of the n encoded pairs' chosen and rejected responses, on any mesh
-  and any number of hosts."""
+  """The reward-model scores of every response of the encoded rankings `rows`
+  (preference.encode_ranking), record by record, padding left out, on any mesh and any number of
+  hosts."""
   def score(params, batch):
-    return jnp.stack(pair_scores(transformer.merge(rm_graphdef, params), batch))
+    return ranking_scores(transformer.merge(rm_graphdef, params), batch)
 
   with parallel.activate(mesh, rules):
     scores = parallel.to_host(jax.jit(score)(rm_params, _on_mesh(rows, mesh, rules)))
-  return scores[:, :len(rows)].ravel()
+  return scores[:len(rows)][np.stack([r["valid"] for r in rows]) > 0]
 
 
 def policy_scores(policy_graphdef, policy_params, rm_graphdef, rm_params, prompt_rows, mesh,
@@ -94,27 +106,28 @@ def policy_scores(policy_graphdef, policy_params, rm_graphdef, rm_params, prompt
   return scores[:len(rows)], done[:len(rows)]
 
 
-def normalizer(source: str, pairs, tokenizer, template, seq_len, rm_config, load_policy=None,
+def normalizer(source: str, rankings, tokenizer, template, seq_len, rm_config, load_policy=None,
                *, new_tokens: int = 16, temperature: float = 1.0, seed: int = 0):
   """An end-of-run hook: the offset/scale that give the rewards of `source`'s responses mean 0,
   std 1, saved beside the checkpoint (roles.NORMALIZATION_FILE) before the last checkpoint is
   (lmtrain/train/loop.py), so a run cut off before it is written redoes it.
 
   source 'policy': one response of the parent policy (load_policy: abstract params -> (params,
-  lineage)) sampled for each distinct prompt of `pairs`, as PPO's first rollouts will see them;
-  'preference': both responses of each pair."""
+  lineage)) sampled for each distinct prompt of `rankings` (preference.Ranking, pairs included),
+  as PPO's first rollouts will see them; 'preference': every response of each ranking."""
   rm_graphdef, _, _ = transformer.abstract_model(rm_config)
   if source == "policy":
     prompt_len = seq_len - new_tokens
     if prompt_len < 2:
       raise UserError(f"reward.build.normalization_new_tokens={new_tokens} leaves "
                       f"{prompt_len} of SEQ_LEN={seq_len} tokens for the prompts")
-    distinct = list({p.prompt_turns: p for p in pairs}.values())
-    examples = [sft_data.Example(tuple(p.prompt_turns), p.record) for p in distinct]
+    distinct = list({r.prompt_turns: r for r in rankings}.values())
+    examples = [sft_data.Example(tuple(r.prompt_turns), r.record) for r in distinct]
     rows = prompts_lib.encode_prompts(examples, tokenizer, prompt_len, template)
     policy_config = dataclasses.replace(rm_config, head="lm", lm_score=False)
   else:
-    rows = [preference.encode_pair(p, tokenizer, template, seq_len) for p in pairs]
+    k = preference.max_responses(rankings)
+    rows = [preference.encode_ranking(r, tokenizer, template, seq_len, k) for r in rankings]
 
   def run(info):
     if not info.finished:
@@ -160,23 +173,29 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
   rm_cfg = dataclasses.replace(model_cfg, head="scalar", lm_score=bool(lm_score))
   template = sft_data.ChatTemplate()
 
-  # Filled by the training iterator when the loop opens it (the pairs are read once).
-  data_info = {"unit": "pairs", "per_step": loop_cfg.batch_size}
-
-  def batches(sources, train):
-    return data_factory(preference.make_preference_iterator, sources, tok, loop_cfg, train=train,
-                        info=data_info if train else None,
-                        on_error=on_bad_record, template=template)
-
   if normalization not in NORMALIZATION_SOURCES:
     raise UserError(f"NORMALIZATION={normalization!r}: choose one of {NORMALIZATION_SOURCES}")
   if normalization_pairs < 1:
     raise UserError(f"reward.build.normalization_pairs={normalization_pairs} must be at least 1")
+  train_records = preference.load_rankings(train, on_error=on_bad_record)
+  eval_records = preference.load_rankings(evals, on_error=on_bad_record) if evals else []
+  # Train and eval batches hold as many responses, so that a host whose eval data ran out can go
+  # on with zeros shaped like its train batch (train/evaluation.host_eval_batches).
+  num_responses = preference.max_responses(train_records + eval_records)
+
+  # Filled by the training iterator when the loop opens it (the records are read once more).
+  data_info = {"unit": "rankings", "per_step": loop_cfg.batch_size}
+
+  def batches(sources, train):
+    return data_factory(preference.make_ranking_iterator, sources, tok, loop_cfg, train=train,
+                        info=data_info if train else None, on_error=on_bad_record,
+                        template=template, num_responses=num_responses)
+
   # The policy's samples answer the training prompts; the preference responses are held out.
-  norm_pairs = preference.load_pairs(train if normalization == "policy" else (evals or train),
-                                     on_error=on_bad_record)[:normalization_pairs]
+  norm_records = (train_records if normalization == "policy"
+                  else (eval_records or train_records))[:normalization_pairs]
   parent = ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent)
-  norm_hook = normalizer(normalization, norm_pairs, tok, template, loop_cfg.seq_len, rm_cfg,
+  norm_hook = normalizer(normalization, norm_records, tok, template, loop_cfg.seq_len, rm_cfg,
                          parent, new_tokens=normalization_new_tokens,
                          temperature=normalization_temperature, seed=loop_cfg.seed)
   return Stage(

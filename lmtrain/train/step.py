@@ -6,7 +6,9 @@ state from the models the stage starts from, and `compile(ctx, state, batch)` re
 stage that is a loss: it supplies `loss_fn(model, batch, rng) -> (loss_sum, weight, metric_sums)`,
 a sum over the tokens (or pairs, or sequences) of its batch and how many there were. The step
 divides by the total weight of the whole global batch, so gradient accumulation over microbatches
-gives the same update as one big batch.
+gives the same update as one big batch. The metric sums are divided by that weight too, unless they
+include a sum of their own weight under losses.METRIC_WEIGHT (a ranking loss averages rankings, its
+accuracy counts their pairs).
 """
 
 import abc
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from lmtrain import parallel
+from lmtrain.losses import METRIC_WEIGHT
 from lmtrain.model import lora, transformer
 from lmtrain.model.transformer import merge
 from lmtrain.train import optim, roles, start
@@ -57,7 +60,8 @@ def scan_sum(fn, xs):
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbatches: int = 1,
                     trainable=None, base_reference=None):
-  """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight.
+  """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight (or their
+  own, METRIC_WEIGHT).
   `trainable`: params -> mask (optim.trainable_fn); the frozen ones get no gradient.
   `base_reference`: the loss's reference is the params without adapters (_frozen_models)."""
 
@@ -80,6 +84,8 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
       (loss_sum, (weight, sums)), grads = scan_sum(
           lambda xs: grad_fn(state.params, *xs, state.extras), (micro, rngs))
     denom = jnp.maximum(weight, 1e-9)
+    sums = dict(sums)
+    metric_denom = jnp.maximum(sums.pop(METRIC_WEIGHT, weight), 1e-9)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -88,7 +94,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "weight": weight,
-        **{k: v / denom for k, v in sums.items()},
+        **{k: v / metric_denom for k, v in sums.items()},
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics

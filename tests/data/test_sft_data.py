@@ -393,20 +393,21 @@ def test_demo_task_data(data_dir, tmp_path, tok):
 
   pref_train, pref_eval = (_read(p) for p in demo.write_preference_data(str(tmp_path), 300, 50))
   assert len(pref_train) == 300 and len(pref_eval) == 50
-  for record in pref_train + pref_eval:
-    assert record["chosen"] == _recompute(record["task"], record["prompt"])
-    assert record["rejected"] != record["chosen"]
-    assert scorers.demo_tasks(record["rejected"], record) == 0.0
+  for record in pref_train + pref_eval:  # rankings: the right answer alone first
+    best = [text for text, rank in zip(record["responses"], record["ranking"]) if rank == 1]
+    assert best == [record["answer"]] == [_recompute(record["task"], record["prompt"])]
+    assert [scorers.demo_tasks(text, record) for text in record["responses"]].count(1.0) == 1
   # Every kind of near miss occurs: wrong order, a word left out or added, a repeat, an outsider.
   lists = [r for r in pref_train if r["task"] in ("reverse", "sort")]
-  def kinds(r):
-    chosen, rejected = r["chosen"].split(", "), r["rejected"].split(", ")
+  def kinds(r, wrong):
+    chosen, rejected = r["answer"].split(", "), wrong.split(", ")
     if len(rejected) != len(chosen):
       return "drop" if len(rejected) < len(chosen) else "add"
     if sorted(rejected) == sorted(chosen):
       return "order"
     return "repeat" if len(set(rejected)) < len(rejected) else "replace"
-  assert set(map(kinds, lists)) == {"drop", "add", "order", "repeat", "replace"}
+  assert {kinds(r, text) for r in lists for text, rank in zip(r["responses"], r["ranking"])
+          if rank == 2} == {"drop", "add", "order", "repeat", "replace"}
   ppo_train, ppo_eval = (_read(p) for p in demo.write_ppo_prompts(str(tmp_path), 100, 20))
   assert sorted(ppo_train[0]) == ["answer", "prompt", "task"] and len(ppo_eval) == 20
   assert all(r["answer"] == _recompute(r["task"], r["prompt"]) for r in ppo_train + ppo_eval)

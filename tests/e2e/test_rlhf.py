@@ -102,15 +102,15 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
            for s in ("pretrain", "sft", "reward", "ppo")}
   assert steps == {"pretrain": 30, "sft": 20, "reward": 20, "ppo": 6}
   # sft.gin's demo_careless_count (0.65) reached the demo writer: the count demonstrations it
-  # trained on are mostly one too low, while the preference pairs always prefer the right count.
+  # trained on are mostly one too low, while the preference rankings put the right count first.
   sft_train = [json.loads(line) for line in open(os.path.join(workdir, "data", "sft_train.jsonl"))]
   count = [r for r in sft_train if r["task"] == "count"]
   low = sum(int(r["response"]) == int(r["answer"]) - 1 for r in count) / len(count)
   assert 0.6 <= low <= 0.7, low
   assert all(r["response"] == r["answer"] for r in sft_train if r["task"] != "count")
-  pairs = [json.loads(line) for line in open(os.path.join(workdir, "data",
-                                                          "preference_train.jsonl"))]
-  assert all(r["chosen"] == r["answer"] for r in pairs)
+  rankings = [json.loads(line) for line in open(os.path.join(workdir, "data",
+                                                             "preference_train.jsonl"))]
+  assert all(r["responses"][r["ranking"].index(1)] == r["answer"] for r in rankings)
   again = lmtrain(*args)
   assert again.stdout.count("already complete") == 5
   report = lmtrain("report", workdir)

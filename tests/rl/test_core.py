@@ -256,6 +256,78 @@ def test_pairwise_reward_loss():
   assert float(metrics["rejected_mean"]) == pytest.approx(rr.mean())
 
 
+def ranking_reference(scores, ranks, valid, margin):
+  """InstructGPT's loss one pair at a time in plain Python: each row's ordered pairs (both valid,
+  i ranked better than j), the mean -log sigmoid(s_i - s_j - margin) over them, then the mean over
+  the rows that have a pair. Also the accuracy over all pairs of the batch, the counts, and the
+  mean over all pairs (as if each pair were an example)."""
+  row_losses, pair_losses, right = [], [], []
+  for b in range(scores.shape[0]):
+    losses = []
+    for i in range(scores.shape[1]):
+      for j in range(scores.shape[1]):
+        if valid[b, i] and valid[b, j] and ranks[b, i] < ranks[b, j]:
+          losses.append(math.log1p(math.exp(-(scores[b, i] - scores[b, j] - margin[b]))))
+          right.append(scores[b, i] > scores[b, j])
+    if losses:
+      row_losses.append(sum(losses) / len(losses))
+    pair_losses += losses
+  return {"loss": sum(row_losses) / len(row_losses), "accuracy": sum(right) / len(right),
+          "pairs": len(right), "rankings": len(row_losses),
+          "pooled": sum(pair_losses) / len(pair_losses)}
+
+
+def ranking_batch():
+  """Rankings of 4 (dense ranks), of 3 with a tie and a padding response, a pair with its margin,
+  a ranking with sparse ranks and a tie (ranks 1, 4, 4, 7), and a row of padding only."""
+  scores = np.array([[0.5, -1.0, 2.0, 0.1], [1.0, 1.0, -0.3, 9.0], [0.2, -0.4, 0.0, 0.0],
+                     [3.0, -2.0, 0.7, 1.5], [0.0, 0.0, 0.0, 0.0]], np.float32)
+  # Padding's ranks are arbitrary too: only `valid` says which responses are real.
+  ranks = np.array([[2, 4, 1, 3], [1, 1, 2, 5], [2, 3, 1, 9], [1, 4, 4, 7], [1, 2, 3, 4]],
+                   np.int32)
+  valid = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]],
+                   np.float32)
+  margin = np.array([0.0, 0.3, 1.0, 0.5, 2.0], np.float32)
+  return scores, ranks, valid, margin
+
+
+def test_ranking_reward_loss_is_the_mean_of_its_pairs_computed_one_at_a_time():
+  scores, ranks, valid, margin = ranking_batch()
+  # Padding may hold anything: its score must not leak.
+  scores[1, 3], scores[4] = np.inf, np.nan
+  loss, metrics = rl.ranking_reward_loss(scores, ranks, valid, margin)
+  hand = ranking_reference(np.nan_to_num(scores), ranks, valid, margin)
+  assert (hand["pairs"], hand["rankings"]) == (6 + 2 + 1 + 5, 4)  # ties and padding: no pair
+  assert float(loss) == pytest.approx(hand["loss"], rel=1e-6)
+  assert float(metrics["accuracy"]) == pytest.approx(hand["accuracy"])
+  assert (float(metrics["pairs"]), float(metrics["rankings"])) == (14, 4)
+  # A ranking is one example, not its pairs each counted as one.
+  assert float(loss) != pytest.approx(hand["pooled"], rel=1e-3)
+  # A ranking of two is pairwise_reward_loss's pair.
+  pair_loss, pair_metrics = rl.pairwise_reward_loss(scores[2, :1], scores[2, 1:2], margin[2:3])
+  two, two_metrics = rl.ranking_reward_loss(scores[2:3], ranks[2:3], valid[2:3], margin[2:3])
+  assert float(two) == pytest.approx(float(pair_loss), rel=1e-6)
+  for key in pair_metrics:
+    assert float(two_metrics[key]) == pytest.approx(float(pair_metrics[key]), rel=1e-6), key
+
+
+def test_ranking_reward_loss_gradient_matches_finite_differences():
+  scores, ranks, valid, margin = ranking_batch()
+  grad = np.asarray(jax.grad(lambda s: rl.ranking_reward_loss(s, ranks, valid, margin)[0])(
+      scores))
+  eps = 1e-3
+  for b, k in np.ndindex(*scores.shape):
+    up, down = scores.astype(np.float64), scores.astype(np.float64)
+    up[b, k] += eps
+    down[b, k] -= eps
+    numeric = (ranking_reference(up, ranks, valid, margin)["loss"]
+               - ranking_reference(down, ranks, valid, margin)["loss"]) / (2 * eps)
+    assert grad[b, k] == pytest.approx(numeric, abs=1e-4), (b, k)
+  assert (grad[valid == 0] == 0).all() and (grad[1, :2] != 0).all()
+  # Tied responses 1 and 2 of row 1 each beat response 3 only: the same gradient.
+  assert grad[1, 0] == pytest.approx(grad[1, 1])
+
+
 def test_gather_last_reads_the_eos_position():
   rng = np.random.default_rng(9)
   values = rng.normal(size=(3, 8, 2)).astype(np.float32)
