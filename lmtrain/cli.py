@@ -128,6 +128,9 @@ def _parser(command=None, help_wanted=False):
   sample.add_arguments(p)
   from lmtrain import convert
   convert.add_arguments(sub)
+  from lmtrain.feedback import candidates, label
+  candidates.add_arguments(sub)
+  label.add_arguments(sub)
   p = sub.add_parser("report", help="plots and a markdown summary of a work dir's stages")
   from lmtrain import report
   report.add_arguments(p)
@@ -255,7 +258,7 @@ def main(argv=None):
       quiet.install()
     if macros and not training:
       raise UserError(f"--gin.{next(iter(macros))}: gin macros apply to the training stages only")
-    if training:
+    if training or args.command == "candidates":
       from lmtrain import parallel
       parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
                                             args.process_id)
@@ -277,6 +280,12 @@ def main(argv=None):
     elif args.command == "convert":
       from lmtrain import convert
       convert.run(args)
+    elif args.command == "candidates":
+      from lmtrain.feedback import candidates
+      candidates.run(args)
+    elif args.command == "label":
+      from lmtrain.feedback import label
+      label.run(args)
     elif args.command == "report":
       from lmtrain import report
       report.run(args)
