@@ -6,7 +6,7 @@ Records (JSONL or array_record, one per line):
   HH-RLHF style {"chosen": dialogue, "rejected": dialogue}: each a whole "\\n\\nHuman: ...
   \\n\\nAssistant: ..." dialogue that differs only in the final assistant turn.
   {"prompt": str, "responses": [str, ...], "ranking": [int, ...], "margin": float (optional)}:
-  K >= 2 distinct non-empty responses, ranking[i] the rank of responses[i] (1 the best; equal
+  K >= 2 distinct responses (one may be empty), ranking[i] the rank of responses[i] (1 the best; equal
   ranks tie; ranks need not be dense), as `lmtrain label export` writes them.
 Other fields (a rater, a timestamp, an answer) are ignored. A pair is a ranking of two: chosen
 rank 1, rejected rank 2. The reward model reads rankings, each one example
@@ -112,10 +112,10 @@ def _parse_ranking(record: dict[str, Any]) -> Ranking:
   if min(ranks) < 1:
     raise formats.BadRecord(f'"ranking" holds rank {min(ranks)}: ranks start at 1 (the best)')
   seen = {}
+  # An empty response stays: a policy that answers nothing at once is a failure raters rank last
+  # (scored as the prompt and its EOS).
   for i, response in enumerate(responses):
     text = response.strip()
-    if not text:
-      raise formats.BadRecord(f'responses[{i}] is empty')
     if text in seen:
       raise formats.BadRecord(f'responses[{seen[text]}] and responses[{i}] are the same response')
     seen[text] = i

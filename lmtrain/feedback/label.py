@@ -77,9 +77,20 @@ def _init(args, engine):
   from lmtrain.feedback import db
   if not 0 <= args.overlap <= 1:
     raise UserError(f"--overlap {args.overlap}: must be between 0 and 1")
-  fresh, seen, read = [], db.known_fingerprints(engine), 0
+  fresh, seen, read, dropped, unrankable = [], db.known_fingerprints(engine), 0, 0, 0
   for record in formats.iter_records(args.candidates, candidate_schema):
     read += 1
+    # Equal responses (which `lmtrain candidates` keeps when resampling does not part them) are
+    # shown once: ranking a text against itself says nothing, and the reward data refuse it.
+    first = {}
+    for response in record["responses"]:
+      first.setdefault(response.strip(), response)
+    distinct = list(first.values())
+    dropped += len(record["responses"]) - len(distinct)
+    if len(distinct) < 2:
+      unrankable += 1
+      continue
+    record = {**record, "responses": distinct}
     key = db.fingerprint(record["prompt"], record["responses"])
     if key not in seen:
       seen.add(key)
@@ -89,7 +100,10 @@ def _init(args, engine):
   added = db.add_tasks(engine, fresh, overlapped)
   token = db.new_admin_token(engine)
   print(f"added {added} tasks ({len(overlapped)} of them go to two raters); "
-        f"{read - len(fresh)} records of {args.candidates} were already tasks")
+        f"{read - len(fresh) - unrankable} records of {args.candidates} were already tasks")
+  if dropped:
+    print(f"{dropped} responses equal to another of their prompt's were left out; "
+          f"{unrankable} records kept fewer than 2 distinct responses and were not added")
   print(f"admin link (earlier admin links stop working): {_link(args.base_url, '/admin', token)}")
 
 

@@ -241,3 +241,63 @@ def test_bad_input_is_one_line(stage, tmp_path, flags, message):
   assert proc.stderr.startswith(f"lmtrain: error: {fill(message)}"), proc.stderr
   assert proc.stderr.count("\n") == 1
   assert not os.path.exists(output)
+
+
+def test_the_loop_closes_candidates_label_export_reward(stage, tmp_path, tokenizer_path):
+  """SFT checkpoint -> `lmtrain candidates` -> `lmtrain label init/add-rater` -> a rater ranks every
+  task in the app -> `lmtrain label export` -> `lmtrain reward` trains on the export."""
+  from starlette.testclient import TestClient
+
+  from label_fakes import Rater
+  from lmtrain.feedback import app as label_app
+  from lmtrain.feedback import db
+
+  workdir, _, plain = stage
+  records, _ = candidates(workdir, plain, tmp_path / "c.jsonl", "--k", "3", "--seed", "3",
+                          "--max_resample", "50")
+  # A record with two equal responses and one left with a single distinct one: init drops them.
+  write_jsonl(tmp_path / "c.jsonl", records + [
+      {"prompt": "extra", "responses": ["same", "same ", "other"]},
+      {"prompt": "lonely", "responses": ["x", " x"]}])
+  url = f"sqlite:///{tmp_path / 'labels.db'}"
+  init = lmtrain("label", "init", "--db", url, "--candidates", str(tmp_path / "c.jsonl"),
+                 "--overlap", "0").stdout
+  assert "added 5 tasks (0 of them go to two raters)" in init, init
+  assert "2 responses equal to another of their prompt's were left out; 1 records kept fewer than " \
+         "2 distinct responses" in init, init
+  link = lmtrain("label", "add-rater", "--db", url, "ann").stdout
+  token = re.search(r"/rate\?token=(\S+)", link).group(1)
+
+  engine = db.open_db(url)
+  rater = Rater(TestClient(label_app.create_app(engine), base_url="http://127.0.0.1"), token)
+  ranked = {}
+  while rater.current()[0] is not None:
+    task_id, _ = rater.current()
+    k = rater.page.count('class="card"')
+    ranking = [1] + [2] * (k - 2) + [3] if k > 2 else [1, 2]
+    _, response = rater.rank(ranking)
+    assert response.status_code == 303, response.text
+    ranked[task_id] = ranking
+  engine.dispose()
+  assert len(ranked) == 5
+
+  lmtrain("label", "export", "--db", url, "--output", str(tmp_path / "rankings.jsonl"))
+  with open(tmp_path / "rankings.jsonl") as f:
+    exported = [json.loads(line) for line in f]
+  assert sorted(r["task_id"] for r in exported) == sorted(ranked)
+  sft_lineage = json.load(open(os.path.join(workdir, "sft", "lineage.json")))
+  from_model = [r for r in exported if r["prompt"] in {p["prompt"] for p in records}]
+  assert len(from_model) == 4 and all(r["source"]["lineage"] == sft_lineage for r in from_model)
+  assert all(r["rater"] == "ann" and r["ranking"] == ranked[r["task_id"]] for r in exported)
+
+  out = lmtrain("reward", "--workdir", workdir, *TINY, "--gin.TRAIN_STEPS=4",
+                f"--gin.TRAIN_DATA={tmp_path / 'rankings.jsonl'}", "--gin.NORMALIZATION=preference",
+                "--gin.CHECKPOINT_EVERY=4", f"--gin.TOKENIZER={tokenizer_path}").stdout
+  pairs = sum(sum(a < b for a in r["ranking"] for b in r["ranking"]) for r in exported)
+  said = re.search(r"5 rankings of [\w ]+ responses \((\d+) ordered pairs\)", out)
+  assert said and int(said.group(1)) == pairs, out
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "reward", "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r][-1] == 4
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows if "accuracy" in r)
+  lineage = json.load(open(os.path.join(workdir, "reward", "lineage.json")))
+  assert lineage["parent"]["stage"] == "sft"
