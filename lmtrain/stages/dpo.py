@@ -67,7 +67,7 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
 
   loss = make_dpo_loss(beta, label_smoothing)
   return Stage(
-      name="dpo", step=LossStep(model_cfg, loss, frozen_reference=True),
+      name="dpo", step=LossStep(model_cfg, loss, frozen_reference=True, rows_per_example=2),
       train_data=batches(train, True),
       evaluation=Evaluation(data=batches(evals, False), loss_fn=loss, metrics=mean_metrics(
           "reward_accuracy", "chosen_reward", "rejected_reward", "margin")) if evals else None,

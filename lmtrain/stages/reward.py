@@ -199,7 +199,8 @@ def build(workdir: str, model_cfg, loop_cfg: LoopConfig, train_data=gin.REQUIRED
                          parent, new_tokens=normalization_new_tokens,
                          temperature=normalization_temperature, seed=loop_cfg.seed)
   return Stage(
-      name="reward", step=LossStep(rm_cfg, reward_loss), train_data=batches(train, True),
+      name="reward", step=LossStep(rm_cfg, reward_loss, rows_per_example=num_responses),
+      train_data=batches(train, True),
       evaluation=Evaluation(data=batches(evals, False), loss_fn=reward_loss, metrics=mean_metrics(
           "accuracy", "margin", "chosen_mean", "rejected_mean")) if evals else None,
       init_from_parent=ckpt_lib.parent_initializer(workdir, init_from, REGISTRY["reward"].parent,

@@ -196,15 +196,27 @@ class LossStep(StepFactory):
   """The step of a stage that is its loss (pretrain, SFT, reward model, DPO). With
   frozen_reference, the loss receives the starting model as `reference=` (DPO): a frozen copy of
   the starting params kept as extras[REFERENCE] (checkpointed with the state, sharded like the
-  params), or with LoRA the trained params' own base with the adapters off (no copy)."""
+  params), or with LoRA the trained params' own base with the adapters off (no copy).
+  `rows_per_example`: the sequences the model reads per example of the batch (a reward model's
+  ranking of K responses: K; DPO's pair: 2), for the throughput, MFU and activation figures."""
 
-  def __init__(self, model_config, loss_fn: LossFn, frozen_reference: bool = False):
+  def __init__(self, model_config, loss_fn: LossFn, frozen_reference: bool = False,
+               rows_per_example: int = 1):
     super().__init__(model_config)
     self.loss_fn = loss_fn
     self.frozen_reference = frozen_reference
+    self.rows_per_example = rows_per_example
     self.base_reference = None
     if frozen_reference and model_config.lora_rank:
       self.base_reference, _, _ = transformer.abstract_model(lora.base_config(model_config))
+
+  def work(self, batch_size: int, seq_len: int) -> tuple[int, float]:
+    tokens, flops = super().work(batch_size * self.rows_per_example, seq_len)
+    # The reference's forward pass: a third of a trained pass (forward + backward = 3 forwards).
+    return tokens, flops * (4 / 3 if self.frozen_reference else 1)
+
+  def memory(self, mesh, batch_size: int, seq_len: int, microbatches: int):
+    return super().memory(mesh, batch_size * self.rows_per_example, seq_len, microbatches)
 
   def _copies_reference(self) -> bool:
     return self.frozen_reference and self.base_reference is None

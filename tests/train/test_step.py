@@ -138,3 +138,19 @@ def test_trainable_patterns_that_match_nothing_or_do_not_parse_are_one_line_erro
     optim.trainable_mask(params, ["lm_head", "head"])
   with pytest.raises(UserError, match=r"TRAINABLE: 'lm_head\[' is not a regular expression"):
     optim.trainable_mask(params, ["lm_head["])
+
+
+def test_throughput_and_activations_count_every_sequence_an_example_reads():
+  """A reward model's ranking of K responses reads K sequences; DPO's pair reads 2, and its frozen
+  reference adds a forward pass (a third of a trained one) per token."""
+  from lmtrain.train.step import LossStep
+  mesh = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2})
+  flops = util.TINY.flops_per_token(64)
+  assert LossStep(util.TINY, lm_loss).work(8, 64) == (8 * 64, flops)
+  assert LossStep(util.TINY, lm_loss, rows_per_example=4).work(8, 64) == (4 * 8 * 64, flops)
+  tokens, dpo_flops = LossStep(util.TINY, lm_loss, frozen_reference=True,
+                               rows_per_example=2).work(8, 64)
+  assert tokens == 2 * 8 * 64 and dpo_flops == pytest.approx(flops * 4 / 3)
+  # Activations: one microbatch's rows on each of the mesh's 4 batch shards (data x fsdp).
+  assert LossStep(util.TINY, lm_loss, rows_per_example=4).memory(mesh, 8, 64, 2)[1] == (4, 64)
+  assert LossStep(util.TINY, lm_loss).memory(mesh, 8, 64, 2)[1] == (1, 64)
