@@ -18,7 +18,7 @@ import optax
 
 from lmtrain import parallel
 from lmtrain.errors import UserError
-from lmtrain.model import transformer
+from lmtrain.model import lora, transformer
 from lmtrain.train import optim, roles
 from lmtrain.train.memory import GIB, measure_activations, memory_plan
 from lmtrain.train.metrics import PEAK_FLOPS
@@ -99,19 +99,19 @@ def shape_for_params(n: float, vocab: int = 32000) -> transformer.ModelConfig:
 def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dtype="auto"):
   """(abstract train state, its shardings) of `stage` for model `cfg` on `mesh`, as the stage
   would create it (AdamW over the trained roles; frozen roles in extras, their matrices in
-  `frozen_dtype` for PPO/GRPO, as FROZEN_DTYPE stores them). With LoRA (cfg.lora_rank), AdamW
-  covers the adapters only and DPO's reference is the base itself (no copy)."""
+  `frozen_dtype` for PPO/GRPO, as FROZEN_DTYPE stores them). With LoRA (cfg.lora_rank), the
+  trained models have adapters and AdamW covers those (and a scalar head) only, the frozen ones
+  none, and DPO's and PPO/GRPO's reference is the policy's base itself (no copy); PPO's value
+  model has adapters too (make_stage.value_lora's default)."""
   if stage not in STAGE_ROLES:
     raise UserError(f"--stage {stage!r}; choose one of {', '.join(STAGE_ROLES)}")
-  if cfg.lora_rank and stage in ("ppo", "grpo"):
-    raise UserError(f"lora_rank={cfg.lora_rank}: {stage} trains every weight for now; LoRA "
-                    f"is there for sft, reward and dpo")
   trees, names, trained = {}, {}, []
   for role, head, is_trained in STAGE_ROLES[stage]:
     if cfg.lora_rank and role == roles.REFERENCE:
       continue
+    model = cfg if is_trained else lora.base_config(cfg)
     _, trees[role], names[role] = transformer.abstract_model(
-        dataclasses.replace(cfg, head=head, lm_score=False))
+        dataclasses.replace(model, head=head, lm_score=False))
     if is_trained:
       trained.append(role)
   frozen = [r for r in trees if r not in trained]
@@ -125,12 +125,21 @@ def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dt
     return tree[trained[0]] if stage not in ("ppo", "grpo") else {r: tree[r] for r in trained}
 
   optimizer = optim.make_optimizer(optax.constant_schedule(0.0),  # the state's shapes only
-                                   trainable=optim.trainable_fn("all", lora=cfg.lora_rank > 0))
+                                   trainable=stage_trainable(stage, cfg))
   abstract_state = jax.eval_shape(lambda: TrainState.create(
       params_of(trees), optimizer, jax.random.PRNGKey(0), {r: trees[r] for r in frozen}))
   shardings = state_shardings(mesh, rules, abstract_state, params_of(names),
                               {r: names[r] for r in frozen})
   return abstract_state, shardings
+
+
+def stage_trainable(stage: str, cfg: transformer.ModelConfig):
+  """The mask function of what `stage` trains with TRAINABLE='all' (optim.trainable_fn; for
+  PPO/GRPO's {policy, value}, optim.roles_trainable_fn), or None when every weight trains."""
+  if stage in ("ppo", "grpo"):
+    trained = [role for role, _, is_trained in STAGE_ROLES[stage] if is_trained]
+    return optim.roles_trainable_fn({role: cfg.lora_rank > 0 for role in trained}, "all")
+  return optim.trainable_fn("all", lora=cfg.lora_rank > 0)
 
 
 def compute_plan(cfg, seq_len: int, tokens: float, chips: int, hardware: Hardware, mfu: float,
@@ -243,7 +252,7 @@ def plan(args) -> dict:
   abstract_state, shardings = stage_state(args.stage, cfg, mesh, parallel.axis_rules(),
                                           args.frozen_dtype)
   memory = memory_plan(abstract_state, shardings, cfg, local, args.seq_len, mesh,
-                       hardware.memory_gib, optim.trainable_fn("all", lora=cfg.lora_rank > 0))
+                       hardware.memory_gib, stage_trainable(args.stage, cfg))
   if args.stage in ("ppo", "grpo"):  # the decode copy of the policy and the KV cache
     from lmtrain.rl.rollout import rollout_memory
     memory.parts.update(rollout_memory(cfg, args.rollout_dtype, mesh, args.rollouts or batch,

@@ -154,3 +154,26 @@ def test_lora_dpo_holds_adapter_moments_and_no_reference_copy():
   assert mem["frozen models"] == 4 * base // 4  # the base once; no reference copy
   assert before["frozen models"] == before["trained params"] == 4 * base // 4
   assert mem["total"] < before["total"] / 2
+
+
+def test_lora_ppo_trains_adapters_and_value_head_with_no_reference_copy():
+  """llama2_7b PPO with r=8 adapters on policy and value: AdamW and the gradients cover the
+  adapters and the value head; the frozen models are the two fp32 bases and the bf16 reward
+  model, with no reference copy; the policy still decodes from a (merged) bf16 copy."""
+  mem = json.loads(run_plan("--model", "llama2_7b", "--stage", "ppo", "--slice", "v5p-8",
+                            "--seq_len", "1024", "--batch_size", "8", "--json", "--override",
+                            "lora_rank=8"))["memory_per_device_bytes"]
+  # One model's adapters per device, split as in the DPO case; the value model's score vector
+  # split, its bias on every chip.
+  adapters = 4 * 32 * ((5 * 4096 * 8 + 2 * 8 * 4096) // 4
+                       + 4096 * 8 + 11008 * 8 + 3 * 8 * 4096 + 2 * 8 * 11008)
+  trained = 2 * adapters + 4 * 4096 // 4 + 4
+  assert mem["trained params"] == mem["gradients"] == trained
+  assert 0 <= mem["optimizer state"] - 2 * trained <= 64
+  vectors = 65 * 4096
+  reward_matrices = 6_738_415_616 - vectors - 32000 * 4096
+  policy_base = 4 * 6_738_415_616 // 4
+  value_trunk = 4 * (6_738_415_616 - 32000 * 4096) // 4
+  reward = (2 * reward_matrices + 4 * (vectors + 4096)) // 4 + 4
+  assert mem["frozen models"] == policy_base + value_trunk + reward
+  assert mem["decode weights"] == 2 * (6_738_415_616 - vectors) + 4 * vectors

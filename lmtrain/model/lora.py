@@ -9,11 +9,11 @@ same logical axes as their weight (the rank axis whole). The stage trains them (
 head), and the rest stays frozen (trainable_patterns; lmtrain.train.optim).
 
 What the adapters mean for the rest of the system:
-- the base model is the same params without `lora` (without_adapters, base_config): DPO's reference
-  is that, with no second copy of the weights;
+- the base model is the same params without `lora` (without_adapters, base_config): DPO's and
+  PPO/GRPO's reference is that, with no second copy of the weights;
 - merged(params, scale) folds them into the weights (W + scale A B): a child stage starts from its
   parent's merged weights with fresh adapters of its own, and `lmtrain convert to-hf` writes
-  merged weights.
+  merged weights, and the RL rollouts decode with them.
 """
 
 import dataclasses
@@ -87,6 +87,13 @@ def fresh_adapters(abstract_adapters, rng):
     out[target] = {"a": jax.random.normal(keys[target], a.shape, a.dtype) / fan_in**0.5,
                    "b": jnp.zeros(b.shape, b.dtype)}
   return out
+
+
+def placed_fresh_adapters(abstract_adapters, rng):
+  """fresh_adapters, made on the devices and with the shardings of `abstract_adapters`."""
+  return jax.jit(fresh_adapters,
+                 out_shardings=jax.tree.map(lambda a: a.sharding, abstract_adapters))(
+                     abstract_adapters, rng)
 
 
 def adapter_count(params) -> int:

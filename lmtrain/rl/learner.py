@@ -5,9 +5,11 @@ that order, by the same function as the first epoch's losses, so the first minib
 exactly 1 and policy == reference gives a KL of exactly 0. Then the algorithm's advantages, and
 EPOCHS x NUM_MINIBATCHES optimizer updates of the clipped policy loss (- entropy bonus) plus the
 algorithm's own terms (+ PTX_COEF x LM loss on PTX_DATA rows).
-"""
 
-import functools
+The reference is a frozen copy in the extras, or for a LoRA policy its own base with the adapters
+off (reference_model): no second copy of the weights. With `trainable` (TRAINABLE, LoRA) the
+frozen parameters are behind stop_gradient, so their weight gradients are never computed.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +18,13 @@ import optax
 from lmtrain import parallel
 from lmtrain.errors import UserError
 from lmtrain.losses import lm_loss
-from lmtrain.model import transformer
+from lmtrain.model import lora, transformer
 from lmtrain.rl import core
 from lmtrain.rl.config import Algorithm, Graphdefs, RLConfig
 from lmtrain.rl.grpo import GRPO
 from lmtrain.rl.ppo import PPO
 from lmtrain.rl.rollout import response_logprobs, response_values
-from lmtrain.train import roles
+from lmtrain.train import optim, roles
 from lmtrain.train.step import scan_sum, split_microbatches
 
 ALGORITHMS = {a.name: a for a in (PPO(), GRPO())}
@@ -45,13 +47,24 @@ def validate(cfg: RLConfig) -> RLConfig:
   return cfg
 
 
+def reference_model(policy_graphdef, params, extras):
+  """The frozen reference: the copy in the extras, or without one (a LoRA policy) the policy's
+  base, its params without the adapters in the base model's graphdef."""
+  if roles.REFERENCE in extras:
+    return transformer.merge(policy_graphdef, extras[roles.REFERENCE])
+  policy = params[roles.POLICY]
+  cfg = transformer.merge(policy_graphdef, policy).cfg
+  graphdef, _, _ = transformer.abstract_model(lora.base_config(cfg))
+  return transformer.merge(graphdef, jax.lax.stop_gradient(lora.without_adapters(policy)))
+
+
 def evaluate_roles(policy_graphdef, value_graphdef, cfg: RLConfig, params, extras, mb):
   """The policy's and reference's log-probs, the policy's entropy and (with a value model) its
   values on a minibatch of rollouts, before any update: the "old" quantities of the losses."""
   args = (mb["prompt"], mb["prompt_length"], mb["response"], mb["mask"])
   policy = transformer.merge(policy_graphdef, params[roles.POLICY])
   logp, ent = response_logprobs(policy, *args, cfg.temperature, with_entropy=True)
-  reference = transformer.merge(policy_graphdef, extras[roles.REFERENCE])
+  reference = reference_model(policy_graphdef, params, extras)
   ref_logp, _ = response_logprobs(reference, *args, cfg.temperature)
   out = {"logp": logp, "ref_logp": ref_logp,
          "entropy": core.masked_mean(ent, mb["mask"], axis=1)}
@@ -139,13 +152,14 @@ def check_minibatches(rows: int, cfg: RLConfig, microbatches: int, shards: int):
 
 
 def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, state, data,
-           score, microbatches: int = 1):
+           score, microbatches: int = 1, trainable=None):
   """One iteration's optimisation of a rollout `data` whose sequence scores are `score` [B]
   (reward model or scorer, before REWARD_CLIP and the missing-EOS penalty). Epoch 0 takes its
   minibatches in the shuffled order; later epochs reshuffle. Each minibatch's gradient is
   accumulated over `microbatches` (the same update within fp32 rounding, less activation
-  memory). Returns (new state, metrics averaged over the minibatches, per-minibatch metrics
-  [E*M])."""
+  memory). `trainable`: params -> the mask of the trained ones (optim.roles_trainable_fn; the
+  optimizer gives the others no state), or None when all train. Returns (new state, metrics
+  averaged over the minibatches, per-minibatch metrics [E*M])."""
   algorithm = get_algorithm(cfg.algorithm)
   value_graphdef = value_graphdef if algorithm.uses_value else None
   graphdefs = Graphdefs(policy_graphdef, value_graphdef)
@@ -178,8 +192,14 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   order = [jnp.arange(rows)] + [jax.random.permutation(jax.random.fold_in(rng, e), rows)
                                 for e in range(1, cfg.epochs)]
   order = jnp.stack(order).reshape(cfg.epochs * m, rows // m)
-  grad_fn = accumulated(jax.value_and_grad(functools.partial(minibatch_loss, graphdefs, cfg),
-                                           has_aux=True), microbatches)
+  trained = trainable(state.params) if trainable is not None else None
+
+  def loss_fn(params, mb, kl_coef, ptx):
+    if trained is not None:
+      params = optim.freeze(params, trained)
+    return minibatch_loss(graphdefs, cfg, params, mb, kl_coef, ptx)
+
+  grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), microbatches)
   train_keys = ("prompt", "prompt_length", "response", "mask", "logp", "ref_logp", "values",
                 "advantages", "returns")
   train_batch = {k: batch[k] for k in train_keys if k in batch}

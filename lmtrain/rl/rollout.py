@@ -5,7 +5,9 @@ on the response's tokens up to and including its EOS.
 
 The rollout decodes with the policy laid out for inference (`decode_layout`): once per rollout
 its weights are cast to ROLLOUT_DTYPE and gathered along the batch axes (tensor parallelism kept),
-so the decode loop reads local weights and gathers none per generated token.
+so the decode loop reads local weights and gathers none per generated token. A LoRA policy's
+adapters are folded into its weights first (lora.merged): one matmul per weight per token, as
+without adapters.
 """
 
 import contextlib
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 
 from lmtrain import parallel
 from lmtrain.model import generate as generate_lib
-from lmtrain.model import transformer
+from lmtrain.model import lora, transformer
 from lmtrain.rl import core
 from lmtrain.rl.config import RLConfig
 from lmtrain.train import memory as memory_lib
@@ -68,29 +70,36 @@ def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, sc
 
 
 def decode_layout(graphdef, params, dtype: str):
-  """(the policy's params for decoding, a context that traces the decode loop with the matching
-  rules): weight matrices in `dtype` (a ROLLOUT_DTYPE setting; transformer.cast_matrices) and,
-  under an active mesh, laid out by parallel.decode_rules: one gather of the weights per rollout
-  instead of one per layer per token. Costs a copy of the weights that is whole along the batch axes (counted in the RL
-  stage's memory plan)."""
+  """(the graphdef and params of the policy for decoding, a context that traces the decode loop
+  with the matching rules): adapters folded into their weights (lora.merged, in float32, then
+  the graphdef of the base model), weight matrices in `dtype` (a ROLLOUT_DTYPE setting;
+  transformer.cast_matrices) and, under an active mesh, laid out by parallel.decode_rules: one
+  gather of the weights per rollout instead of one per layer per token. Costs a copy of the
+  weights that is whole along the batch axes (counted in the RL stage's memory plan)."""
   model = transformer.merge(graphdef, params)
-  _, _, names = transformer.split_params(model)
-  params = transformer.cast_matrices(params, names, transformer.resolve_dtype(dtype, model.cfg))
+  cfg = model.cfg
+  if lora.has_adapters(params):
+    params = lora.merged(params, cfg.lora_scale)
+    graphdef, _, names = transformer.abstract_model(lora.base_config(cfg))
+  else:
+    _, _, names = transformer.split_params(model)
+  params = transformer.cast_matrices(params, names, transformer.resolve_dtype(dtype, cfg))
   active = parallel.active()
   if active is None:
-    return params, contextlib.nullcontext()
+    return graphdef, params, contextlib.nullcontext()
   mesh, rules = active
   rules = parallel.decode_rules(rules)
   params = jax.lax.with_sharding_constraint(
       params, parallel.tree_shardings(mesh, params, names, rules))
-  return params, parallel.activate(mesh, rules)
+  return graphdef, params, parallel.activate(mesh, rules)
 
 
 def rollout_memory(policy_config, rollout_dtype: str, mesh, rollouts: int, length: int) -> dict:
   """Per-device bytes a rollout adds to the train state: the decode copy of the policy
   (decode_layout: whole along the batch axes, in ROLLOUT_DTYPE) and the KV cache of `rollouts`
-  rows of `length` tokens. For the RL stage's memory plan and `lmtrain plan`."""
-  _, abstract, names = transformer.abstract_model(policy_config)
+  rows of `length` tokens. For the RL stage's memory plan and `lmtrain plan`. A LoRA policy
+  decodes with merged weights: the base model's shapes."""
+  _, abstract, names = transformer.abstract_model(lora.base_config(policy_config))
   dtype = transformer.resolve_dtype(rollout_dtype, policy_config)
   decode = jax.eval_shape(lambda tree: transformer.cast_matrices(tree, names, dtype), abstract)
   rules = parallel.decode_rules(parallel.axis_rules())
@@ -106,10 +115,10 @@ def rollout(policy_graphdef, reward_graphdef, cfg: RLConfig, policy_params, rewa
   Returns {response [B, N], mask [B, N] float (1 up to and including EOS), done [B], rm_score [B]
   (normalised; only with a reward model)}. The policy decodes in `cfg.rollout_dtype`
   (decode_layout)."""
-  params, decoding = decode_layout(policy_graphdef, policy_params, cfg.rollout_dtype)
+  graphdef, params, decoding = decode_layout(policy_graphdef, policy_params, cfg.rollout_dtype)
   with decoding:
     out = generate_lib.sample_sequences(
-        policy_graphdef, params, prompt, prompt_length, rng,
+        graphdef, params, prompt, prompt_length, rng,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, greedy=greedy, eos_id=eos_id, pad_id=pad_id, left_padded=True)
   response = parallel.constrain(out.tokens, ("batch", None))

@@ -8,6 +8,12 @@ model (from the SFT trunk with a new scalar head when the reward is a scorer). T
 {policy, value}; the frozen models and the KL controller are TrainState extras, so one checkpoint
 holds the whole state and a resumed run continues exactly.
 
+Training a fraction of the weights (optim.roles_trainable_fn): TRAINABLE's patterns name the
+policy's parameters, and the value model trains the same ones plus its scalar head. With LORA_RANK
+the policy gets fresh adapters over its parent's (merged) weights, and the reference is that base
+with the adapters off, not a copy; the value model gets adapters too (and trains its scalar head)
+unless make_stage.value_lora = False, which trains all of it.
+
 One iteration (one loop step) on a batch of prompts:
   1. rollout, jitted: sample a response to each prompt with the KV cache (truncated after its first
      EOS) and read the reward model at each response's last real token (lmtrain/rl/rollout.py).
@@ -30,7 +36,7 @@ import optax
 from lmtrain import fileio, parallel
 from lmtrain.data import demo, loader, prompts as prompts_lib, scorers, sft as sft_data
 from lmtrain.errors import UserError
-from lmtrain.model import transformer
+from lmtrain.model import lora, transformer
 from lmtrain.rl import core, learner
 from lmtrain.rl.config import Graphdefs, RLConfig
 from lmtrain.rl.rollout import rollout, rollout_memory
@@ -43,6 +49,8 @@ from lmtrain.train.evaluation import Evaluation
 from lmtrain.train.loop import Hook, LoopConfig, Stage
 from lmtrain.train.state import TrainState
 from lmtrain.train.step import StepFactory
+
+FROZEN = "frozen"  # the optimizer label of the parameters TRAINABLE or LoRA leave frozen
 
 
 def check_scorer(scorer_name, examples, sources):
@@ -73,6 +81,8 @@ class RLStep(StepFactory):
     self.kl_init = core.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     self.names = {role: transformer.abstract_model(c)[2] for role, c in configs.items()}
     self.frozen_dtype = transformer.resolve_dtype(cfg.frozen_dtype, configs[roles.POLICY])
+    # A LoRA policy's reference is its own base: no copy in the extras.
+    self.copies_reference = not configs[roles.POLICY].lora_rank
 
   def models(self):
     """{policy, value, reward}: the roles this algorithm and reward use."""
@@ -90,37 +100,53 @@ class RLStep(StepFactory):
     learner.check_minibatches(batch_size, self.cfg, microbatches,
                               parallel.batch_shard_count(mesh))
 
+  def trainable(self):
+    """{policy, value} -> their masks (optim.roles_trainable_fn), or None when all train."""
+    return optim.roles_trainable_fn(
+        {role: self.configs[role].lora_rank > 0 for role in (roles.POLICY, roles.VALUE)
+         if role in self.configs})
+
   def optimizer(self, schedule, make_schedule):
     """One optimizer over {policy, value}, or with VALUE_LEARNING_RATE / VALUE_CLIP_NORM one
-    each (optax.multi_transform): its own peak LR (same schedule shape) and its own clip."""
+    each (optax.multi_transform): its own peak LR (same schedule shape) and its own clip. Frozen
+    parameters get no state either way."""
     cfg = self.cfg
-    joint = super().optimizer(schedule, make_schedule)
     if roles.VALUE not in self.configs or (cfg.value_learning_rate is None and
                                            cfg.value_clip_norm is None):
-      return joint
+      return super().optimizer(schedule, make_schedule)
     value_schedule = (schedule if cfg.value_learning_rate is None else
                       make_schedule(learning_rate=cfg.value_learning_rate))
     clip = {} if cfg.value_clip_norm is None else {"clip_norm": cfg.value_clip_norm}
-    tree, _ = self.models()
-    labels = {role: jax.tree.map(lambda _, r=role: r, tree[role])
-              for role in (roles.POLICY, roles.VALUE)}
-    return optax.multi_transform(
-        {roles.POLICY: joint, roles.VALUE: optim.make_optimizer(value_schedule, **clip)}, labels)
+    transforms = {roles.POLICY: optim.make_optimizer(schedule),
+                  roles.VALUE: optim.make_optimizer(value_schedule, **clip)}
+    trainable = self.trainable()
+    if trainable is not None:
+      transforms[FROZEN] = optax.set_to_zero()
+
+    def labels(params):
+      masks = (trainable(params) if trainable is not None
+               else jax.tree.map(lambda _: True, params))
+      return {role: jax.tree.map(lambda m, r=role: r if m else FROZEN, masks[role])
+              for role in params}
+
+    return optax.multi_transform(transforms, labels)
 
   def init(self, loaded, optimizer, rng):
     params = {role: loaded[role] for role in (roles.POLICY, roles.VALUE) if role in loaded}
     frozen = lambda role, tree: transformer.cast_matrices(
         jax.tree.map(jnp.copy, tree), self.names[role], self.frozen_dtype)
-    extras = {roles.REFERENCE: frozen(roles.POLICY, loaded[roles.POLICY]),
-              roles.KL_CONTROLLER: jax.tree.map(jnp.asarray, self.kl_init)}
+    extras = {roles.KL_CONTROLLER: jax.tree.map(jnp.asarray, self.kl_init)}
+    if self.copies_reference:
+      extras[roles.REFERENCE] = frozen(roles.POLICY, loaded[roles.POLICY])
     if roles.REWARD in loaded:
       extras[roles.REWARD] = frozen(roles.REWARD, loaded[roles.REWARD])
     return TrainState.create(params, optimizer, rng, extras)
 
   def state_names(self, names):
     params = {k: v for k, v in names.items() if k in (roles.POLICY, roles.VALUE)}
-    extras = {roles.REFERENCE: names[roles.POLICY],
-              roles.KL_CONTROLLER: {k: () for k in self.kl_init}}
+    extras = {roles.KL_CONTROLLER: {k: () for k in self.kl_init}}
+    if self.copies_reference:
+      extras[roles.REFERENCE] = names[roles.POLICY]
     if roles.REWARD in names:
       extras[roles.REWARD] = names[roles.REWARD]
     return params, extras
@@ -167,7 +193,8 @@ class RLStep(StepFactory):
 
     def do_update(state, data, score):
       new_state, metrics, _ = learner.update(self.policy_gd, self.value_gd, cfg, ctx.optimizer,
-                                             ctx.schedule, state, data, score, ctx.microbatches)
+                                             ctx.schedule, state, data, score, ctx.microbatches,
+                                             self.trainable())
       return new_state, metrics
 
     self.rollout_fn = jax.jit(do_rollout, in_shardings=(ctx.shardings, batch_shardings)).lower(
@@ -289,22 +316,21 @@ def normalized_head(reward_params, offset: float, scale: float, keep=None):
 def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
                train_data=gin.REQUIRED, eval_data=None, tokenizer="auto", init_from=None, reward_from=None, reward="model",
                scorer="demo_tasks", eval_examples=128, kl_bound=None, ptx_data=None,
-               on_bad_record="raise", allow_degenerate_reward=False, **hparams) -> Stage:
+               on_bad_record="raise", allow_degenerate_reward=False, value_lora=True,
+               **hparams) -> Stage:
   """The stage of `algorithm` (gin: bound in gin_configs/stages/rl.gin; `ppo.build.X` or
   `grpo.build.X` overrides for one of them). `reward`: 'model' (the reward model in REWARD_FROM,
-  default DIR/reward) or 'scorer' (the rule-based SCORER). `hparams` are RLConfig fields."""
+  default DIR/reward) or 'scorer' (the rule-based SCORER). `value_lora`: with LORA_RANK, the
+  value model gets adapters too (False: it trains every weight). `hparams` are RLConfig
+  fields."""
   name = algorithm
   unknown = sorted(set(hparams) - {f.name for f in dataclasses.fields(RLConfig)})
   if unknown:
     raise UserError(f"{name}.build: unknown setting(s) {unknown}")
-  if optim.trainable_setting() != "all":
-    raise UserError(f"TRAINABLE={optim.trainable_setting()!r}: {name} trains every weight of the "
-                    f"policy and value model for now; freezing is there for pretrain, sft, reward "
-                    f"and dpo")
-  if model_cfg.lora_rank:
-    raise UserError(f"LORA_RANK={model_cfg.lora_rank}: {name} trains every weight of the policy "
-                    f"and value model for now; LoRA is there for sft, reward and dpo (a LoRA "
-                    f"parent is fine: its adapters are folded into its weights)")
+  if model_cfg.lora_rank and optim.trainable_setting() != "all":
+    raise UserError(f"TRAINABLE={optim.trainable_setting()!r} with LORA_RANK="
+                    f"{model_cfg.lora_rank}: {name}'s reference is the base without the "
+                    f"adapters, so with LoRA only the adapters may train (TRAINABLE='all')")
   if reward not in ("model", "scorer"):
     raise UserError(f"REWARD={reward!r}: choose 'model' (the reward model) or 'scorer'")
   if reward == "scorer" and not scorer:
@@ -338,12 +364,13 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
                  if scorer else None)
 
   policy_cfg = model_cfg
-  value_cfg = dataclasses.replace(model_cfg, head="scalar")
-  reward_cfg = value_cfg
+  value_cfg = dataclasses.replace(model_cfg if value_lora else lora.base_config(model_cfg),
+                                  head="scalar")
+  reward_cfg = lora.base_config(value_cfg)
   rm_json = os.path.join(reward_dir, "model.json")
   if reward == "model" and fileio.exists(rm_json):  # its head settings; its trunk is the policy's
     lm_score = bool(fileio.read_json(rm_json).get("lm_score", False))
-    reward_cfg = dataclasses.replace(value_cfg, lm_score=lm_score)
+    reward_cfg = dataclasses.replace(reward_cfg, lm_score=lm_score)
   policy_gd, _, _ = transformer.abstract_model(policy_cfg)
   value_gd, value_abs, _ = transformer.abstract_model(value_cfg)
   reward_gd, _, _ = transformer.abstract_model(reward_cfg)
@@ -373,6 +400,11 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
     if use_value:
       if use_rm:  # the same checkpoint: a second copy, trained from here on
         loaded[roles.VALUE] = normalized_head(loaded[roles.REWARD], offset, scale, value_abs)
+        if lora.has_adapters(abstract[roles.VALUE]):
+          # B = 0: the value model starts as the normalised reward model.
+          rng = jax.random.fold_in(jax.random.PRNGKey(loop_cfg.seed), 2)
+          loaded[roles.VALUE][lora.KEY] = lora.placed_fresh_adapters(
+              abstract[roles.VALUE][lora.KEY], rng)
         parent["value_model"] = parent["reward_model"]
       else:
         loaded[roles.VALUE], parent["value_model"] = value_init(abstract[roles.VALUE])

@@ -343,10 +343,8 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
     else:
       params, step = restore_params(path, loaded)
     if lora.has_adapters(abstract_params):
-      adapters = abstract_params[lora.KEY]
-      params[lora.KEY] = jax.jit(
-          lora.fresh_adapters, out_shardings=jax.tree.map(lambda a: a.sharding, adapters))(
-              adapters, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+      params[lora.KEY] = lora.placed_fresh_adapters(
+          abstract_params[lora.KEY], jax.random.fold_in(jax.random.PRNGKey(seed), 1))
     if new_keys:
       from lmtrain.model import transformer
       full_init = transformer.init_fn(model_config)

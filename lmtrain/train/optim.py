@@ -71,11 +71,40 @@ def trainable_fn(trainable=None, lora: bool = False):
   return lambda params: trainable_mask(params, lora_lib.trainable_patterns(params) + extra)
 
 
-def trainable_mask(params, trainable="all"):
+def roles_trainable_fn(with_adapters: dict, trainable=None):
+  """trainable_fn for a stage that trains several models, params {role: tree} (PPO's policy and
+  value): None when every parameter of each trains, else params -> {role: mask}. `with_adapters`:
+  {role: whether its model has LoRA adapters}, the policy first. Each model trains what
+  trainable_fn gives a one-model stage (its adapters with LoRA, else TRAINABLE's patterns), and
+  a model with a scalar head (the value model) always trains that head: a critic must learn the
+  returns. The patterns must match a parameter of the first model; the others share its trunk's
+  paths and take those that name theirs."""
+  trainable = trainable_setting() if trainable is None else trainable
+  if trainable == "all" and not any(with_adapters.values()):
+    return None
+  from lmtrain.model import lora as lora_lib
+  patterns = [] if trainable == "all" else ([trainable] if isinstance(trainable, str)
+                                            else list(trainable))
+  first = next(iter(with_adapters))
+
+  def role_mask(role, tree):
+    if with_adapters[role]:
+      own = lora_lib.trainable_patterns(tree)
+    elif trainable == "all":
+      return jax.tree.map(lambda _: True, tree)
+    else:
+      own = [name for name in lora_lib.SCALAR_HEAD if name in tree]
+    return trainable_mask(tree, own + patterns, require_match=role == first)
+
+  return lambda params: {role: role_mask(role, tree) for role, tree in params.items()}
+
+
+def trainable_mask(params, trainable="all", require_match: bool = True):
   """True for the parameters a stage trains: every one for `'all'` (TRAINABLE's default), else those
   whose path (param_path) fully matches one of the regular expressions in `trainable`, e.g.
   `['final_norm/.*', 'lm_head']` for the head only or `['layers/mlp/.*']` for the MLPs. The others
-  are frozen: no gradient, no optimizer state, left bit for bit as loaded."""
+  are frozen: no gradient, no optimizer state, left bit for bit as loaded. `require_match`: a
+  pattern that matches no parameter is an error."""
   if trainable == "all":
     return jax.tree.map(lambda _: True, params)
   patterns = [trainable] if isinstance(trainable, str) else list(trainable or [])
@@ -90,7 +119,7 @@ def trainable_mask(params, trainable="all"):
   flat = jax.tree_util.tree_leaves_with_path(params)
   paths = [param_path(path) for path, _ in flat]
   for pattern, regex in zip(patterns, compiled):
-    if not any(regex.fullmatch(p) for p in paths):
+    if require_match and not any(regex.fullmatch(p) for p in paths):
       raise UserError(f"TRAINABLE: {pattern!r} matches no parameter; the parameters are "
                       f"{', '.join(paths)}")
   keep = [any(r.fullmatch(p) for r in compiled) for p in paths]

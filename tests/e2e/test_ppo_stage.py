@@ -1,6 +1,8 @@
 """`lmtrain ppo` and `lmtrain grpo` through the command line: roles loaded from their parents, every
-PPO metric logged, the KL controller and frozen roles in the checkpoint, bit-exact resume, errors."""
+PPO metric logged, the KL controller and frozen roles in the checkpoint, bit-exact resume (with
+LoRA too), errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,7 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from lmtrain.model import transformer
+from lmtrain.model import lora, transformer
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.state import TrainState
 import util
@@ -32,7 +34,6 @@ def parents(tmp_path_factory, tokenizer_path):
   root = str(tmp_path_factory.mktemp("parents"))
   shutil.copy(tokenizer_path, os.path.join(root, "tokenizer.model"))
   for stage, head, seed in (("sft", "lm", 0), ("reward", "scalar", 1)):
-    import dataclasses
     params = util.init_params(dataclasses.replace(TINY, head=head), seed)
     state = TrainState.create(params, optax.sgd(0.1), jax.random.PRNGKey(0))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(root, stage, "checkpoints"))
@@ -139,6 +140,60 @@ def test_ppo_logs_every_metric_keeps_roles_frozen_and_resumes_bit_exactly(parent
 
 
 @pytest.mark.slow
+def test_lora_ppo_trains_adapters_over_frozen_parents_and_resumes_bit_exactly(parents, tmp_path):
+  args = ppo_args(parents, f"--gin.REWARD_FROM={parents}/reward", "--gin.TRAIN_STEPS=2",
+                  "--gin.LORA_RANK=4", "--gin.LORA_ALPHA=8",
+                  "--gin.LORA_TARGETS=['q', 'v', 'down']")
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  proc = lmtrain("ppo", "--workdir", straight, *args)
+  # The resumed run without the held-out evaluation (it trains the same), to keep the test short.
+  unevaluated = [*args, "--gin_param=ppo.build.eval_examples=0"]
+  lmtrain("ppo", "--workdir", split, *unevaluated, "--gin_param=LoopConfig.stop_after=1")
+  lmtrain("ppo", "--workdir", split, *unevaluated)
+
+  train = [r for r in rows(straight, "ppo") if "loss" in r]
+  assert train[0]["kl"] == 0.0  # the reference, the base without adapters, is the policy at first
+  resumed = [r for r in rows(split, "ppo") if "loss" in r and r["step"] == 2]
+  for key in ("loss", "kl", "reward_mean", "grad_norm", "value_loss"):
+    assert resumed[0][key] == train[1][key], key
+  end = restore(os.path.join(straight, "ppo", "checkpoints", "2"))
+  jax.tree.map(np.testing.assert_array_equal, end,
+               restore(os.path.join(split, "ppo", "checkpoints", "2")))
+
+  # No reference copy; the policy's base is the SFT model's weights and the value model's trunk
+  # the reward model's, bit for bit; the adapters (and the value head) moved.
+  assert set(end["extras"]) == {"reward", "kl_ctl"}
+  sft = restore(os.path.join(parents, "sft", "checkpoints", "3"))["params"]
+  rm = restore(os.path.join(parents, "reward", "checkpoints", "3"))["params"]
+  policy, value = end["params"]["policy"], end["params"]["value"]
+  jax.tree.map(np.testing.assert_array_equal, lora.without_adapters(policy), sft)
+  trunk = lambda p: {k: v for k, v in p.items() if k not in (lora.KEY, "score", "score_bias")}
+  jax.tree.map(np.testing.assert_array_equal, trunk(value), trunk(rm))
+  jax.tree.map(np.testing.assert_array_equal, end["extras"]["reward"], rm)
+  for model in (policy, value):
+    assert sorted(model[lora.KEY]) == ["down", "q", "v"]
+    assert all(np.abs(ad["b"]).max() > 0 for ad in model[lora.KEY].values())
+
+  # The start-up block counts the adapters and the value head as trained, the rest as frozen
+  # (the reward model's scalar bias aside, as for every frozen role).
+  cfg = dataclasses.replace(TINY, lora_rank=4, lora_alpha=8.0, lora_targets=("q", "v", "down"))
+  size = lambda tree: sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+  adapters = 2 * lora.adapter_count(transformer.abstract_model(cfg)[1])
+  trained = adapters + TINY.d_model + 1
+  total = (size(transformer.abstract_model(cfg)[1])
+           + size(transformer.abstract_model(dataclasses.replace(cfg, head="scalar"))[1])
+           + size(rm) - 1)
+  assert (f"  parameters  {total / 1e6:,.2f}M ({trained:,} trained, "
+          f"{(total - trained) / 1e6:,.2f}M frozen)\n") in proc.stdout
+  # `lmtrain sample` loads the policy's base and adapters
+  model_json = json.load(open(os.path.join(straight, "ppo", "model.json")))
+  assert model_json["lora_rank"] == 4
+  out = lmtrain("sample", "--checkpoint", os.path.join(straight, "ppo"), "--prompt",
+                "What is 1 + 2?", "--greedy", "--max_new_tokens", "4")
+  assert "What is 1 + 2?" in out.stdout
+
+
+@pytest.mark.slow
 def test_grpo_with_a_scorer_as_reward_has_no_critic(parents, tmp_path):
   workdir = str(tmp_path / "grpo")
   lmtrain("grpo", "--workdir", workdir, *ppo_args(parents, "--gin.TRAIN_STEPS=2",
@@ -161,7 +216,8 @@ def test_ppo_errors_are_one_line(parents, tmp_path):
   bad_prompts.write_text(json.dumps({"prompt": "no answer here"}) + "\n")
   cases = [
       (["--gin.REWARD=oracle"], "REWARD='oracle'"),
-      (["--gin.TRAINABLE=['lm_head']"], "TRAINABLE=['lm_head']: ppo trains every weight"),
+      (["--gin.LORA_RANK=4", "--gin.TRAINABLE=['lm_head']"],
+       "TRAINABLE=['lm_head'] with LORA_RANK=4: ppo's reference is the base without the adapters"),
       ([f"--gin.REWARD_FROM={tmp_path}/nowhere"], "nowhere: no checkpoints there"),
       ([f"--gin.TRAIN_DATA={bad_prompts}", f"--gin.REWARD_FROM={parents}/reward"],
        'record has no "task" field'),

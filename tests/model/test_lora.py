@@ -220,8 +220,8 @@ def test_the_memory_plan_counts_the_frozen_base_without_gradients():
                                      "adapters would leave frozen at random"),
     ("dpo", {"LORA_RANK": "4", "TRAINABLE": "['lm_head']"},
      "TRAINABLE=['lm_head'] with LORA_RANK=4: DPO's reference is the base without the adapters"),
-    ("ppo", {"LORA_RANK": "4"}, "LORA_RANK=4: ppo trains every weight of the policy and value "
-                                "model for now"),
+    ("ppo", {"LORA_RANK": "4", "TRAINABLE": "['lm_head']"},
+     "TRAINABLE=['lm_head'] with LORA_RANK=4: ppo's reference is the base without the adapters"),
 ])
 def test_stages_that_cannot_take_lora_refuse_it_in_one_line(tmp_path, stage, macros, expected):
   import gin

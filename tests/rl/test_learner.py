@@ -1,5 +1,6 @@
 """PPO and GRPO: the rollout layout, the update's exactness properties, sharding invariance, and
-that both actually raise a rule-based score with bounded KL."""
+that both actually raise a rule-based score with bounded KL; with LoRA and TRAINABLE, that only the
+trained parameters move and the reference is the adapter-free base."""
 
 import dataclasses
 import functools
@@ -14,7 +15,7 @@ import pytest
 from lmtrain import bench, parallel
 from lmtrain.errors import UserError
 from lmtrain.model import generate as generate_lib
-from lmtrain.model import transformer
+from lmtrain.model import lora, transformer
 from lmtrain.rl import core as rl, learner, rollout as rollout_lib, stage as rl_stage
 from lmtrain.rl.config import RLConfig
 from lmtrain.train import optim
@@ -29,19 +30,41 @@ EOS, PAD = 1, 0
 PROMPT_LEN, NEW = 8, 6
 
 
-def setup(cfg: RLConfig, lr=1e-3, seed=0, weight_decay=0.0):
-  """(graphdefs, optimizer, schedule, state) with policy == reference and value == reward."""
-  pgd, _, _ = transformer.abstract_model(POLICY)
-  vgd, _, _ = transformer.abstract_model(VALUE)
+def with_lora(cfg, rank):
+  return dataclasses.replace(cfg, lora_rank=rank, lora_alpha=8.0) if rank else cfg
+
+
+def setup(cfg: RLConfig, lr=1e-3, seed=0, weight_decay=0.0, rank=0):
+  """(graphdefs, optimizer, schedule, state) with policy == reference and value == reward. With
+  `rank`, policy and value have fresh LoRA adapters of that rank over those weights, the
+  optimizer trains the adapters and the value head, and there is no reference copy (as
+  RLStep.init makes them)."""
+  pgd, policy_abs, _ = transformer.abstract_model(with_lora(POLICY, rank))
+  vgd, value_abs, _ = transformer.abstract_model(with_lora(VALUE, rank))
+  rgd, _, _ = transformer.abstract_model(VALUE)
   policy = util.init_params(POLICY, seed)
   value = util.init_params(VALUE, seed + 1)
-  schedule = optax.constant_schedule(lr)
-  optimizer = optim.make_optimizer(schedule, weight_decay=weight_decay, clip_norm=1.0)
-  params = {"policy": policy} if cfg.algorithm == "grpo" else {"policy": policy, "value": value}
-  extras = {"reference": jax.tree.map(jnp.copy, policy), "reward": jax.tree.map(jnp.copy, value),
+  reward = jax.tree.map(jnp.copy, value)
+  extras = {"reference": jax.tree.map(jnp.copy, policy), "reward": reward,
             "kl_ctl": rl.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)}
+  if rank:
+    policy = {**policy, lora.KEY: lora.fresh_adapters(policy_abs[lora.KEY],
+                                                      jax.random.PRNGKey(seed + 10))}
+    value = {**value, lora.KEY: lora.fresh_adapters(value_abs[lora.KEY],
+                                                    jax.random.PRNGKey(seed + 11))}
+    del extras["reference"]
+  schedule = optax.constant_schedule(lr)
+  params = {"policy": policy} if cfg.algorithm == "grpo" else {"policy": policy, "value": value}
+  optimizer = optim.make_optimizer(schedule, weight_decay=weight_decay, clip_norm=1.0,
+                                   trainable=trainable_of(params))
   state = TrainState.create(params, optimizer, jax.random.PRNGKey(seed), extras)
-  return (pgd, None if cfg.algorithm == "grpo" else vgd, vgd), optimizer, schedule, state
+  return (pgd, None if cfg.algorithm == "grpo" else vgd, rgd), optimizer, schedule, state
+
+
+def trainable_of(params):
+  """The RL stage's mask function for these roles (their adapters; None without LoRA)."""
+  return optim.roles_trainable_fn({role: lora.has_adapters(p) for role, p in params.items()},
+                                  "all")
 
 
 def prompts(batch, seed=0, vocab=POLICY.vocab_size):
@@ -64,7 +87,8 @@ def make_rollout(graphdefs, cfg, state, prompt, length, seed=5):
 
 def run_update(graphdefs, cfg, optimizer, schedule, state, data, score):
   pgd, vgd, _ = graphdefs
-  fn = jax.jit(functools.partial(learner.update, pgd, vgd, cfg, optimizer, schedule))
+  fn = jax.jit(functools.partial(learner.update, pgd, vgd, cfg, optimizer, schedule,
+                                 trainable=trainable_of(state.params)))
   return fn(state, data, score)
 
 
@@ -166,6 +190,132 @@ def test_first_minibatch_is_exact_and_frozen_roles_stay_bit_identical():
   assert float(metrics2["kl"]) != 0.0
 
 
+def test_lora_ppo_trains_only_adapters_and_value_head_against_the_adapter_free_base():
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2,
+                  kl_coef=0.1)
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3, rank=4)
+  base_graphdefs, _, _, base_state = setup(cfg)  # the SFT policy (and reward model) alone
+  assert "reference" not in state.extras  # no second copy of the policy's weights
+  prompt, length = prompts(8)
+  data = make_rollout(graphdefs, cfg, state, prompt, length)
+  # Fresh adapters (B = 0) decode exactly as the base model does.
+  base_data = make_rollout(base_graphdefs, cfg, base_state, prompt, length)
+  np.testing.assert_array_equal(data["response"], base_data["response"])
+  # The reference's log-probs are the SFT base model's, and the LoRA policy's equal them at init.
+  old = learner.evaluate_roles(graphdefs[0], graphdefs[1], cfg, state.params, state.extras, data)
+  base_old = learner.evaluate_roles(base_graphdefs[0], base_graphdefs[1], cfg, base_state.params,
+                                    base_state.extras, data)
+  np.testing.assert_array_equal(old["ref_logp"], base_old["logp"])
+  np.testing.assert_array_equal(old["logp"], old["ref_logp"])
+
+  before = jax.device_get(state.params)
+  new_state, metrics, per_mb = run_update(graphdefs, cfg, optimizer, schedule, state, data,
+                                          data["rm_score"])
+  assert float(metrics["kl"]) == 0.0
+  assert float(per_mb["approx_kl"][0]) == 0.0 and float(per_mb["clipfrac"][0]) == 0.0
+  assert float(per_mb["approx_kl"][-1]) > 0
+  after = jax.device_get(new_state.params)
+  trained = []
+  for path, old_leaf in jax.tree_util.tree_leaves_with_path(before):
+    name = optim.param_path(path)
+    new_leaf = after
+    for k in path:
+      new_leaf = new_leaf[k.key]
+    if np.array_equal(old_leaf, new_leaf):
+      continue
+    trained.append(name)
+  # Every B moves off zero (A too: its gradient is nonzero once B is); the value model's head
+  # moves; nothing else changes by a bit.
+  targets = transformer.LORA_TARGETS
+  assert sorted(trained) == sorted([f"{role}/lora/{t}/{x}" for role in ("policy", "value")
+                                    for t in targets for x in "ab"]
+                                   + ["value/score", "value/score_bias"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extras["reward"]),
+               jax.device_get(new_state.extras["reward"]))
+  # AdamW's moments are the trained leaves' only (score_bias's are scalars, counted out with
+  # Adam's step counts).
+  trained_count = (lora.adapter_count(before["policy"]) + lora.adapter_count(before["value"])
+                   + before["value"]["score"].size)
+  moments = sum(int(np.size(x)) for x in jax.tree.leaves(new_state.opt_state) if np.ndim(x))
+  assert moments == 2 * trained_count
+  # The next iteration measures a KL against the unchanged base.
+  data2 = make_rollout(graphdefs, cfg, new_state, *prompts(8, seed=1))
+  _, metrics2, _ = run_update(graphdefs, cfg, optimizer, schedule, new_state, data2,
+                              data2["rm_score"])
+  assert float(metrics2["kl"]) != 0.0
+
+
+def test_lora_rollout_decodes_merged_weights_as_base_plus_adapters_would():
+  cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW)
+  lora_cfg = with_lora(POLICY, 4)
+  pgd, abstract, _ = transformer.abstract_model(lora_cfg)
+  keys = iter(jax.random.split(jax.random.PRNGKey(7), 2 * len(transformer.LORA_TARGETS)))
+  adapters = {t: {x: 0.3 * jax.random.normal(next(keys), a.shape) for x, a in ad.items()}
+              for t, ad in abstract[lora.KEY].items()}  # trained-looking: B far from zero
+  params = {**util.init_params(POLICY, 0), lora.KEY: adapters}
+  prompt, length = jnp.asarray(prompts(8)[0]), jnp.asarray(prompts(8)[1])
+  kwargs = dict(eos_id=EOS, pad_id=PAD, greedy=True)
+  merged = jax.jit(lambda p: rollout_lib.rollout(pgd, None, cfg, p, None, prompt, length,
+                                                 jax.random.PRNGKey(0), **kwargs))(params)
+  unmerged = generate_lib.generate(pgd, params, prompt, length, jax.random.PRNGKey(0),
+                                   max_new_tokens=NEW, left_padded=True, **kwargs)
+  base = generate_lib.generate(transformer.abstract_model(POLICY)[0], util.init_params(POLICY, 0),
+                               prompt, length, jax.random.PRNGKey(0), max_new_tokens=NEW,
+                               left_padded=True, **kwargs)
+  np.testing.assert_array_equal(merged["response"], unmerged.tokens)
+  assert not np.array_equal(np.asarray(unmerged.tokens), np.asarray(base.tokens))  # they matter
+  # The decode copy the memory plan counts is the base model's shapes.
+  mesh = util.mesh_of({"data": 1, "fsdp": 1, "tensor": 1})
+  assert (rollout_lib.rollout_memory(lora_cfg, "float32", mesh, 8, 13)["decode weights"]
+          == 4 * POLICY.param_count())
+
+
+def test_grpo_with_trainable_head_only_moves_only_the_head():
+  cfg = RLConfig(algorithm="grpo", group_size=4, prompt_len=PROMPT_LEN, max_new_tokens=NEW,
+                  epochs=1, num_minibatches=2, kl_coef=0.1)
+  graphdefs, _, schedule, state = setup(cfg, lr=3e-3)
+  head = ["final_norm/scale", "lm_head"]
+  trainable = optim.roles_trainable_fn({"policy": False}, head)
+  optimizer = optim.make_optimizer(schedule, weight_decay=0.0, trainable=trainable)
+  state = TrainState.create(state.params, optimizer, state.rng, state.extras)
+  prompt, length = prompts(2)
+  data = make_rollout(graphdefs, cfg, state, np.repeat(prompt, 4, 0), np.repeat(length, 4, 0))
+  spread = jnp.array([0.0, 1.0, 0.0, 1.0, 0.2, 0.9, 0.2, 0.2])
+  new_state, metrics, per_mb = jax.jit(functools.partial(
+      learner.update, graphdefs[0], None, cfg, optimizer, schedule, trainable=trainable))(
+          state, data, spread)
+  assert float(metrics["kl"]) == 0.0 and float(per_mb["approx_kl"][0]) == 0.0
+  before, after = jax.device_get(state.params["policy"]), jax.device_get(new_state.params["policy"])
+  assert not np.array_equal(before["lm_head"], after["lm_head"])
+  assert not np.array_equal(before["final_norm"]["scale"], after["final_norm"]["scale"])
+  for name in ("embed", "layers"):
+    jax.tree.map(np.testing.assert_array_equal, before[name], after[name])
+  moments = sum(int(np.size(x)) for x in jax.tree.leaves(new_state.opt_state) if np.ndim(x))
+  assert moments == 2 * (before["lm_head"].size + before["final_norm"]["scale"].size)
+  # PPO's value model trains the same patterns plus its scalar head; a pattern that names no
+  # parameter of the policy is an error.
+  params = {"policy": before, "value": util.init_params(VALUE, 1)}
+  masks = optim.roles_trainable_fn({"policy": False, "value": False}, head)(params)
+  trained = lambda mask: sorted(optim.param_path(p) for p, m in
+                                jax.tree_util.tree_leaves_with_path(mask) if m)
+  assert trained(masks["policy"]) == ["final_norm/scale", "lm_head"]
+  assert trained(masks["value"]) == ["final_norm/scale", "score", "score_bias"]
+  with pytest.raises(UserError, match="TRAINABLE: 'score' matches no parameter"):
+    optim.roles_trainable_fn({"policy": False, "value": False}, ["score"])(params)
+
+
+def test_role_masks_with_lora_on_the_policy_only():
+  # make_stage.value_lora=False: the policy trains its adapters, the value model every weight.
+  params = {"policy": transformer.abstract_model(with_lora(POLICY, 4))[1],
+            "value": transformer.abstract_model(VALUE)[1]}
+  masks = optim.roles_trainable_fn({"policy": True, "value": False}, "all")(params)
+  trained = sorted(optim.param_path(p) for p, m in
+                   jax.tree_util.tree_leaves_with_path(masks["policy"]) if m)
+  assert trained == sorted(f"lora/{t}/{x}" for t in transformer.LORA_TARGETS for x in "ab")
+  assert all(jax.tree.leaves(masks["value"]))
+  assert optim.roles_trainable_fn({"policy": False, "value": False}, "all") is None
+
+
 def test_missing_eos_penalty_and_reward_sum():
   cfg = RLConfig(prompt_len=PROMPT_LEN, max_new_tokens=NEW, missing_eos_penalty=-2.5,
                   epochs=1, num_minibatches=1, kl_coef=0.0)
@@ -215,26 +365,29 @@ def test_grpo_groups_of_equal_scores_give_zero_gradient():
   assert "value_loss" not in metrics
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm):
+@pytest.mark.parametrize("algorithm,rank", [("ppo", 0), ("grpo", 0), ("ppo", 4)],
+                         ids=["ppo", "grpo", "ppo-lora"])
+def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm, rank):
   cfg = RLConfig(algorithm=algorithm, group_size=2 if algorithm == "grpo" else 1,
                   prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2)
-  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3, rank=rank)
   data = make_rollout(graphdefs, cfg, state, *prompts(8))
   score = data["rm_score"]
   results = []
   for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
     mesh, rules = util.mesh_of(shape), parallel.axis_rules()
-    names = {"policy": transformer.abstract_model(POLICY)[2]}
+    names = {"policy": transformer.abstract_model(with_lora(POLICY, rank))[2]}
     if cfg.algorithm != "grpo":
-      names["value"] = transformer.abstract_model(VALUE)[2]
-    extras_names = {"reference": names["policy"], "reward": transformer.abstract_model(VALUE)[2],
+      names["value"] = transformer.abstract_model(with_lora(VALUE, rank))[2]
+    extras_names = {"reward": transformer.abstract_model(VALUE)[2],
                     "kl_ctl": {k: () for k in state.extras["kl_ctl"]}}
+    if not rank:
+      extras_names["reference"] = names["policy"]
     shardings = state_shardings(mesh, rules, state, names, extras_names)
     rows = jax.tree.map(lambda x: parallel.batch_sharding(mesh, rules, x.ndim), data)
     with parallel.activate(mesh, rules):
       fn = jax.jit(functools.partial(learner.update, graphdefs[0], graphdefs[1], cfg, optimizer,
-                                     schedule),
+                                     schedule, trainable=trainable_of(state.params)),
                    in_shardings=(shardings, rows, parallel.replicated(mesh)),
                    out_shardings=(shardings, parallel.replicated(mesh),
                                   parallel.replicated(mesh)))
