@@ -151,7 +151,9 @@ MACRO_CHECKS = {
     "MESH_SHAPE": _mesh_shape, "MESH_DCN_SHAPE": _optional(_mesh_shape),
     "MODEL": _text, "TOKENIZER": _text, "TRAIN_DATA": _text, "EVAL_DATA": _optional(_text),
     "INIT_FROM": _optional(_text), "TRAINABLE": _trainable,
+    "TRAINABLE_LAYERS": _optional(_POSITIVE),  # at most the model's layers: LossStep checks
     "LORA_RANK": _COUNT, "LORA_ALPHA": _number(above=0), "LORA_TARGETS": _lora_targets,
+    "LORA_DROPOUT": _number(low=0, below=1),
     # The reward model and DPO.
     "LM_SCORE": _flag, "NORMALIZATION": _text, "DPO_BETA": _number(above=0),
     "DPO_LABEL_SMOOTHING": _number(low=0, below=0.5),

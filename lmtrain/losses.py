@@ -82,14 +82,14 @@ token_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 def lm_loss(model, batch, rng):
   """Summed token cross-entropy where loss_mask is 1, and the number of such tokens. With the
-  model's logits_chunk, the vocabulary projection runs a block of positions at a time."""
-  del rng  # no dropout
+  model's logits_chunk, the vocabulary projection runs a block of positions at a time. `rng`: the
+  training step's key for the adapters' dropout (None in evaluation)."""
   chunk = model.cfg.logits_chunk
   if chunk:
-    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], rng)
     ce = token_cross_entropy(hidden, model.head_matrix(), batch["targets"], chunk)
   else:
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], rng)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   weight = batch["loss_mask"]
   return jnp.sum(ce * weight), jnp.sum(weight), {}

@@ -3,10 +3,13 @@
 With ModelConfig.lora_rank = r > 0 (LORA_RANK), every weight W named in lora_targets (LORA_TARGETS:
 q, k, v, o, gate, up, down) gets an adapter, A [*in, r] and B [r, *out], and the layer computes
 x W + (alpha / r) (x A) B (lmtrain.model.transformer.Adapter). B starts at zero, so a fresh adapter
-leaves the model exactly as loaded. The adapters are one tree of their own beside the base weights,
-`params["lora"][target]["a" | "b"]`, stacked on the layers axis like the blocks and sharded by the
-same logical axes as their weight (the rank axis whole). The stage trains them (and a new scalar
-head), and the rest stays frozen (trainable_patterns; lmtrain.train.optim).
+leaves the model exactly as loaded. With lora_dropout = p > 0 (LORA_DROPOUT) a training step of a
+loss stage (SFT, reward, DPO) computes dropout(x) A B instead, the step's key passed to the model
+(Transformer.hidden's dropout_rng); evaluation and sampling pass none. The adapters are one
+tree of their own beside the base weights, `params["lora"][target]["a" | "b"]`, stacked on the
+layers axis like the blocks and sharded by the same logical axes as their weight (the rank axis
+whole). The stage trains them (and a new scalar head), and the rest stays frozen
+(trainable_patterns; lmtrain.train.optim).
 
 What the adapters mean for the rest of the system:
 - the base model is the same params without `lora` (without_adapters, base_config): DPO's and
@@ -40,8 +43,8 @@ def has_adapters(params) -> bool:
 
 
 def base_config(cfg):
-  """The model without adapters (the base the adapters sit on)."""
-  return dataclasses.replace(cfg, lora_rank=0)
+  """The model without adapters (the base the adapters sit on), so without their dropout."""
+  return dataclasses.replace(cfg, lora_rank=0, lora_dropout=0.0)
 
 
 def without_adapters(params):

@@ -98,6 +98,9 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple = LORA_TARGETS
+  # The rate of the dropout on each adapter's input (x -> dropout(x) A B, as PEFT does), applied
+  # only where a training step passes a dropout key (Transformer.hidden); 0: none.
+  lora_dropout: float = 0.0
 
   def __post_init__(self):  # read back from model.json, a list
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -146,6 +149,8 @@ class ModelConfig:
                         f"of {', '.join(LORA_TARGETS)}")
       if not self.lora_alpha > 0:
         raise UserError(f"LORA_ALPHA={self.lora_alpha} must be positive")
+    if not 0 <= self.lora_dropout < 1:
+      raise UserError(f"LORA_DROPOUT={self.lora_dropout} must be at least 0 and below 1")
     if self.head_size % 2:
       raise UserError(f"ModelConfig: head size {self.head_size} must be even for rotary embeddings")
     if self.rope_scaling not in ROPE_SCALINGS:
@@ -165,9 +170,10 @@ class ModelConfig:
 
   def architecture(self) -> dict:
     """The fields that give the params their meaning; the rest (remat, dtype, attention kernel,
-    logits chunking) only say how the same function is computed."""
+    logits chunking) only say how the same function is computed, and the adapters' dropout only
+    how it is trained."""
     execution = {"remat", "dtype", "attention_impl", "attention_block", "attention_chunked_from",
-                 "logits_chunk"}
+                 "logits_chunk", "lora_dropout"}
     arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in execution}
     if not self.lora_rank:  # the same model as one written before LoRA existed
       for k in ("lora_rank", "lora_alpha", "lora_targets"):
@@ -217,9 +223,11 @@ class ModelConfig:
 
 @gin.configurable
 def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None, lora_rank: int = 0,
-                 lora_alpha: float = 16.0, lora_targets=LORA_TARGETS) -> ModelConfig:
+                 lora_alpha: float = 16.0, lora_targets=LORA_TARGETS,
+                 lora_dropout: float = 0.0) -> ModelConfig:
   """The `MODEL` preset (gin scope `preset_<name>` of ModelConfig, gin_configs/models/) plus overrides,
-  with LoRA adapters of `lora_rank` (LORA_RANK; 0: none) on `lora_targets`."""
+  with LoRA adapters of `lora_rank` (LORA_RANK; 0: none) on `lora_targets`, their inputs dropped
+  out at `lora_dropout` in training steps."""
   known = sorted(PRESET_NAMES)
   if preset not in known:
     import difflib
@@ -233,9 +241,12 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None, lora
     if bad:
       raise UserError(f"model_config.overrides: unknown ModelConfig fields {sorted(bad)}")
     cfg = dataclasses.replace(cfg, **overrides)
+  if lora_dropout and not lora_rank:
+    raise UserError(f"LORA_DROPOUT={lora_dropout} needs LORA_RANK > 0: it drops out the "
+                    f"adapters' inputs")
   if lora_rank:
     cfg = dataclasses.replace(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                              lora_targets=tuple(lora_targets))
+                              lora_targets=tuple(lora_targets), lora_dropout=lora_dropout)
   return cfg.validate()
 
 
@@ -312,11 +323,18 @@ def rotary(x, positions, freqs):
 
 def project(x, weight, adapters, name: str, dt, in_dims: int = 1):
   """x @ weight in the compute dtype, plus the LoRA adapter's x A B x (alpha / rank) when
-  `adapters` (a layer's LayerAdapters) has one for `name`."""
+  `adapters` (a layer's LayerLora) has one for `name`."""
   y = dense(x, weight[...].astype(dt), in_dims)
   if adapters is not None and name in adapters.targets:
-    y = y + getattr(adapters, name)(x, dt)
+    y = y + adapters(name, x, dt)
   return y
+
+
+def dropout(x, rate: float, rng):
+  """Inverted dropout: each element zeroed with probability `rate` and the others divided by
+  1 - rate, so that the expectation is x."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 class Adapter(nnx.Module):
@@ -342,6 +360,25 @@ class LayerAdapters(nnx.Module):
     self.targets = tuple(cfg.lora_shapes())
     for name, shapes in cfg.lora_shapes().items():
       setattr(self, name, Adapter(shapes, cfg.lora_rank, cfg.lora_scale, rngs))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLora:
+  """A layer's adapters as its projections add them. With `dropout_rng` (a training step's key
+  for this layer; ModelConfig.lora_dropout > 0) each adapter's input first goes through dropout
+  at `rate`, a mask of its own per target; without one the adapters are applied as they are."""
+  adapters: LayerAdapters
+  rate: float = 0.0
+  dropout_rng: jax.Array | None = None
+
+  @property
+  def targets(self):
+    return self.adapters.targets
+
+  def __call__(self, name: str, x, dt):
+    if self.dropout_rng is not None:
+      x = dropout(x, self.rate, jax.random.fold_in(self.dropout_rng, LORA_TARGETS.index(name)))
+    return getattr(self.adapters, name)(x, dt)
 
 
 class Attention(nnx.Module):
@@ -463,7 +500,9 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, _dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                             ("embed", "vocab"))
 
-  def hidden(self, tokens, positions=None, segment_ids=None):
+  def hidden(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
+    """Final hidden states [B, T, D]. `dropout_rng`: a training step's key, for the adapters'
+    input dropout (ModelConfig.lora_dropout); None (evaluation, sampling): no dropout."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -471,7 +510,7 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones_like(tokens)
     vis = attention.Visibility(segment_ids, segment_ids, positions, positions)
     x = self._embed(tokens)
-    merge_layer, layer_state = self._layer_stack()
+    merge_layer, layer_state = self._layer_stack(dropout_rng)
 
     def body(carry, state):
       block, adapters = merge_layer(state)
@@ -483,14 +522,24 @@ class Transformer(nnx.Module):
     x, _ = jax.lax.scan(body, x, layer_state)
     return self.final_norm(x)
 
-  def _layer_stack(self):
-    """(merge(one layer's state) -> (Block, LayerAdapters or None), the states stacked on the
-    layers axis) for a scan over the layers."""
+  def _layer_stack(self, dropout_rng=None):
+    """(merge(one layer's state) -> (Block, LayerLora or None), the states stacked on the
+    layers axis) for a scan over the layers. With `dropout_rng` and a dropout rate, each layer's
+    state carries a dropout key of its own."""
     graphdef, state = nnx.split(self.layers)
     if not hasattr(self, "lora"):
       return (lambda s: (nnx.merge(graphdef, s), None)), state
     lora_def, lora_state = nnx.split(self.lora)
-    return (lambda s: (nnx.merge(graphdef, s[0]), nnx.merge(lora_def, s[1]))), (state, lora_state)
+    rate = self.cfg.lora_dropout
+    stacked = (state, lora_state)
+    if dropout_rng is not None and rate:
+      stacked += (jax.random.split(dropout_rng, self.cfg.num_layers),)
+
+    def merge_layer(s):
+      key = s[2] if len(s) > 2 else None
+      return nnx.merge(graphdef, s[0]), LayerLora(nnx.merge(lora_def, s[1]), rate, key)
+
+    return merge_layer, stacked
 
   def _embed(self, tokens):
     # Rows looked up where the table lives (parallel.lookup): the token ids travel, not the table.
@@ -545,8 +594,8 @@ class Transformer(nnx.Module):
     """[B, T] float32: the scalar head at every position (read one where the caller needs it)."""
     return (hidden.astype(jnp.float32) @ self.score[...]) + self.score_bias[...]
 
-  def __call__(self, tokens, positions=None, segment_ids=None):
-    return self.logits(self.hidden(tokens, positions, segment_ids))
+  def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
+    return self.logits(self.hidden(tokens, positions, segment_ids, dropout_rng))
 
 
 def abstract_model(cfg: ModelConfig):

@@ -331,6 +331,13 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
     raise UserError(f"TRAINABLE={optim.trainable_setting()!r} with LORA_RANK="
                     f"{model_cfg.lora_rank}: {name}'s reference is the base without the "
                     f"adapters, so with LoRA only the adapters may train (TRAINABLE='all')")
+  if model_cfg.lora_dropout:
+    raise UserError(f"LORA_DROPOUT={model_cfg.lora_dropout}: {name} takes no dropout (its ratios "
+                    f"compare the policy with the rollouts' log-probs); set LORA_DROPOUT = 0.0")
+  if optim.trainable_layers_setting() is not None:
+    raise UserError(f"TRAINABLE_LAYERS={optim.trainable_layers_setting()!r}: {name} does not "
+                    f"restrict training to the last layers; use the loss stages (pretrain, SFT, "
+                    f"reward, DPO) or TRAINABLE patterns")
   if reward not in ("model", "scorer"):
     raise UserError(f"REWARD={reward!r}: choose 'model' (the reward model) or 'scorer'")
   if reward == "scorer" and not scorer:

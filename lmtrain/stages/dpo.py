@@ -9,6 +9,7 @@ reference, so the loss is ln 2.
 """
 
 import gin
+import jax
 import jax.numpy as jnp
 
 from lmtrain.data import demo, preference, sft as sft_data
@@ -24,19 +25,24 @@ from lmtrain.train.loop import LoopConfig, Stage
 from lmtrain.train.step import LossStep
 
 
-def completion_logprobs(model, batch, side: str):
-  """[B] summed log-probs of the response tokens of `side` (chosen or rejected)."""
+def completion_logprobs(model, batch, side: str, dropout_rng=None):
+  """[B] summed log-probs of the response tokens of `side` (chosen or rejected); with a training
+  step's `dropout_rng`, the adapters' inputs dropped out."""
   tokens = batch[f"{side}_inputs"]
   hidden = model.hidden(tokens[:, :-1], batch[f"{side}_positions"][:, :-1],
-                        batch[f"{side}_segment_ids"][:, :-1])
+                        batch[f"{side}_segment_ids"][:, :-1], dropout_rng)
   mask = batch[f"{side}_loss_mask"][:, 1:]
   return rl.token_logprobs(model, hidden, tokens[:, 1:], mask)[0].sum(-1)
 
 
 def make_dpo_loss(beta: float, label_smoothing: float):
   def dpo_loss(model, batch, rng, reference):
-    del rng
-    policy = [completion_logprobs(model, batch, s) for s in ("chosen", "rejected")]
+    # With LORA_DROPOUT the policy's adapters drop out their inputs in training steps (rng None
+    # in evaluation), chosen and rejected with masks of their own; the reference has no adapters.
+    keys = (jax.random.split(rng) if rng is not None and model.cfg.lora_dropout
+            else (None, None))
+    policy = [completion_logprobs(model, batch, s, key)
+              for s, key in zip(("chosen", "rejected"), keys)]
     ref = [completion_logprobs(reference, batch, s) for s in ("chosen", "rejected")]
     loss, metrics = rl.dpo_loss(*policy, *ref, beta=beta, label_smoothing=label_smoothing)
     n = jnp.asarray(policy[0].shape[0], jnp.float32)

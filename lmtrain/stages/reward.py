@@ -39,21 +39,21 @@ from lmtrain.train.step import LossStep
 RESPONSE_FEATURES = ("inputs", "positions", "segment_ids", "loss_mask")
 
 
-def ranking_scores(model, batch):
+def ranking_scores(model, batch, dropout_rng=None):
   """[B, K] the score of every response of the batch's B rankings: one forward pass over its
-  B * K rows."""
+  B * K rows (with a training step's `dropout_rng`, the adapters' inputs dropped out)."""
   shape = batch["inputs"].shape
   rows = {k: batch[k].reshape(-1, shape[-1]) for k in RESPONSE_FEATURES}
   scores = rl.reward_scores(model, rows["inputs"], rows["positions"], rows["segment_ids"],
-                            rows["loss_mask"])
+                            rows["loss_mask"], dropout_rng)
   return scores.reshape(shape[:-1])
 
 
 def reward_loss(model, batch, rng):
   """Summed over the rankings of the batch that hold a pair (the step divides by their global
-  count); the metrics are sums over the pairs, their count the METRIC_WEIGHT."""
-  del rng
-  loss, metrics = rl.ranking_reward_loss(ranking_scores(model, batch), batch["ranks"],
+  count); the metrics are sums over the pairs, their count the METRIC_WEIGHT. `rng`: the step's
+  key for the adapters' dropout (None in evaluation)."""
+  loss, metrics = rl.ranking_reward_loss(ranking_scores(model, batch, rng), batch["ranks"],
                                          batch["valid"], batch["margin"])
   rankings, pairs = metrics.pop("rankings"), metrics.pop("pairs")
   return (loss * rankings, rankings,

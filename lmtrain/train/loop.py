@@ -129,11 +129,12 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
   trained = size(state.params)
   frozen = sum(int(x.size) for x in jax.tree.leaves(state.extras)
                if x.ndim >= 1 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
+  # TRAINABLE, TRAINABLE_LAYERS or LoRA: the params left out are frozen too.
   trainable = stage.step.trainable()
-  if trainable is not None:  # TRAINABLE or LoRA: the params left out are frozen too
-    held = sum(int(x.size) for x, m in zip(jax.tree.leaves(state.params),
-                                           jax.tree.leaves(trainable(state.params))) if not m)
-    trained, frozen = trained - held, frozen + held
+  held = trained - optim.trained_count(
+      state.params, None if trainable is None else trainable(state.params),
+      stage.step.trainable_layers())
+  trained, frozen = trained - held, frozen + held
   axes = " x ".join(f"{name} {n}" for name, n in mesh.shape.items())
   device = jax.devices()[0]
   tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -211,7 +212,8 @@ def resume_keys(stage: Stage, cfg: LoopConfig, workdir: str) -> dict:
       json.dumps(fileio.absolute(workdir) + "/")[1:-1], "DIR/"))
   keys = {"TRAIN_DATA": sources, "BATCH_SIZE": cfg.batch_size,
           "SEQ_LEN": cfg.seq_len, "MODEL": stage.step.model_config.architecture(),
-          "TRAINABLE": optim.trainable_setting()}
+          "TRAINABLE": optim.trainable_setting(),
+          "TRAINABLE_LAYERS": optim.trainable_layers_setting()}
   if stage.tokenizer_path:
     keys["TOKENIZER"] = prepare.tokenizer_sha256(stage.tokenizer_path)
   return keys
@@ -221,9 +223,10 @@ def check_resume(stage_dir: str, keys: dict, allow_change: bool) -> dict:
   """Before a resume restores anything: the settings that break exactness (resume_keys) must be
   those of the run that wrote the checkpoints, unless allowed (then recorded in lineage.json)."""
   changes = ckpt_lib.resume_changes(stage_dir, keys)
-  if "TRAINABLE" in changes:  # another optimizer state: the checkpoints cannot be restored
-    raise UserError(f"{stage_dir}: resuming with another "
-                    f"{ckpt_lib.describe_changes({'TRAINABLE': changes['TRAINABLE']})}; "
+  # Another optimizer state or mask: the checkpoints cannot be restored, or not continued exactly.
+  masks = {k: changes[k] for k in ("TRAINABLE", "TRAINABLE_LAYERS") if k in changes}
+  if masks:
+    raise UserError(f"{stage_dir}: resuming with another {ckpt_lib.describe_changes(masks)}; "
                     f"the checkpoints hold the optimizer state of the parameters trained before; "
                     f"use a new --workdir (INIT_FROM this one to start from its weights)")
   if changes and not allow_change:

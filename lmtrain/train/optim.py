@@ -4,6 +4,7 @@ import re
 
 import gin
 import jax
+import jax.numpy as jnp
 import optax
 
 from lmtrain.errors import UserError
@@ -53,6 +54,62 @@ def param_path(path) -> str:
 def trainable_setting(trainable="all"):
   """TRAINABLE: 'all', or the patterns of trainable_mask."""
   return trainable
+
+
+@gin.configurable
+def trainable_layers_setting(last=None):
+  """TRAINABLE_LAYERS: None (every layer), or N: the stacked layer weights train in their last N
+  layers only (restrict_layers)."""
+  return last
+
+
+def check_trainable_layers(last, num_layers: int):
+  """A one-line UserError unless TRAINABLE_LAYERS is None or a whole number in [1, num_layers]."""
+  if last is None:
+    return
+  if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= num_layers:
+    raise UserError(f"TRAINABLE_LAYERS={last!r} must be None (every layer) or a whole number "
+                    f"from 1 to the model's {num_layers} layers")
+
+
+def _stacked(path) -> bool:
+  """Whether a parameter is stacked on a leading layers axis: the blocks' weights and their LoRA
+  adapters (lmtrain.model.lora.KEY)."""
+  from lmtrain.model import lora
+  return getattr(path[0], "key", None) in ("layers", lora.KEY)
+
+
+def _last_layers(x, last: int):
+  """[layers, 1, ...]: True for the last `last` layers of `x`, stacked on its leading axis."""
+  layers = x.shape[0]
+  return (jnp.arange(layers) >= layers - last).reshape((layers,) + (1,) * (x.ndim - 1))
+
+
+def restrict_layers(tree, last: int | None):
+  """`tree` (gradients or updates, shaped like the params) with every stacked leaf zero in its
+  layers before the last `last` (TRAINABLE_LAYERS); None: unchanged. A per-leaf mask cannot
+  freeze part of a stacked weight, so the step zeroes those layers' gradient (before the clip and
+  the gradient norm) and the optimizer their update (AdamW's decoupled weight decay would move
+  them otherwise)."""
+  if last is None:
+    return tree
+
+  def restrict(path, x):
+    return jnp.where(_last_layers(x, last), x, jnp.zeros_like(x)) if _stacked(path) else x
+  return jax.tree_util.tree_map_with_path(restrict, tree)
+
+
+def trained_count(params, mask=None, last: int | None = None) -> int:
+  """How many elements of `params` train: every one of the leaves `mask` marks (None: all), and
+  of a stacked leaf only its last `last` layers (TRAINABLE_LAYERS)."""
+  mask = jax.tree.map(lambda _: True, params) if mask is None else mask
+  total = 0
+  for (path, x), trained in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(mask)):
+    if trained:
+      total += (x.size // x.shape[0] * last if last is not None and _stacked(path)
+                else int(x.size))
+  return total
 
 
 def trainable_fn(trainable=None, lora: bool = False):
@@ -136,20 +193,26 @@ def freeze(params, mask):
 
 @gin.configurable
 def make_optimizer(schedule, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
-                   trainable=None):
+                   trainable=None, trainable_layers=None):
   """Clip -> AdamW over the trained parameters. `trainable`: a mask tree (trainable_mask) or a
-  function of the params giving one; frozen parameters get no optimizer state and no update."""
+  function of the params giving one; frozen parameters get no optimizer state and no update.
+  `trainable_layers` (TRAINABLE_LAYERS): the stacked leaves are updated in their last N layers
+  only; their AdamW moments exist for every layer (the saving is per leaf), and stay zero in the
+  frozen layers, whose gradient the step zeroes (restrict_layers)."""
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=decay_mask))
-  chain = optax.chain(*parts)
-  if trainable is None:
-    return chain
+  optimizer = optax.chain(*parts)
+  if trainable is not None:
+    def labels(params):
+      mask = trainable(params) if callable(trainable) else trainable
+      return jax.tree.map(lambda m: "trained" if m else "frozen", mask)
 
-  def labels(params):
-    mask = trainable(params) if callable(trainable) else trainable
-    return jax.tree.map(lambda m: "trained" if m else "frozen", mask)
-
-  return optax.multi_transform({"trained": chain, "frozen": optax.set_to_zero()}, labels)
+    optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
+                                      labels)
+  if trainable_layers is None:
+    return optimizer
+  return optax.chain(optimizer, optax.stateless(
+      lambda updates, _: restrict_layers(updates, trainable_layers)))

@@ -4,11 +4,12 @@ The contract (StepFactory) is optax-like: `init(loaded, optimizer, rng) -> state
 state from the models the stage starts from, and `compile(ctx, state, batch)` returns
 `step(state, batch) -> (state, metrics)`, compiled for the shardings in ctx. LossStep serves every
 stage that is a loss: it supplies `loss_fn(model, batch, rng) -> (loss_sum, weight, metric_sums)`,
-a sum over the tokens (or pairs, or sequences) of its batch and how many there were. The step
-divides by the total weight of the whole global batch, so gradient accumulation over microbatches
-gives the same update as one big batch. The metric sums are divided by that weight too, unless they
-include a sum of their own weight under losses.METRIC_WEIGHT (a ranking loss averages rankings, its
-accuracy counts their pairs).
+a sum over the tokens (or pairs, or sequences) of its batch and how many there were; `rng` is the
+training step's key for the model's dropout (LORA_DROPOUT: the loss passes it to the model's
+forward), None in evaluation. The step divides by the total weight of the whole global batch, so
+gradient accumulation over microbatches gives the same update as one big batch. The metric sums
+are divided by that weight too, unless they include a sum of their own weight under
+losses.METRIC_WEIGHT (a ranking loss averages rankings, its accuracy counts their pairs).
 """
 
 import abc
@@ -59,10 +60,12 @@ def scan_sum(fn, xs):
 
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbatches: int = 1,
-                    trainable=None, base_reference=None):
+                    trainable=None, base_reference=None, trainable_layers=None):
   """step(state, batch) -> (state, metrics). Metrics are means over the batch's weight (or their
   own, METRIC_WEIGHT).
   `trainable`: params -> mask (optim.trainable_fn); the frozen ones get no gradient.
+  `trainable_layers` (TRAINABLE_LAYERS): the stacked leaves' gradient is zero but in their last N
+  layers (optim.restrict_layers), so the clip and grad_norm see the trained part only.
   `base_reference`: the loss's reference is the params without adapters (_frozen_models)."""
 
   def summed_loss(params, batch, rng, extras):
@@ -86,7 +89,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer, schedule, num_microbat
     denom = jnp.maximum(weight, 1e-9)
     sums = dict(sums)
     metric_denom = jnp.maximum(sums.pop(METRIC_WEIGHT, weight), 1e-9)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    grads = optim.restrict_layers(jax.tree.map(lambda g: g / denom, grads), trainable_layers)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -106,7 +109,7 @@ def make_eval_step(graphdef, loss_fn: LossFn, base_reference=None):
   """eval_step(params, batch) -> sums (loss_sum, weight, metric sums), to be added over batches."""
 
   def eval_step(params, extras, batch):
-    loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, jax.random.PRNGKey(0),
+    loss_sum, weight, sums = loss_fn(merge(graphdef, params), batch, None,
                                      **_frozen_models(graphdef, extras, params, base_reference))
     return {"loss_sum": loss_sum, "weight": weight, **sums}
 
@@ -163,12 +166,19 @@ class StepFactory(abc.ABC):
 
   def optimizer(self, schedule, make_schedule):
     del make_schedule
-    return optim.make_optimizer(schedule, trainable=self.trainable())
+    return optim.make_optimizer(schedule, trainable=self.trainable(),
+                                trainable_layers=self.trainable_layers())
 
   def trainable(self):
     """params -> the mask of the trained ones (optim.trainable_fn: TRAINABLE, and with LoRA the
     adapters), or None when all train."""
     return optim.trainable_fn(lora=self.model_config.lora_rank > 0)
+
+  def trainable_layers(self) -> int | None:
+    """TRAINABLE_LAYERS: the stacked leaves train in their last N layers only; None: all."""
+    last = optim.trainable_layers_setting()
+    optim.check_trainable_layers(last, self.model_config.num_layers)
+    return last
 
   def init(self, loaded, optimizer, rng) -> TrainState:
     return TrainState.create(loaded, optimizer, rng)
@@ -207,6 +217,7 @@ class LossStep(StepFactory):
     self.frozen_reference = frozen_reference
     self.rows_per_example = rows_per_example
     self.base_reference = None
+    self.trainable_layers()  # a bad TRAINABLE_LAYERS fails before anything is loaded
     if frozen_reference and model_config.lora_rank:
       self.base_reference, _, _ = transformer.abstract_model(lora.base_config(model_config))
 
@@ -236,7 +247,8 @@ class LossStep(StepFactory):
   def compile(self, ctx: StepContext, state, batch):
     graphdef, _, _ = transformer.abstract_model(self.model_config)
     step = make_train_step(graphdef, self.loss_fn, ctx.optimizer, ctx.schedule, ctx.microbatches,
-                           trainable=self.trainable(), base_reference=self.base_reference)
+                           trainable=self.trainable(), base_reference=self.base_reference,
+                           trainable_layers=self.trainable_layers())
     # Every batch leaf is split over its leading (batch) axis, whatever its rank.
     batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
     return jax.jit(step, in_shardings=(ctx.shardings, batch_sharding),

@@ -105,11 +105,12 @@ def test_fewer_targets_adapt_only_those_weights():
     assert str(error.value).startswith(message)
 
 
-def lora_setup(mesh, loss_fn=lm_loss, frozen_reference=False):
-  """(jitted step, state, batch sharding, factory) of a LoRA model on `mesh`, as the loop builds
-  them (LossStep's optimizer, init and trainable mask)."""
-  factory = LossStep(LORA, loss_fn, frozen_reference=frozen_reference)
-  graphdef, abstract_params, names = transformer.abstract_model(LORA)
+def lora_setup(mesh, loss_fn=lm_loss, frozen_reference=False, params=None, cfg=LORA):
+  """(jitted step, state, batch sharding, factory) of a LoRA model `cfg` on `mesh`, as the loop
+  builds them (LossStep's optimizer, init and trainable mask), from `params` (default: fresh
+  adapters on util's base)."""
+  factory = LossStep(cfg, loss_fn, frozen_reference=frozen_reference)
+  graphdef, abstract_params, names = transformer.abstract_model(cfg)
   schedule = optax.constant_schedule(1e-2)
   optimizer = factory.optimizer(schedule, None)
   abstract_state = jax.eval_shape(lambda p: factory.init(p, optimizer, jax.random.PRNGKey(0)),
@@ -124,7 +125,8 @@ def lora_setup(mesh, loss_fn=lm_loss, frozen_reference=False):
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, parallel.replicated(mesh)))
   state = jax.jit(lambda p: factory.init(p, optimizer, jax.random.PRNGKey(0)),
-                  out_shardings=shardings)(lora_params(util.init_params()))
+                  out_shardings=shardings)(
+                      lora_params(util.init_params()) if params is None else params)
   return jitted, state, batch_sharding, factory
 
 
@@ -222,6 +224,9 @@ def test_the_memory_plan_counts_the_frozen_base_without_gradients():
      "TRAINABLE=['lm_head'] with LORA_RANK=4: DPO's reference is the base without the adapters"),
     ("ppo", {"LORA_RANK": "4", "TRAINABLE": "['lm_head']"},
      "TRAINABLE=['lm_head'] with LORA_RANK=4: ppo's reference is the base without the adapters"),
+    ("ppo", {"LORA_RANK": "4", "LORA_DROPOUT": "0.1"}, "LORA_DROPOUT=0.1: ppo takes no dropout"),
+    ("grpo", {"LORA_RANK": "4", "LORA_DROPOUT": "0.1"}, "LORA_DROPOUT=0.1: grpo takes no dropout"),
+    ("sft", {"LORA_DROPOUT": "0.1"}, "LORA_DROPOUT=0.1 needs LORA_RANK > 0"),
 ])
 def test_stages_that_cannot_take_lora_refuse_it_in_one_line(tmp_path, stage, macros, expected):
   import gin
@@ -238,3 +243,114 @@ def test_stages_that_cannot_take_lora_refuse_it_in_one_line(tmp_path, stage, mac
     gin.clear_config()
   # (gin adds a line naming the configurable; the CLI prints the first line only)
   assert str(error.value).splitlines()[0].startswith(expected)
+
+
+DROPOUT = dataclasses.replace(LORA, lora_dropout=0.5)
+
+
+def test_lora_dropout_off_is_exactly_the_computation_without_it():
+  """LORA_DROPOUT = 0: a dropout key changes nothing, not one operation, and a train step whose
+  loss passes the key to the model is bit for bit the step that passes none."""
+  params = lora_params(util.init_params(), b_scale=0.05)
+  tokens = jnp.asarray(util.packed_batch(batch_size=2, seq_len=16)["inputs"])
+  model = transformer.merge(transformer.abstract_model(LORA)[0], params)
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(np.asarray(model(tokens, dropout_rng=key)),
+                                np.asarray(model(tokens)))
+  with_key = jax.make_jaxpr(lambda t, k: model(t, dropout_rng=k))(tokens, key)
+  without = jax.make_jaxpr(lambda t: model(t))(tokens)
+  assert len(with_key.eqns) == len(without.eqns)
+  assert "random_bits" not in str(with_key)
+  mesh = util.mesh_of({"data": 1, "fsdp": 1, "tensor": 1})
+  batch = util.packed_batch(batch_size=4, seed=5)
+  runs = []
+  for loss_fn in (lm_loss, lambda model, batch, rng: lm_loss(model, batch, None)):
+    step, state, batch_sharding, _ = lora_setup(mesh, loss_fn, params=params)
+    for _ in range(2):
+      state, metrics = step(state, jax.device_put(batch, batch_sharding))
+    runs.append(jax.device_get((state.params, state.opt_state, metrics)))
+  jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
+
+
+def test_lora_dropout_drops_the_adapters_inputs_unbiased_only_in_training_on_any_mesh():
+  # The dropout itself: kept elements scaled by 1 / (1 - rate), the rest zero.
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 64))
+  dropped = np.asarray(transformer.dropout(x, 0.25, jax.random.PRNGKey(1)))
+  kept = dropped != 0
+  np.testing.assert_allclose(dropped[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert abs(1 - kept.mean() - 0.25) < 0.03
+  # An adapter's output: another key, another output; over many keys, the output without dropout.
+  from flax import nnx
+  layer = transformer.LayerAdapters(DROPOUT, nnx.Rngs(0))
+  layer.q.b[...] = jax.random.normal(jax.random.PRNGKey(2), layer.q.b.shape)
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 64))
+  exact = np.asarray(transformer.LayerLora(layer)("q", x, jnp.float32))
+  n = 4000
+  samples = np.asarray(jax.vmap(
+      lambda k: transformer.LayerLora(layer, 0.5, k)("q", x, jnp.float32))(
+          jax.random.split(jax.random.PRNGKey(4), n)))
+  assert not np.allclose(samples[0], samples[1])
+  z = np.abs(samples.mean(0) - exact) / (samples.std(0) / np.sqrt(n))
+  assert z.max() < 5, z.max()
+  # The train step drops out (with random B the loss moves); evaluation and sampling never do.
+  params = lora_params(util.init_params(), b_scale=0.5)
+  mesh = util.mesh_of({"data": 1, "fsdp": 1, "tensor": 1})
+  batch = util.packed_batch(batch_size=4, seed=5)
+  losses, evals = [], []
+  for cfg in (LORA, DROPOUT):
+    step, state, batch_sharding, factory = lora_setup(mesh, params=params, cfg=cfg)
+    losses.append(float(step(state, jax.device_put(batch, batch_sharding))[1]["loss"]))
+    eval_step = jax.jit(factory.eval_step(lm_loss))
+    evals += [jax.device_get(eval_step(params, {}, jax.tree.map(jnp.asarray, batch)))
+              for _ in range(2)]
+  assert losses[1] != losses[0]
+  # The dropout masks do not depend on the mesh.
+  step, state, batch_sharding, _ = lora_setup(util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}),
+                                              params=params, cfg=DROPOUT)
+  sharded = float(step(state, jax.device_put(batch, batch_sharding))[1]["loss"])
+  assert sharded == pytest.approx(losses[1], rel=1e-5)
+  for other in evals[1:]:
+    jax.tree.map(np.testing.assert_array_equal, other, evals[0])
+  ids, lengths = generate_lib.pad_prompts([[5, 6, 7], [9, 10]], pad_id=0)
+  outs = []
+  for cfg in (LORA, DROPOUT):
+    gen = generate_lib.make_generate(mesh, parallel.axis_rules(), cfg, 2, ids.shape[1],
+                                     max_new_tokens=6, greedy=False, eos_id=2, pad_id=0)
+    outs.append(gen(params, ids, lengths, jax.random.PRNGKey(0)))
+  jax.tree.map(np.testing.assert_array_equal, *jax.device_get(outs))
+
+
+def test_every_loss_stage_drops_out_in_training_only():
+  """SFT's, the reward model's and DPO's losses pass the step's key to the policy: another key,
+  another loss; None (evaluation), the loss without dropout."""
+  from lmtrain.stages.dpo import make_dpo_loss
+  from lmtrain.stages.reward import reward_loss
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 128, (4, 2, 17)).astype(np.int32)
+  ranking = {"inputs": tokens, "positions": np.broadcast_to(np.arange(17, dtype=np.int32),
+                                                            tokens.shape),
+             "segment_ids": np.ones_like(tokens), "loss_mask": np.ones(tokens.shape, np.float32),
+             "ranks": np.tile(np.array([1, 2], np.int32), (4, 1)),
+             "valid": np.ones((4, 2), np.float32), "margin": np.zeros(4, np.float32)}
+  pair = {f"{side}_{k}": ranking[k][:, i] for i, side in enumerate(("chosen", "rejected"))
+          for k in ("inputs", "positions", "segment_ids", "loss_mask")}
+  base = util.init_params()
+  dpo = make_dpo_loss(beta=0.1, label_smoothing=0.0)
+  base_model = transformer.merge(transformer.abstract_model(util.TINY)[0], base)
+  cases = ((lm_loss, util.packed_batch(batch_size=4), "lm"),
+           (reward_loss, ranking, "scalar"),
+           (lambda m, b, r: dpo(m, b, r, reference=base_model), pair, "lm"))
+  for loss_fn, batch, head in cases:
+    losses = {}
+    for cfg in (LORA, DROPOUT):
+      cfg = dataclasses.replace(cfg, head=head)
+      params = transformer.init_fn(cfg)(jax.random.PRNGKey(1))
+      params = {**params, **{k: v for k, v in base.items() if k in params}}
+      params[lora.KEY] = lora_params(base, b_scale=0.5)[lora.KEY]
+      graphdef = transformer.abstract_model(cfg)[0]
+      three = jax.jit(lambda p, b, keys, loss_fn=loss_fn, graphdef=graphdef: [
+          loss_fn(transformer.merge(graphdef, p), b, key)[0] for key in (None, *keys)])
+      losses[cfg.lora_dropout] = [float(x) for x in three(
+          params, batch, jax.random.split(jax.random.PRNGKey(0)))]
+    assert losses[0.5][0] == losses[0.0][0] == losses[0.0][1] == losses[0.0][2], head
+    assert losses[0.5][1] != losses[0.5][2] and losses[0.5][1] != losses[0.5][0], head

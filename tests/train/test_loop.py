@@ -265,3 +265,17 @@ def test_the_start_up_block_says_small_epoch_counts_in_significant_digits():
   # A short run over a large corpus reads a sliver of one epoch: not "0.00 epochs".
   assert loop._epochs(512 / 573_340) == "0.00089"
   assert loop._epochs(0.1418) == "0.14" and loop._epochs(2.0) == "2.00" and loop._epochs(0) == "0.00"
+
+
+def test_a_resume_with_other_trainable_layers_is_refused_even_when_changes_are_allowed(tmp_path):
+  """TRAINABLE_LAYERS is a resume key like TRAINABLE: another one is another optimizer mask; a
+  lineage from before the key existed resumes."""
+  from lmtrain.errors import UserError
+  stage_dir = str(tmp_path)
+  keys = {"BATCH_SIZE": 8, "TRAINABLE": "all", "TRAINABLE_LAYERS": None}
+  ckpt_lib.write_lineage(stage_dir, "sft", "", resume_keys={"BATCH_SIZE": 8, "TRAINABLE": "all"})
+  assert loop.check_resume(stage_dir, keys, allow_change=False) == {}
+  ckpt_lib.write_lineage(stage_dir, "sft", "", resume_keys=keys)
+  with pytest.raises(UserError, match=r"resuming with another TRAINABLE_LAYERS null -> 2; the "
+                                      r"checkpoints hold the optimizer state"):
+    loop.check_resume(stage_dir, {**keys, "TRAINABLE_LAYERS": 2}, allow_change=True)

@@ -53,8 +53,9 @@ def test_lm_loss_matches_hand_computation():
 HEAD_ONLY = ["final_norm/scale", "lm_head"]
 
 
-def frozen_setup(mesh, trainable):
-  """(jitted step, state) training only the parameters `trainable` names, on `mesh`."""
+def frozen_setup(mesh, trainable, trainable_layers=None):
+  """(jitted step, state) training only the parameters `trainable` names (of the stacked ones
+  only the last `trainable_layers` layers), on `mesh`."""
   import optax
   from lmtrain import parallel
   from lmtrain.train import optim
@@ -62,12 +63,13 @@ def frozen_setup(mesh, trainable):
   from lmtrain.train.step import make_train_step
   graphdef, abstract_params, names = transformer.abstract_model(util.TINY)
   schedule = optax.constant_schedule(1e-2)
-  optimizer = optim.make_optimizer(schedule, trainable=optim.trainable_fn(trainable))
+  optimizer = optim.make_optimizer(schedule, trainable=optim.trainable_fn(trainable),
+                                   trainable_layers=trainable_layers)
   abstract_state = jax.eval_shape(
       lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
   shardings = state_shardings(mesh, parallel.axis_rules(), abstract_state, names)
   step = make_train_step(graphdef, lm_loss, optimizer, schedule,
-                         trainable=optim.trainable_fn(trainable))
+                         trainable=optim.trainable_fn(trainable), trainable_layers=trainable_layers)
   batch_sharding = parallel.batch_sharding(mesh, parallel.axis_rules())
   with parallel.activate(mesh, parallel.axis_rules()):
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
@@ -138,6 +140,98 @@ def test_trainable_patterns_that_match_nothing_or_do_not_parse_are_one_line_erro
     optim.trainable_mask(params, ["lm_head", "head"])
   with pytest.raises(UserError, match=r"TRAINABLE: 'lm_head\[' is not a regular expression"):
     optim.trainable_mask(params, ["lm_head["])
+
+
+def test_trainable_layers_train_the_last_layers_only_the_same_on_any_mesh():
+  """TRAINABLE_LAYERS=1 with patterns naming the layers and the head: the first of the 2 stacked
+  layers stays bit for bit as loaded (no gradient, and no weight decay), the last one and the
+  head train, the embedding and the final norm (not named) are frozen."""
+  from lmtrain.train import optim
+  trainable = ["layers/.*", "lm_head"]
+  params = jax.device_get(util.init_params())
+  batch = util.packed_batch(batch_size=8, seed=5)
+  runs = []
+  for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    step, state, batch_sharding = frozen_setup(util.mesh_of(shape), trainable, trainable_layers=1)
+    norms, losses = [], []
+    for _ in range(2):
+      state, metrics = step(state, jax.device_put(batch, batch_sharding))
+      norms.append(float(metrics["grad_norm"]))
+      losses.append(float(metrics["loss"]))
+    runs.append((jax.device_get(state), norms, losses))
+  (state, norms, losses), (state_8, _, losses_8) = runs
+  np.testing.assert_allclose(losses_8, losses, rtol=1e-5)
+  for path, before in jax.tree_util.tree_leaves_with_path(params):
+    name = optim.param_path(path)
+    after = state.params
+    for k in path:
+      after = after[k.key]
+    if name.startswith("layers/"):
+      np.testing.assert_array_equal(after[0], before[0], err_msg=name)
+      assert not np.array_equal(after[1], before[1]), name
+    elif name == "lm_head":
+      assert not np.array_equal(after, before), name
+    else:
+      np.testing.assert_array_equal(after, before, err_msg=name)
+  # The stacked leaves keep AdamW moments for every layer (the saving is per leaf).
+  layer_elements = sum(int(x.size) for x in jax.tree.leaves(params["layers"]))
+  assert opt_elements(state) == 2 * (layer_elements + params["lm_head"].size)
+  # The start-up block's count: the first layer is frozen.
+  mask = optim.trainable_fn(trainable)(params)
+  assert optim.trained_count(params, mask, 1) == layer_elements // 2 + params["lm_head"].size
+  total = sum(int(x.size) for x in jax.tree.leaves(params))
+  assert optim.trained_count(params, None, 1) == total - layer_elements // 2
+  # The gradient norm is over the trained part only: the last layer's and the head's.
+  graphdef, _, _ = transformer.abstract_model(util.TINY)
+
+  def mean_loss(p):
+    loss_sum, weight, _ = lm_loss(transformer.merge(graphdef, p),
+                                  jax.tree.map(jnp.asarray, batch), None)
+    return loss_sum / weight
+
+  grads = jax.grad(mean_loss)(params)
+  trained = [g[1] for g in jax.tree.leaves(grads["layers"])] + [grads["lm_head"]]
+  expected = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in trained)))
+  assert norms[0] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "TRAINABLE_LAYERS=0: must be at least 1"),
+    ("1.5", "TRAINABLE_LAYERS=1.5: must be a whole number"),
+    ("'last'", "TRAINABLE_LAYERS='last': must be a whole number"),
+    ("3", "TRAINABLE_LAYERS=3 must be None (every layer) or a whole number from 1 to the model's "
+          "2 layers"),
+])
+def test_bad_trainable_layers_are_one_line_errors(value, message):
+  import gin
+  from lmtrain import config
+  from lmtrain.errors import UserError
+  from lmtrain.train.step import LossStep
+  try:
+    with pytest.raises(UserError) as error:
+      config.setup("sft", macros={"MODEL": "tiny", "TRAINABLE_LAYERS": value})
+      LossStep(util.TINY, lm_loss)  # the model's layers are known once the stage is built
+  finally:
+    gin.clear_config()
+  assert str(error.value) == message
+
+
+def test_rl_stages_refuse_trainable_layers_in_one_line(tmp_path):
+  import gin
+  from lmtrain import config
+  from lmtrain.errors import UserError
+  from lmtrain.stages import get_stage_builder
+  from lmtrain.train.loop import LoopConfig
+  config.setup("grpo", macros={"MODEL": "tiny", "TRAINABLE_LAYERS": "1"})
+  try:
+    with gin.config_scope("grpo"), pytest.raises(UserError) as error:
+      config.call(get_stage_builder("grpo"), "grpo", str(tmp_path),
+                  config.call(transformer.model_config, "model_config"),
+                  config.call(LoopConfig, "LoopConfig"))
+  finally:
+    gin.clear_config()
+  assert str(error.value).splitlines()[0].startswith(
+      "TRAINABLE_LAYERS=1: grpo does not restrict training to the last layers")
 
 
 def test_throughput_and_activations_count_every_sequence_an_example_reads():
