@@ -481,7 +481,7 @@ def _write_peft_adapter(cfg, adapters, adapter_dir: str, base_dir: str, np_dtype
             metadata={"format": "pt"})
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if cfg.head == "lm" else "SEQ_CLS",
             "base_model_name_or_path": base_dir, "r": cfg.lora_rank,
-            "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+            "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "bias": "none",
             "target_modules": sorted(PEFT_MODULES[t].split(".")[1] for t in adapters),
             "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}
   with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:

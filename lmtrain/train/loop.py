@@ -137,13 +137,15 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
   trained, frozen = trained - held, frozen + held
   axes = " x ".join(f"{name} {n}" for name, n in mesh.shape.items())
   device = jax.devices()[0]
-  tokens_per_step = cfg.batch_size * cfg.seq_len
+  rows = stage.step.rows_per_example
+  tokens_per_step = cfg.batch_size * rows * cfg.seq_len
   lines = [f"{stage.name}: {origin}",
            f"  parameters  {_millions(trained + frozen)} ({_millions(trained)} trained"
            + (f", {_millions(frozen)} frozen)" if frozen else ")"),
            f"  mesh        {axes} on {jax.device_count()} {device.platform} device(s) "
            f"({device.device_kind}), {jax.process_count()} process(es)",
-           f"  batch       {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens per step"
+           f"  batch       {cfg.batch_size} x {f'{rows} sequences x ' if rows > 1 else ''}"
+           f"{cfg.seq_len} = {tokens_per_step:,} tokens per step"
            + (f", in {cfg.microbatches} microbatches" if cfg.microbatches > 1 else "")]
   info = stage.data_info
   if info.get("tokens"):

@@ -132,6 +132,8 @@ class StepFactory(abc.ABC):
 
   model_config: the trained model's config (written to model.json; `lmtrain sample` reads it).
   updates_per_step: optimizer updates per loop step (the LR schedule counts those).
+  rows_per_example: sequences of SEQ_LEN the model reads per example of the batch (the start-up
+    block's tokens per step).
   models() -> (abstract tree, logical names) of what the stage starts from: what its parent's
     checkpoint fills (Stage.init_from_parent) or, with no parent, init_fresh makes.
   init_fresh(rng) -> that tree, traced, for a stage that starts from scratch.
@@ -150,6 +152,7 @@ class StepFactory(abc.ABC):
     grad_norm), compiled for ctx's shardings and the batch's.
   """
   updates_per_step = 1
+  rows_per_example = 1
 
   def __init__(self, model_config: transformer.ModelConfig):
     self.model_config = model_config
@@ -208,7 +211,8 @@ class LossStep(StepFactory):
   the starting params kept as extras[REFERENCE] (checkpointed with the state, sharded like the
   params), or with LoRA the trained params' own base with the adapters off (no copy).
   `rows_per_example`: the sequences the model reads per example of the batch (a reward model's
-  ranking of K responses: K; DPO's pair: 2), for the throughput, MFU and activation figures."""
+  ranking of K responses: K; DPO's pair: 2), for the throughput, MFU and activation figures and
+  the start-up block."""
 
   def __init__(self, model_config, loss_fn: LossFn, frozen_reference: bool = False,
                rows_per_example: int = 1):

@@ -296,6 +296,8 @@ def test_the_loop_closes_candidates_label_export_reward(stage, tmp_path, tokeniz
   pairs = sum(sum(a < b for a in r["ranking"] for b in r["ranking"]) for r in exported)
   said = re.search(r"5 rankings of [\w ]+ responses \((\d+) ordered pairs\)", out)
   assert said and int(said.group(1)) == pairs, out
+  # Each ranking reads up to 3 responses of SEQ_LEN tokens.
+  assert "  batch       8 x 3 sequences x 64 = 1,536 tokens per step" in out, out
   rows = [json.loads(line) for line in open(os.path.join(workdir, "reward", "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r][-1] == 4
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows if "accuracy" in r)
