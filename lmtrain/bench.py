@@ -33,6 +33,11 @@ def add_arguments(p):
                  help="mesh shape over data/fsdp/tensor")
   p.add_argument("--compile_layers", default="4,32",
                  help="also time compilation of this model at these depths ('' to skip)")
+  p.add_argument("--lora_rank", type=int, default=0,
+                 help="> 0: LoRA adapters of this rank on all seven projections, the base frozen")
+  p.add_argument("--trainable", default="all",
+                 help="'all', or comma-separated regexes over parameter paths (TRAINABLE), e.g. "
+                      "final_norm/scale,lm_head")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   p.add_argument("--generate", action="store_true",
                  help="measure generation (KV cache vs full recomputation) instead of training")
@@ -80,8 +85,9 @@ def _batch(batch_size, seq_len, vocab):
           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
-def _setup(cfg, mesh, batch_size, seq_len):
-  """Sharded state, batch and the lowered train step for `cfg` on `mesh`."""
+def _setup(cfg, mesh, batch_size, seq_len, trainable="all"):
+  """Sharded state, batch and the lowered train step for `cfg` on `mesh`, training what
+  `trainable` (TRAINABLE's patterns) and, with LoRA, the adapters name; also the abstract state."""
   import optax
   from lmtrain import parallel
   from lmtrain.model import transformer
@@ -93,12 +99,13 @@ def _setup(cfg, mesh, batch_size, seq_len):
   rules = parallel.axis_rules()
   graphdef, abstract_params, names = transformer.abstract_model(cfg)
   schedule = optax.constant_schedule(1e-4)
-  optimizer = optim.make_optimizer(schedule)
+  mask = optim.trainable_fn(trainable, lora=cfg.lora_rank > 0)
+  optimizer = optim.make_optimizer(schedule, trainable=mask)
   abstract_state = jax.eval_shape(
       lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)), abstract_params)
   shardings = state_shardings(mesh, rules, abstract_state, names)
   batch_sharding = parallel.batch_sharding(mesh, rules)
-  step = make_train_step(graphdef, lm_loss, optimizer, schedule)
+  step = make_train_step(graphdef, lm_loss, optimizer, schedule, trainable=mask)
   with mesh, parallel.activate(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
@@ -110,11 +117,11 @@ def _setup(cfg, mesh, batch_size, seq_len):
     lowered = jitted.lower(abstract_sharded, abstract_batch)
     compiled = lowered.compile()
     compile_time = time.perf_counter() - start
-  return compiled, compile_time, shardings, batch_sharding, optimizer, batch
+  return compiled, compile_time, shardings, batch_sharding, optimizer, batch, abstract_state, mask
 
 
-def compile_seconds(cfg, mesh, batch_size, seq_len) -> float:
-  return _setup(cfg, mesh, batch_size, seq_len)[1]
+def compile_seconds(cfg, mesh, batch_size, seq_len, trainable="all") -> float:
+  return _setup(cfg, mesh, batch_size, seq_len, trainable)[1]
 
 
 def _peak_memory(compiled) -> tuple[float, str]:
@@ -129,12 +136,14 @@ def _peak_memory(compiled) -> tuple[float, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def measure(cfg, mesh, batch_size, seq_len, steps) -> dict:
+def measure(cfg, mesh, batch_size, seq_len, steps, trainable="all") -> dict:
   from lmtrain.model import transformer
   from lmtrain.train import metrics as metrics_lib
+  from lmtrain.train import optim
   from lmtrain.train.state import TrainState
-  compiled, compile_time, shardings, batch_sharding, optimizer, batch = _setup(
-      cfg, mesh, batch_size, seq_len)
+  compiled, compile_time, shardings, batch_sharding, optimizer, batch, abstract, mask = _setup(
+      cfg, mesh, batch_size, seq_len, trainable)
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   with mesh:
     params = jax.jit(transformer.init_fn(cfg), out_shardings=shardings.params)(
         jax.random.PRNGKey(0))
@@ -156,6 +165,9 @@ def measure(cfg, mesh, batch_size, seq_len, steps) -> dict:
   memory, memory_source = _peak_memory(compiled)
   return {
       "params": cfg.param_count(),
+      "trained_params": optim.trained_count(
+          abstract.params, None if mask is None else mask(abstract.params)),
+      "optimizer_state_bytes": nbytes(abstract.opt_state),
       "tokens_per_sec": tokens_per_sec,
       "step_time_s": step_time,
       "model_flops_per_token": flops_per_token,
@@ -270,7 +282,9 @@ def run(args):
     raise UserError(f"--model {args.model}: choose one of {', '.join(BENCH_PRESETS)}")
   seq_len = args.seq_len or (256 if args.model == "bench_tiny" else 512)
   cfg = _model_config(args.model, dtype=args.dtype, remat=args.remat,
-                      attention_impl=args.attention_impl)
+                      attention_impl=args.attention_impl, lora_rank=args.lora_rank or None)
+  trainable = args.trainable if args.trainable == "all" else [
+      pattern.strip() for pattern in args.trainable.split(",") if pattern.strip()]
   mesh = parallel.make_mesh(ast.literal_eval(args.mesh))
   if args.generate:
     result = {"model": args.model, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
@@ -281,9 +295,12 @@ def run(args):
     return result
   result = {"model": args.model, "seq_len": seq_len, "batch_size": args.batch_size,
             "dtype": args.dtype, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
-            **measure(cfg, mesh, args.batch_size, seq_len, args.steps)}
+            **({"lora_rank": args.lora_rank} if args.lora_rank else {}),
+            **({"trainable": args.trainable} if args.trainable != "all" else {}),
+            **measure(cfg, mesh, args.batch_size, seq_len, args.steps, trainable)}
   for layers in [int(x) for x in args.compile_layers.split(",") if x.strip()]:
     deep = dataclasses.replace(cfg, num_layers=layers)
-    result[f"compile_time_{layers}_layers_s"] = compile_seconds(deep, mesh, args.batch_size, seq_len)
+    result[f"compile_time_{layers}_layers_s"] = compile_seconds(deep, mesh, args.batch_size, seq_len,
+                                                                trainable)
   _print(result, args.json)
   return result
