@@ -15,7 +15,7 @@ from util import ENV, lmtrain
 
 TINY = ["--gin.MODEL=tiny", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64", "--gin.EVAL_EVERY=0",
         "--gin.EVAL_STEPS=1", "--gin.WARMUP_STEPS=1", "--gin.LEARNING_RATE=0.01"]
-SFT_STEPS = 8
+SFT_STEPS = 4
 PROMPTS = ["Reverse the list: thread, wheel, extra, host, sort",
            "Sort alphabetically: row, date, day, size, pair",
            "What is the last word of the list: array, block, heap, tag, lock",
@@ -40,13 +40,17 @@ def write_jsonl(path, records):
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory, tokenizer_path):
   """(work dir, prompts file, plain prompts file): a tiny pretrain, then SFT on the demo tasks
-  (checkpoints at steps 4 and 8): enough for greedy answers that differ from prompt to prompt. The
+  (checkpoints at steps 2 and 4), both at a learning rate that leaves the weights near their random
+  start, whose greedy answers differ from prompt to prompt: a few real steps teach a tiny model one
+  frequent answer for every prompt (20 pretraining and 8 SFT steps did in one CI run), which would
+  leave the comparisons below unable to tell prompts apart. The
   work dir also holds bad.jsonl (a record with no prompt on line 2) and empty.jsonl."""
   workdir = str(tmp_path_factory.mktemp("candidates"))
-  lmtrain("pretrain", "--workdir", workdir, *TINY, "--gin.TRAIN_STEPS=20",
-          f"--gin.TOKENIZER={tokenizer_path}")
+  lmtrain("pretrain", "--workdir", workdir, *TINY, "--gin.TRAIN_STEPS=2",
+          "--gin.LEARNING_RATE=1e-6", f"--gin.TOKENIZER={tokenizer_path}")
   lmtrain("sft", "--workdir", workdir, *TINY, f"--gin.TRAIN_STEPS={SFT_STEPS}",
-          "--gin.CHECKPOINT_EVERY=4", f"--gin.TOKENIZER={tokenizer_path}")
+          "--gin.LEARNING_RATE=1e-6", "--gin.CHECKPOINT_EVERY=2",
+          f"--gin.TOKENIZER={tokenizer_path}")
   prompts = write_jsonl(os.path.join(workdir, "prompts.jsonl"), RECORDS)
   plain = write_jsonl(os.path.join(workdir, "plain.jsonl"), [{"prompt": p} for p in PROMPTS])
   write_jsonl(os.path.join(workdir, "bad.jsonl"), [{"prompt": "x"}, {"answer": "y"}])
@@ -112,9 +116,9 @@ def test_k_responses_per_prompt_with_their_source_and_the_records_fields(stage, 
 @pytest.mark.slow
 def test_step_picks_an_earlier_checkpoint(stage, tmp_path):
   workdir, _, plain = stage
-  records, _ = candidates(workdir, plain, tmp_path / "c.jsonl", "--k", "1", "--step", "4",
+  records, _ = candidates(workdir, plain, tmp_path / "c.jsonl", "--k", "1", "--step", "2",
                           "--max_new_tokens", "2")
-  assert {r["source"]["step"] for r in records} == {4}
+  assert {r["source"]["step"] for r in records} == {2}
 
 
 @pytest.mark.slow
@@ -227,7 +231,7 @@ def test_two_processes_sample_as_one_and_only_process_0_writes(stage, tmp_path):
     (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or above"),
     (["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
     (["--max_resample", "-1"], "--max_resample -1: must be 0"),
-    (["--step", "5"], "{workdir}/sft: no checkpoint at step 5; the steps there are 4, 8"),
+    (["--step", "5"], "{workdir}/sft: no checkpoint at step 5; the steps there are 2, 4"),
 ])
 def test_bad_input_is_one_line(stage, tmp_path, flags, message):
   workdir, prompts, _ = stage
