@@ -61,7 +61,7 @@ def main():
       task = db.next_task(engine, rater_ids[name])
       db.submit(engine, rater_ids[name], task["id"], ranking=ranking)
   server = Server(url, os.path.join(work, "server.log"))
-  driver = chromium_driver(1400, 620)
+  driver = chromium_driver(1400, 700)
   try:
     from selenium.webdriver.common.by import By
     # chen's first task is the one no one has: the "sky" question.
