@@ -53,6 +53,18 @@ def test_lm_loss_matches_hand_computation():
 HEAD_ONLY = ["final_norm/scale", "lm_head"]
 
 
+def full_gradient(params, batch):
+  """The gradient of the mean LM loss with respect to every parameter, frozen or not."""
+  graphdef, _, _ = transformer.abstract_model(util.TINY)
+
+  def mean_loss(p):
+    loss_sum, weight, _ = lm_loss(transformer.merge(graphdef, p),
+                                  jax.tree.map(jnp.asarray, batch), None)
+    return loss_sum / weight
+
+  return jax.grad(mean_loss)(params)
+
+
 def frozen_setup(mesh, trainable, trainable_layers=None):
   """(jitted step, state) training only the parameters `trainable` names (of the stacked ones
   only the last `trainable_layers` layers), on `mesh`."""
@@ -116,14 +128,7 @@ def test_frozen_parameters_keep_their_values_and_get_no_optimizer_state():
     else:  # left bit for bit as loaded
       np.testing.assert_array_equal(after, np.asarray(before), err_msg=name)
   # The gradient norm is over the trained parameters only: the head's part of the full gradient.
-  graphdef, _, _ = transformer.abstract_model(util.TINY)
-
-  def mean_loss(p):
-    loss_sum, weight, _ = lm_loss(transformer.merge(graphdef, p),
-                                  jax.tree.map(jnp.asarray, batch), None)
-    return loss_sum / weight
-
-  grads = jax.grad(mean_loss)(params)
+  grads = full_gradient(params, batch)
   head = float(jnp.sqrt(jnp.sum(grads["final_norm"]["scale"] ** 2) + jnp.sum(grads["lm_head"] ** 2)))
   assert norms[0] == pytest.approx(head, rel=1e-4)
 
@@ -182,14 +187,7 @@ def test_trainable_layers_train_the_last_layers_only_the_same_on_any_mesh():
   total = sum(int(x.size) for x in jax.tree.leaves(params))
   assert optim.trained_count(params, None, 1) == total - layer_elements // 2
   # The gradient norm is over the trained part only: the last layer's and the head's.
-  graphdef, _, _ = transformer.abstract_model(util.TINY)
-
-  def mean_loss(p):
-    loss_sum, weight, _ = lm_loss(transformer.merge(graphdef, p),
-                                  jax.tree.map(jnp.asarray, batch), None)
-    return loss_sum / weight
-
-  grads = jax.grad(mean_loss)(params)
+  grads = full_gradient(params, batch)
   trained = [g[1] for g in jax.tree.leaves(grads["layers"])] + [grads["lm_head"]]
   expected = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in trained)))
   assert norms[0] == pytest.approx(expected, rel=1e-4)
