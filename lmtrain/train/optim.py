@@ -112,6 +112,13 @@ def trained_count(params, mask=None, last: int | None = None) -> int:
   return total
 
 
+def patterns_of(trainable) -> list[str]:
+  """TRAINABLE as a list of patterns: none for 'all', one for a single string."""
+  if trainable == "all":
+    return []
+  return [trainable] if isinstance(trainable, str) else list(trainable or [])
+
+
 def trainable_fn(trainable=None, lora: bool = False):
   """None when every parameter trains, else params -> trainable_mask(params, patterns);
   `trainable` defaults to the run's TRAINABLE (trainable_setting). With `lora` (a model with
@@ -123,8 +130,7 @@ def trainable_fn(trainable=None, lora: bool = False):
   if not lora:
     return lambda params: trainable_mask(params, trainable)
   from lmtrain.model import lora as lora_lib
-  extra = [] if trainable == "all" else ([trainable] if isinstance(trainable, str)
-                                         else list(trainable))
+  extra = patterns_of(trainable)
   return lambda params: trainable_mask(params, lora_lib.trainable_patterns(params) + extra)
 
 
@@ -140,8 +146,7 @@ def roles_trainable_fn(with_adapters: dict, trainable=None):
   if trainable == "all" and not any(with_adapters.values()):
     return None
   from lmtrain.model import lora as lora_lib
-  patterns = [] if trainable == "all" else ([trainable] if isinstance(trainable, str)
-                                            else list(trainable))
+  patterns = patterns_of(trainable)
   first = next(iter(with_adapters))
 
   def role_mask(role, tree):
@@ -164,7 +169,7 @@ def trainable_mask(params, trainable="all", require_match: bool = True):
   pattern that matches no parameter is an error."""
   if trainable == "all":
     return jax.tree.map(lambda _: True, params)
-  patterns = [trainable] if isinstance(trainable, str) else list(trainable or [])
+  patterns = patterns_of(trainable)
   if not patterns:
     raise UserError("TRAINABLE is empty: 'all', or regular expressions over parameter paths")
   compiled = []
