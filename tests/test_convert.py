@@ -384,7 +384,9 @@ def test_converted_checkpoint_starts_a_stage(hf_dirs, tmp_path):
   host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), abstract)
   params, parent = ckpt_lib.parent_initializer(str(tmp_path), out, "pretrain", got)(abstract)
-  assert parent == {"stage": "from_hf", "path": out, "step": 0}
+  assert parent == {"stage": "from_hf", "path": out, "step": 0,
+                    "committed": ckpt_lib.committed_at(os.path.join(out, "checkpoints"), 0)}
+  assert parent["committed"] > 0
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_restore(out, cfg))):
     np.testing.assert_array_equal(np.asarray(a), b)
 

@@ -399,11 +399,13 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
                 ckpt_lib.parent_initializer(workdir, init_from, parent_stage, value_cfg,
                                             loop_cfg.seed))
 
-  def init_from_parent(abstract):
-    policy, parent = policy_init(abstract[roles.POLICY])
+  def init_from_parent(abstract, pinned=None):
+    pinned = pinned or {}
+    policy, parent = policy_init(abstract[roles.POLICY], pinned=pinned or None)
     loaded = {roles.POLICY: policy}
     if use_rm:
-      loaded[roles.REWARD], parent["reward_model"] = rm_init(abstract[roles.REWARD])
+      loaded[roles.REWARD], parent["reward_model"] = rm_init(abstract[roles.REWARD],
+                                                             pinned=pinned.get("reward_model"))
     if use_value:
       if use_rm:  # the same checkpoint: a second copy, trained from here on
         loaded[roles.VALUE] = normalized_head(loaded[roles.REWARD], offset, scale, value_abs)
@@ -414,7 +416,8 @@ def make_stage(workdir: str, model_cfg, loop_cfg: LoopConfig, *, algorithm: str,
               abstract[roles.VALUE][lora.KEY], rng)
         parent["value_model"] = parent["reward_model"]
       else:
-        loaded[roles.VALUE], parent["value_model"] = value_init(abstract[roles.VALUE])
+        loaded[roles.VALUE], parent["value_model"] = value_init(
+            abstract[roles.VALUE], pinned=pinned.get("value_model"))
     return loaded, parent
 
   rows = loop_cfg.batch_size

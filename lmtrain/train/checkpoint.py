@@ -28,6 +28,7 @@ from lmtrain.data.loader import STATE_KIND as LOADER_STATE_KIND
 from lmtrain.errors import UserError
 from lmtrain.model import lora
 from lmtrain.train import roles
+from lmtrain.train.state import filled, pruned
 
 
 @gin.configurable
@@ -245,8 +246,10 @@ def _agree(problem: str | None) -> str | None:
 
 
 def restore_params(stage_dir: str, abstract_params, step=None):
-  """Params only from another stage's checkpoint (the parent of a chained stage), resharded onto
-  the shardings in `abstract_params`. Shape and vocab mismatches are reported by name."""
+  """One model's params from a stage's checkpoint (a chained stage's parent, `lmtrain sample`,
+  the converters), resharded onto the shardings in `abstract_params`; shape and vocab mismatches
+  are reported by name. A LoRA stage's checkpoint holds its adapters and trained heads only: the
+  frozen rest is its base, the parent checkpoint lineage.json names, read from there in turn."""
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
   if not fileio.isdir(ckpt_dir):
     raise UserError(f"INIT_FROM={stage_dir}: no checkpoints/ directory there")
@@ -262,8 +265,11 @@ def restore_params(stage_dir: str, abstract_params, step=None):
     try:
       saved = saved_params(ckpt_dir, step)
       one, role = roles.one_model(saved, abstract_params)
-      wanted = {role: abstract_params} if role else abstract_params
-      check_compatible(one, abstract_params, stage_dir)
+      absent = _absent(abstract_params, one)
+      from_base = lora.has_adapters(one) and any(jax.tree.leaves(absent))
+      held = pruned(abstract_params, absent) if from_base else abstract_params
+      wanted = {role: held} if role else held
+      check_compatible(one, held, stage_dir)
       restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item={"params": wanted}, restore_args={"params": restore_args},
@@ -274,7 +280,107 @@ def restore_params(stage_dir: str, abstract_params, step=None):
       raise UserError(f"{stage_dir}: checkpoint {step} cannot be restored "
                       f"({restore_problem(e)})") from None
   params = restored["state"]["params"]
-  return (params[role] if role else params), step
+  params = params[role] if role else params
+  if from_base:
+    base_abstract = pruned(abstract_params, jax.tree.map(lambda a: not a, absent))
+    params = filled(params, filled(_base_params(stage_dir, base_abstract), abstract_params))
+  return params, step
+
+
+def _absent(abstract, saved):
+  """True for each leaf of `abstract` that `saved` (a checkpoint's params metadata) lacks."""
+  if not isinstance(abstract, dict):
+    return saved is None
+  return {k: _absent(v, saved.get(k) if isinstance(saved, dict) else None)
+          for k, v in abstract.items()}
+
+
+def _base_params(stage_dir: str, abstract):
+  """The frozen base of a LoRA checkpoint in `stage_dir`: the leaves `abstract` names, from the
+  parent checkpoint its lineage.json records (with that parent's own adapters folded in)."""
+  entry = read_lineage(stage_dir).get("parent")
+  if not entry or "path" not in entry:
+    raise UserError(f"{stage_dir}: its checkpoint holds LoRA adapters without their base weights, "
+                    f"and its lineage.json names no parent checkpoint to take them from")
+  try:
+    return merged_params(parent_dir(stage_dir, entry), abstract, entry)[0]
+  except UserError as e:
+    raise UserError(f"{stage_dir} (LoRA adapters over the weights of {entry['path']} at step "
+                    f"{entry.get('step')}): {e}") from None
+
+
+def parent_dir(stage_dir: str, entry: dict) -> str:
+  """Where the parent checkpoint `entry` (a lineage.json parent entry) is now: its path, or, when
+  the work dir was moved or copied, the stage of that name beside `stage_dir`."""
+  path = entry["path"]
+  if fileio.isdir(os.path.join(path, "checkpoints")):
+    return path
+  beside = os.path.join(os.path.dirname(stage_dir.rstrip("/")),
+                        os.path.basename(path.rstrip("/")))
+  return beside if fileio.isdir(os.path.join(beside, "checkpoints")) else path
+
+
+def _model_keys(path: str, step: int, abstract) -> set:
+  """The top-level parameter names of the model saved at `step` in `path` (its policy, for
+  `abstract` one model): those its checkpoint holds, and for a LoRA checkpoint its base's too."""
+  try:
+    saved = saved_params(os.path.join(path, "checkpoints"), step)
+  except (OSError, ValueError) as e:  # missing (a step kept no longer) or damaged metadata
+    raise UserError(f"INIT_FROM={path}: checkpoint {step} cannot be restored "
+                    f"({one_line(e)})") from None
+  saved, _ = roles.one_model(saved, abstract)
+  keys = set(saved)
+  entry = read_lineage(path).get("parent")
+  if lora.has_adapters(saved) and entry and entry.get("step") is not None:
+    base = parent_dir(path, entry)
+    if fileio.isdir(os.path.join(base, "checkpoints")):
+      keys |= _model_keys(base, entry["step"], abstract)
+  return keys
+
+
+def committed_at(ckpt_dir: str, step: int) -> int | None:
+  """When checkpoint `step` was committed (orbax's metadata, in ns), to tell it from one written
+  anew at the same step; None when not recorded."""
+  path = os.path.join(ckpt_dir, str(step), "_CHECKPOINT_METADATA")
+  try:
+    value = fileio.read_json(path).get("commit_timestamp_nsecs") if fileio.exists(path) else None
+  except (OSError, ValueError, UserError):
+    return None
+  return int(value) if value else None
+
+
+def merged_params(path: str, abstract, entry: dict | None = None):
+  """One model's params from the stage in `path` with any LoRA adapters of its own folded into
+  its weights (lora.merged), laid out as `abstract`, and the step read: its latest checkpoint, or
+  the step of `entry` (the lineage entry a child recorded), which must be the checkpoint the child
+  started from (committed_at)."""
+  ckpt_dir = os.path.join(path, "checkpoints")
+  step = entry.get("step") if entry else None
+  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    steps = sorted(manager.all_steps())
+  if step is None:
+    if not steps:
+      raise UserError(f"{path}: no finished checkpoint there")
+    step = steps[-1]
+  elif step not in steps:
+    raise UserError(f"{path}: checkpoint {step}, the one this stage started from, is gone (the "
+                    f"steps there: {', '.join(map(str, steps)) or 'none'}); a LoRA stage's "
+                    f"checkpoints hold its adapters, not the base weights they adapt")
+  expected = entry.get("committed") if entry else None
+  if expected is not None:
+    now = committed_at(ckpt_dir, step)
+    if now is not None and now != expected:
+      raise UserError(f"{path}: checkpoint {step} was written anew since this stage started from "
+                      f"it; its adapters and state belong to the earlier one")
+  try:
+    saved = saved_params(ckpt_dir, step)
+  except (OSError, ValueError) as e:  # missing (a step kept no longer) or damaged metadata
+    raise UserError(f"{path}: checkpoint {step} cannot be restored ({one_line(e)})") from None
+  saved, _ = roles.one_model(saved, abstract)
+  if lora.has_adapters(saved):
+    return _restore_merged(path, abstract, saved[lora.KEY], step)
+  return restore_params(path, abstract, step)
 
 
 def check_parent_tokenizer(parent_dir: str, tokenizer_path: str):
@@ -313,35 +419,41 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
                        seed: int = 0, tokenizer: str | None = None):
   """`Stage.init_from_parent` for a chained stage: params from INIT_FROM (a stage directory such as
   DIR/pretrain, or a converted checkpoint), else from DIR/<default_parent>; returns them with the
-  parent's lineage entry. Top-level params the parent lacks (a new scalar head on an LM trunk, say;
-  the parent's LM head is simply not loaded) are initialised fresh from `model_config`.
-  `tokenizer`: the child's tokenizer file, checked against the parent's lineage."""
+  parent's lineage entry (its stage, path, step and when that checkpoint was committed). Top-level
+  params the parent lacks (a new scalar head on an LM trunk, say; the parent's LM head is simply
+  not loaded) are initialised fresh from `model_config`. `tokenizer`: the child's tokenizer file,
+  checked against the parent's lineage. `pinned`: the entry returned at the run's start, for a
+  resume that reloads the same checkpoint (a LoRA stage's frozen base)."""
   path = fileio.absolute(init_from or os.path.join(workdir, default_parent))
 
-  def init(abstract_params):
-    if not fileio.isdir(os.path.join(path, "checkpoints")):
-      raise UserError(f"INIT_FROM={path}: no checkpoints there (run the {default_parent} stage "
+  def init(abstract_params, pinned=None):
+    where = parent_dir(os.path.join(workdir, default_parent), pinned) if pinned else path
+    if not fileio.isdir(os.path.join(where, "checkpoints")):
+      if pinned:
+        raise UserError(f"{where}: the checkpoint this run started from is gone (its frozen "
+                        f"base weights are not in this stage's checkpoints)")
+      raise UserError(f"INIT_FROM={where}: no checkpoints there (run the {default_parent} stage "
                       f"first, or set --gin.INIT_FROM)")
-    if tokenizer:
-      check_parent_tokenizer(path, tokenizer)
-    with ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data"),
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-      latest = manager.latest_step()
-    check_parent_finished(path, latest)
-    try:
-      saved = saved_params(os.path.join(path, "checkpoints"), latest) if latest is not None else {}
-    except (OSError, ValueError) as e:  # its metadata is missing or damaged
-      raise UserError(f"INIT_FROM={path}: checkpoint {latest} cannot be restored "
-                      f"({one_line(e)})") from None
-    saved, _ = roles.one_model(saved, abstract_params)
+    if tokenizer and not pinned:
+      check_parent_tokenizer(where, tokenizer)
+    if pinned is None:
+      with ocp.CheckpointManager(os.path.join(where, "checkpoints"),
+                                 item_names=("state", "data"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        latest = manager.latest_step()
+      check_parent_finished(where, latest)
+      if latest is None:
+        raise UserError(f"INIT_FROM={where}: no finished checkpoint there")
+    else:
+      latest = pinned["step"]
+    saved = _model_keys(where, latest, abstract_params)
     # A child's adapters are its own (fresh); a parent's are folded into its weights.
     base = lora.without_adapters(abstract_params)
     new_keys = [k for k in base if k not in saved] if model_config else []
     loaded = {k: v for k, v in base.items() if k not in new_keys}
-    if lora.has_adapters(saved):
-      params, step = _restore_merged(path, loaded, saved[lora.KEY])
-    else:
-      params, step = restore_params(path, loaded)
+    entry = pinned or {"step": latest,
+                       "committed": committed_at(os.path.join(where, "checkpoints"), latest)}
+    params, step = merged_params(where, loaded, entry)
     if lora.has_adapters(abstract_params):
       params[lora.KEY] = lora.placed_fresh_adapters(
           abstract_params[lora.KEY], jax.random.fold_in(jax.random.PRNGKey(seed), 1))
@@ -352,13 +464,14 @@ def parent_initializer(workdir: str, init_from, default_parent: str, model_confi
                       out_shardings={k: jax.tree.map(lambda a: a.sharding, abstract_params[k])
                                      for k in new_keys})(jax.random.PRNGKey(seed))
       params = {**params, **fresh}
-    parent_stage = read_lineage(path).get("stage", os.path.basename(path.rstrip("/")))
-    return params, {"stage": parent_stage, "path": path, "step": int(step)}
+    parent_stage = read_lineage(where).get("stage", os.path.basename(where.rstrip("/")))
+    return params, {"stage": parent_stage, "path": where, "step": int(step),
+                    "committed": entry.get("committed")}
 
   return init
 
 
-def _restore_merged(path: str, abstract_base, saved_adapters):
+def _restore_merged(path: str, abstract_base, saved_adapters, step):
   """The base params of a LoRA checkpoint with its adapters folded in (lora.merged), laid out as
   `abstract_base`; the adapters are read whole onto every device (they are small)."""
   model_json = os.path.join(path, "model.json")
@@ -367,11 +480,12 @@ def _restore_merged(path: str, abstract_base, saved_adapters):
                     f"alpha and rank) is missing")
   cfg = fileio.read_json(model_json)
   scale = float(cfg["lora_alpha"]) / int(cfg["lora_rank"])
-  mesh = jax.tree.leaves(abstract_base)[0].sharding.mesh
-  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharding = jax.tree.leaves(abstract_base)[0].sharding
+  whole = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+           if isinstance(sharding, jax.sharding.NamedSharding) else sharding)
   abstract_adapters = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=whole), saved_adapters)
-  params, step = restore_params(path, {**abstract_base, lora.KEY: abstract_adapters})
+  params, step = restore_params(path, {**abstract_base, lora.KEY: abstract_adapters}, step)
   fold = jax.jit(lambda p: lora.merged(p, scale),
                  out_shardings=jax.tree.map(lambda a: a.sharding, abstract_base))
   return fold(params), step

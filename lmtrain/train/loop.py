@@ -94,7 +94,8 @@ class Stage:
   step: StepFactory  # its state and step; step.model_config is the trained model
   train_data: Callable[[int, int], Any]  # (process_index, process_count) -> grain iterator
   evaluation: Evaluation | None = None
-  # (abstract models with shardings) -> (models, parent lineage entry), for a chained stage.
+  # (abstract models with shardings, pinned=None) -> (models, parent lineage entry), for a chained
+  # stage; `pinned`: the entry of the run's start, to load the same checkpoint on a resume.
   init_from_parent: Callable | None = None
   hooks: Sequence[Hook] = ()
   tokenizer_path: str | None = None  # recorded in lineage.json, for `lmtrain sample` and children
@@ -344,7 +345,7 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
   def save(at_step):
     nonlocal last_saved
     log(late.flush())  # never save a state whose loss was not checked
-    checkpointer.save(at_step, state, train_iter)
+    checkpointer.save(at_step, start.saved(state), train_iter)
     last_saved = at_step
 
   def evaluating(what="evaluating"):

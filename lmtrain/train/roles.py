@@ -11,6 +11,8 @@ VALUE = "value"
 REFERENCE = "reference"
 REWARD = "reward"
 KL_CONTROLLER = "kl_ctl"
+# The extras that are frozen copies of a parent's model.
+FROZEN_COPIES = (REFERENCE, REWARD)
 
 # Written by the reward stage beside its checkpoint: the offset and scale that give its held-out
 # responses' rewards mean 0 and std 1; read by PPO/GRPO and copied by the converters.

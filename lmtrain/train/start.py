@@ -3,14 +3,15 @@ its parent's (or fresh) models, laid out on the mesh by the step factory's logic
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
 
 from lmtrain import parallel
 from lmtrain.errors import UserError
-from lmtrain.train import optim
-from lmtrain.train.state import TrainState, state_shardings
+from lmtrain.train import checkpoint as ckpt_lib, optim
+from lmtrain.train.state import TrainState, filled, pruned, state_shardings
 
 
 def check_batch(batch_size: int, microbatches: int, mesh):
@@ -32,13 +33,28 @@ class Start:
   schedule: Any
   resumed_from: int | None  # the step of the checkpoint resumed, None for a new run
   parent: dict | None  # the parent's lineage entry, for a new chained run
+  # True for the params a checkpoint leaves out (StepFactory.checkpoint_omits), or None.
+  checkpoint_omits: Any = None
+
+  def saved(self, state: TrainState) -> TrainState:
+    """What a checkpoint of `state` holds: it without what checkpoint_omits marks."""
+    return saved_part(state, self.checkpoint_omits)
+
+
+def saved_part(state: TrainState, omit) -> TrainState:
+  if omit is None:
+    return state
+  return state.replace(params=pruned(state.params, omit["params"]),
+                       extras=pruned(state.extras, omit["extras"]))
 
 
 def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mesh, rules,
                 checkpointer, train_iter, preflight=None) -> Start:
   """Restores the latest checkpoint (and the data iterator's position) when there is one; else
-  `init_from_parent(abstract models with shardings) -> (models, parent)` or the factory's fresh
-  init, then the factory's init, both jitted straight into their shardings. `preflight(abstract
+  `init_from_parent(abstract models with shardings, pinned=None) -> (models, parent)` or the
+  factory's fresh init, then the factory's init, both jitted straight into their shardings. A
+  checkpoint without its frozen base (checkpoint_omits) is restored over the models loaded as at
+  the start: init_from_parent with `pinned`, the parent entry lineage.json recorded then. `preflight(abstract
   state, shardings)` runs before anything is allocated (the memory check)."""
   abstract_loaded, loaded_names = step_factory.models()
   param_names, extras_names = step_factory.state_names(loaded_names)
@@ -55,17 +71,35 @@ def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mes
   if preflight is not None:
     preflight(abstract_state, shardings)
   rng = jax.random.PRNGKey(seed)
+  omit = step_factory.checkpoint_omits(abstract_state)
+  loaded_shardings = parallel.tree_shardings(mesh, abstract_loaded, loaded_names, rules)
+
+  def load(pinned=None):
+    if init_from_parent is not None:
+      return init_from_parent(parallel.with_shardings(abstract_loaded, loaded_shardings),
+                              pinned=pinned)
+    loaded = jax.jit(step_factory.init_fresh, out_shardings=loaded_shardings)(
+        jax.random.fold_in(rng, 1))
+    return loaded, None
+
   with mesh:
     if checkpointer.latest_step() is not None:  # a damaged latest one falls back to the next
-      state, _ = checkpointer.restore_newest_good(
-          parallel.with_shardings(abstract_state, shardings), train_iter)
-      return Start(state, shardings, optimizer, schedule, int(state.step), None)
-    loaded_shardings = parallel.tree_shardings(mesh, abstract_loaded, loaded_names, rules)
-    parent = None
-    if init_from_parent is not None:
-      loaded, parent = init_from_parent(parallel.with_shardings(abstract_loaded, loaded_shardings))
-    else:
-      loaded = jax.jit(step_factory.init_fresh, out_shardings=loaded_shardings)(
-          jax.random.fold_in(rng, 1))
+      if omit is None:
+        state, _ = checkpointer.restore_newest_good(
+            parallel.with_shardings(abstract_state, shardings), train_iter)
+        return Start(state, shardings, optimizer, schedule, int(state.step), None, omit)
+      # The checkpoint holds the trained part; the frozen base comes from the checkpoint this run
+      # started from (lineage.json's parent, at its step), loaded as then.
+      state, _ = checkpointer.restore_newest_good(parallel.with_shardings(
+          saved_part(abstract_state, omit), saved_part(shardings, omit)), train_iter)
+      stage_dir = os.path.dirname(checkpointer.directory.rstrip("/"))
+      loaded, _ = load(pinned=ckpt_lib.read_lineage(stage_dir).get("parent"))
+      params, extras = jax.jit(
+          lambda models, key: (lambda s: (s.params, s.extras))(create(models, key)),
+          out_shardings=(shardings.params, shardings.extras))(loaded, rng)
+      state = state.replace(params=filled(state.params, params),
+                            extras=filled(state.extras, extras))
+      return Start(state, shardings, optimizer, schedule, int(state.step), None, omit)
+    loaded, parent = load()
     state = jax.jit(create, out_shardings=shardings)(loaded, rng)
-  return Start(state, shardings, optimizer, schedule, None, parent)
+  return Start(state, shardings, optimizer, schedule, None, parent, omit)

@@ -54,3 +54,24 @@ def opt_state_shardings(opt_state, params, param_shardings, other):
     return other
 
   return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def pruned(tree, omit):
+  """`tree` (nested dicts) without the leaves `omit` marks True, and without the dicts left empty:
+  what a checkpoint holds of params that leave their frozen base out."""
+  if not isinstance(tree, dict):
+    return None if omit else tree
+  out = {}
+  for key, value in tree.items():
+    kept = pruned(value, omit[key])
+    if kept is not None and not (isinstance(kept, dict) and not kept):
+      out[key] = kept
+  return out
+
+
+def filled(part, whole):
+  """`whole` with every leaf that `part` (a pruned tree of it) holds taken from `part`."""
+  if not isinstance(whole, dict):
+    return whole if part is None else part
+  return {key: filled(part.get(key) if isinstance(part, dict) else None, value)
+          for key, value in whole.items()}

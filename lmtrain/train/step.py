@@ -43,6 +43,15 @@ def _frozen_models(graphdef, extras, params, base_reference=None) -> dict:
   return {}
 
 
+def frozen_base(params, mask):
+  """True for every leaf of a model with adapters that `mask` (the trained ones) leaves frozen;
+  `params` one model's, or {role: model} (PPO's policy and value)."""
+  if roles.POLICY in params:
+    return {role: frozen_base(params[role], mask[role]) for role in params}
+  adapters = lora.has_adapters(params)
+  return jax.tree.map(lambda trained: adapters and not trained, mask)
+
+
 def split_microbatches(batch, n: int):
   """[B, ...] -> [n, B/n, ...], microbatch j taking rows j, j+n, ... so each stays spread over the
   devices that hold the batch."""
@@ -176,6 +185,22 @@ class StepFactory(abc.ABC):
     """params -> the mask of the trained ones (optim.trainable_fn: TRAINABLE, and with LoRA the
     adapters), or None when all train."""
     return optim.trainable_fn(lora=self.model_config.lora_rank > 0)
+
+  def checkpoint_omits(self, state):
+    """{"params": mask, "extras": mask} over `state` (abstract): True for what a checkpoint leaves
+    out, or None when it holds everything. A stage with LoRA adapters saves what it trains: the
+    frozen base weights of its models and the frozen copies of its parents in the extras (a
+    reference, a reward model) are its parents' (lineage.json names each checkpoint and step),
+    loaded from there again on a resume."""
+    trainable = self.trainable()
+    if trainable is None:
+      return None
+    params = frozen_base(state.params, trainable(state.params))
+    if not any(jax.tree.leaves(params)):
+      return None
+    extras = {key: jax.tree.map(lambda _, k=key: k in roles.FROZEN_COPIES, tree)
+              for key, tree in state.extras.items()}
+    return {"params": params, "extras": extras}
 
   def trainable_layers(self) -> int | None:
     """TRAINABLE_LAYERS: the stacked leaves train in their last N layers only; None: all."""

@@ -160,23 +160,33 @@ def test_lora_ppo_trains_adapters_over_frozen_parents_and_resumes_bit_exactly(pa
   jax.tree.map(np.testing.assert_array_equal, end,
                restore(os.path.join(split, "ppo", "checkpoints", "2")))
 
-  # No reference copy; the policy's base is the SFT model's weights and the value model's trunk
-  # the reward model's, bit for bit; the adapters (and the value head) moved.
-  assert set(end["extras"]) == {"reward", "kl_ctl"}
-  sft = restore(os.path.join(parents, "sft", "checkpoints", "3"))["params"]
-  rm = restore(os.path.join(parents, "reward", "checkpoints", "3"))["params"]
+  # The checkpoint holds what trains: the adapters, the value head and the KL controller; no
+  # reference copy, no reward model, no base (lineage.json names the parents, step and commit).
+  assert set(end["extras"]) == {"kl_ctl"}
   policy, value = end["params"]["policy"], end["params"]["value"]
-  jax.tree.map(np.testing.assert_array_equal, lora.without_adapters(policy), sft)
-  trunk = lambda p: {k: v for k, v in p.items() if k not in (lora.KEY, "score", "score_bias")}
-  jax.tree.map(np.testing.assert_array_equal, trunk(value), trunk(rm))
-  jax.tree.map(np.testing.assert_array_equal, end["extras"]["reward"], rm)
+  assert sorted(policy) == [lora.KEY] and sorted(value) == [lora.KEY, "score", "score_bias"]
   for model in (policy, value):
     assert sorted(model[lora.KEY]) == ["down", "q", "v"]
     assert all(np.abs(ad["b"]).max() > 0 for ad in model[lora.KEY].values())
+  parent = json.load(open(os.path.join(straight, "ppo", "lineage.json")))["parent"]
+  assert (parent["path"], parent["step"]) == (f"{parents}/sft", 3)
+  assert (parent["reward_model"]["path"], parent["reward_model"]["step"]) == (
+      f"{parents}/reward", 3)
+  # Read back as a model (`lmtrain sample`, a child stage): the SFT weights bit for bit under the
+  # policy's adapters.
+  sft = restore(os.path.join(parents, "sft", "checkpoints", "3"))["params"]
+  cfg = dataclasses.replace(TINY, lora_rank=4, lora_alpha=8.0, lora_targets=("q", "v", "down"))
+  host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host),
+                          transformer.abstract_model(cfg)[1])
+  loaded, _ = ckpt_lib.restore_params(os.path.join(straight, "ppo"), abstract)
+  loaded = jax.device_get(loaded)
+  jax.tree.map(np.testing.assert_array_equal, lora.without_adapters(loaded), sft)
+  jax.tree.map(np.testing.assert_array_equal, loaded[lora.KEY], policy[lora.KEY])
 
   # The start-up block counts the adapters and the value head as trained, the rest as frozen
   # (the reward model's scalar bias aside, as for every frozen role).
-  cfg = dataclasses.replace(TINY, lora_rank=4, lora_alpha=8.0, lora_targets=("q", "v", "down"))
+  rm = restore(os.path.join(parents, "reward", "checkpoints", "3"))["params"]
   size = lambda tree: sum(int(np.size(x)) for x in jax.tree.leaves(tree))
   adapters = 2 * lora.adapter_count(transformer.abstract_model(cfg)[1])
   trained = adapters + TINY.d_model + 1

@@ -197,14 +197,32 @@ def test_lora_sft_trains_only_adapters_resumes_exactly_and_its_children_start_me
   assert "  parameters  0.14M (3,328 trained, 0.14M frozen)\n" in straight.stdout
   moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
   assert moments == 2 * adapters
-  # The parent's weights are in the checkpoint bit for bit; the adapters moved.
-  pretrained = saved_state(workdir, 6)["params"]
-  jax.tree.map(np.testing.assert_array_equal, lora.without_adapters(state["params"]), pretrained)
+  # The checkpoint holds the adapters, not another copy of the base: lineage.json names it.
+  assert sorted(state["params"]) == [lora.KEY]
   assert all(np.abs(ad["b"]).max() > 0 for ad in state["params"][lora.KEY].values())
+  lineage = json.load(open(os.path.join(dirs[0], "sft", "lineage.json")))
+  assert (lineage["parent"]["stage"], lineage["parent"]["step"]) == ("pretrain", 6)
+  assert lineage["parent"]["committed"] > 0
+  size = lambda d: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+  adapter_bytes = size(os.path.join(dirs[0], "sft", "checkpoints", "4", "state"))
+  full_bytes = size(os.path.join(workdir, "sft", "checkpoints", str(SFT_STEPS), "state"))
+  assert adapter_bytes < full_bytes / 5, (adapter_bytes, full_bytes)
+  # Read back (`lmtrain sample`, the converters, children): the parent's weights bit for bit and
+  # the adapters trained.
+  pretrained = saved_state(workdir, 6)["params"]
+  _, abstract, _ = transformer.abstract_model(cfg)
+  host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  loaded, step = ckpt_lib.restore_params(
+      os.path.join(dirs[0], "sft"),
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), abstract))
+  assert step == 4
+  loaded = jax.device_get(loaded)
+  jax.tree.map(np.testing.assert_array_equal, lora.without_adapters(loaded), pretrained)
+  jax.tree.map(np.testing.assert_array_equal, loaded[lora.KEY], state["params"][lora.KEY])
 
   # A child stage starts from the merged weights (W + alpha / r x A B), with adapters of its own
   # when it uses LoRA too (a reward model: fresh B = 0, its new scalar head).
-  expected = jax.tree.map(np.asarray, lora.merged(state["params"], 2.0))
+  expected = jax.tree.map(np.asarray, lora.merged(loaded, 2.0))
   for child in (dataclasses.replace(cfg, lora_rank=0), dataclasses.replace(cfg, head="scalar")):
     mesh = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2})
     _, abstract, names = transformer.abstract_model(child)

@@ -126,7 +126,8 @@ def test_start_state_is_fresh_from_a_parent_or_resumed(tmp_path):
   parent_params = util.init_params(util.TINY, seed=3)
   seen = []
 
-  def from_parent(abstract):
+  def from_parent(abstract, pinned=None):
+    assert pinned is None  # a new run
     seen.append(abstract["embed"].sharding)
     return parent_params, {"stage": "pretrain", "step": 5}
 
