@@ -111,6 +111,12 @@ def _text(v):
   return None if isinstance(v, str) else "must be a string"
 
 
+def _dtype(v):
+  if v in ("auto", "float32", "bfloat16", "float16"):
+    return None
+  return "must be 'auto', 'float32', 'bfloat16' or 'float16'"
+
+
 def _flag(v):
   return None if isinstance(v, bool) else "must be True or False"
 
@@ -153,7 +159,7 @@ MACRO_CHECKS = {
     "INIT_FROM": _optional(_text), "TRAINABLE": _trainable,
     "TRAINABLE_LAYERS": _optional(_POSITIVE),  # at most the model's layers: LossStep checks
     "LORA_RANK": _COUNT, "LORA_ALPHA": _number(above=0), "LORA_TARGETS": _lora_targets,
-    "LORA_DROPOUT": _number(low=0, below=1),
+    "LORA_DROPOUT": _number(low=0, below=1), "LORA_BASE_DTYPE": _dtype,
     # The reward model and DPO.
     "LM_SCORE": _flag, "NORMALIZATION": _text, "DPO_BETA": _number(above=0),
     "DPO_LABEL_SMOOTHING": _number(low=0, below=0.5),

@@ -20,6 +20,7 @@ from lmtrain import parallel
 from lmtrain.errors import UserError
 from lmtrain.model import lora, transformer
 from lmtrain.train import optim, roles
+from lmtrain.train import step as step_lib
 from lmtrain.train.memory import GIB, measure_activations, memory_plan
 from lmtrain.train.metrics import PEAK_FLOPS
 from lmtrain.train.state import TrainState, state_shardings
@@ -96,13 +97,15 @@ def shape_for_params(n: float, vocab: int = 32000) -> transformer.ModelConfig:
                                  num_heads=d // 128, mlp_dim=mlp)
 
 
-def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dtype="auto"):
+def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dtype="auto",
+                lora_base_dtype="auto"):
   """(abstract train state, its shardings) of `stage` for model `cfg` on `mesh`, as the stage
   would create it (AdamW over the trained roles; frozen roles in extras, their matrices in
   `frozen_dtype` for PPO/GRPO, as FROZEN_DTYPE stores them). With LoRA (cfg.lora_rank), the
   trained models have adapters and AdamW covers those (and a scalar head) only, the frozen ones
   none, and DPO's and PPO/GRPO's reference is the policy's base itself (no copy); PPO's value
-  model has adapters too (make_stage.value_lora's default)."""
+  model has adapters too (make_stage.value_lora's default), and the trained models' frozen base
+  matrices are held in `lora_base_dtype` (LORA_BASE_DTYPE)."""
   if stage not in STAGE_ROLES:
     raise UserError(f"--stage {stage!r}; choose one of {', '.join(STAGE_ROLES)}")
   trees, names, trained = {}, {}, []
@@ -124,10 +127,21 @@ def stage_state(stage: str, cfg: transformer.ModelConfig, mesh, rules, frozen_dt
   def params_of(tree):  # loss stages train one params tree; PPO/GRPO a dict of roles
     return tree[trained[0]] if stage not in ("ppo", "grpo") else {r: tree[r] for r in trained}
 
+  trainable = stage_trainable(stage, cfg)
   optimizer = optim.make_optimizer(optax.constant_schedule(0.0),  # the state's shapes only
-                                   trainable=stage_trainable(stage, cfg))
-  abstract_state = jax.eval_shape(lambda: TrainState.create(
-      params_of(trees), optimizer, jax.random.PRNGKey(0), {r: trees[r] for r in frozen}))
+                                   trainable=trainable)
+
+  def create(trees):
+    state = TrainState.create(params_of(trees), optimizer, jax.random.PRNGKey(0),
+                              {r: trees[r] for r in frozen})
+    if not cfg.lora_rank:
+      return state
+    base = step_lib.frozen_base(state.params, trainable(state.params))
+    return state.replace(params=transformer.cast_matrices(
+        state.params, params_of(names), transformer.resolve_dtype(lora_base_dtype, cfg),
+        only=base))
+
+  abstract_state = jax.eval_shape(create, trees)
   shardings = state_shardings(mesh, rules, abstract_state, params_of(names),
                               {r: names[r] for r in frozen})
   return abstract_state, shardings
@@ -183,10 +197,13 @@ def add_arguments(p):
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--rollouts", type=int, default=None, help="ppo/grpo: rows of the KV cache "
                  "(default: the batch); prompt + response length is --seq_len")
-  for flag, what in (("--frozen_dtype", "the reference's and reward model's stored matrices"),
-                     ("--rollout_dtype", "the policy's decode copy")):
-    p.add_argument(flag, default="auto", help=f"ppo/grpo: {what}: auto (the compute dtype), "
-                   "float32 or bfloat16")
+  for flag, what in (("--frozen_dtype", "ppo/grpo: the reference's and reward model's stored "
+                                       "matrices"),
+                     ("--rollout_dtype", "ppo/grpo: the policy's decode copy"),
+                     ("--lora_base_dtype", "with --lora_rank: the trained models' frozen base "
+                                           "matrices (LORA_BASE_DTYPE)")):
+    p.add_argument(flag, default="auto", help=f"{what}: auto (the compute dtype), float32 or "
+                   "bfloat16")
   where = p.add_mutually_exclusive_group()
   where.add_argument("--slice", default=None, help="a TPU slice, e.g. v5p-8 (4 chips), v5e-256")
   where.add_argument("--hardware", default=None, help=", ".join([*HARDWARE, "cpu"]))
@@ -250,7 +267,7 @@ def plan(args) -> dict:
                     f"over {shards} data x fsdp shards")
   local = batch // shards // args.microbatches
   abstract_state, shardings = stage_state(args.stage, cfg, mesh, parallel.axis_rules(),
-                                          args.frozen_dtype)
+                                          args.frozen_dtype, args.lora_base_dtype)
   memory = memory_plan(abstract_state, shardings, cfg, local, args.seq_len, mesh,
                        hardware.memory_gib, stage_trainable(args.stage, cfg))
   if args.stage in ("ppo", "grpo"):  # the decode copy of the policy and the KV cache

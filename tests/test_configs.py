@@ -217,6 +217,8 @@ def test_every_stage_macro_has_a_type_and_range_check():
     ("sft", "LORA_ALPHA", "0", "LORA_ALPHA=0: must be above 0"),
     ("sft", "LORA_TARGETS", "['q', 'x']", "LORA_TARGETS=['q', 'x']: must be a list of one or "
                                            "more (each once) of 'q', 'k', 'v', 'o', 'gate'"),
+    ("dpo", "LORA_BASE_DTYPE", "bf16", "LORA_BASE_DTYPE='bf16': must be 'auto', 'float32', "
+                                       "'bfloat16' or 'float16'"),
 ])
 def test_a_bad_setting_is_one_line_naming_its_macro(stage, macro, value, expected):
   with pytest.raises(config.UserError) as e:

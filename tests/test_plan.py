@@ -151,15 +151,22 @@ def test_lora_dpo_holds_adapter_moments_and_no_reference_copy():
   per_device = 4 * 32 * (split // 4 + whole)
   assert mem["trained params"] == mem["gradients"] == per_device
   assert 0 <= mem["optimizer state"] - 2 * per_device <= 16
-  assert mem["frozen models"] == 4 * base // 4  # the base once; no reference copy
+  # The base once (no reference copy), its matrices in bf16 (LORA_BASE_DTYPE 'auto' on a TPU),
+  # the norm scales (65 x 4096) in fp32; --lora_base_dtype float32 holds it all in fp32.
+  vectors = 65 * 4096
+  assert mem["frozen models"] == (2 * (base - vectors) + 4 * vectors) // 4
   assert before["frozen models"] == before["trained params"] == 4 * base // 4
   assert mem["total"] < before["total"] / 2
+  fp32 = json.loads(run_plan("--model", "llama2_7b", "--stage", "dpo", "--slice", "v5p-8",
+                             "--seq_len", "1024", "--batch_size", "8", "--json", "--override",
+                             "lora_rank=8", "--lora_base_dtype", "float32"))
+  assert fp32["memory_per_device_bytes"]["frozen models"] == 4 * base // 4
 
 
 def test_lora_ppo_trains_adapters_and_value_head_with_no_reference_copy():
   """llama2_7b PPO with r=8 adapters on policy and value: AdamW and the gradients cover the
-  adapters and the value head; the frozen models are the two fp32 bases and the bf16 reward
-  model, with no reference copy; the policy still decodes from a (merged) bf16 copy."""
+  adapters and the value head; the frozen models are the two bases and the reward model, their
+  matrices in bf16, with no reference copy; the policy still decodes from a (merged) bf16 copy."""
   mem = json.loads(run_plan("--model", "llama2_7b", "--stage", "ppo", "--slice", "v5p-8",
                             "--seq_len", "1024", "--batch_size", "8", "--json", "--override",
                             "lora_rank=8"))["memory_per_device_bytes"]
@@ -172,8 +179,8 @@ def test_lora_ppo_trains_adapters_and_value_head_with_no_reference_copy():
   assert 0 <= mem["optimizer state"] - 2 * trained <= 64
   vectors = 65 * 4096
   reward_matrices = 6_738_415_616 - vectors - 32000 * 4096
-  policy_base = 4 * 6_738_415_616 // 4
-  value_trunk = 4 * (6_738_415_616 - 32000 * 4096) // 4
+  policy_base = (2 * (6_738_415_616 - vectors) + 4 * vectors) // 4
+  value_trunk = (2 * (6_738_415_616 - 32000 * 4096 - vectors) + 4 * vectors) // 4
   reward = (2 * reward_matrices + 4 * (vectors + 4096)) // 4 + 4
   assert mem["frozen models"] == policy_base + value_trunk + reward
   assert mem["decode weights"] == 2 * (6_738_415_616 - vectors) + 4 * vectors

@@ -621,13 +621,15 @@ def resolve_dtype(dtype: str, cfg: ModelConfig):
   return cfg.compute_dtype if dtype == "auto" else jnp.dtype(dtype)
 
 
-def cast_matrices(params, names, dtype):
+def cast_matrices(params, names, dtype, only=None):
   """`params` with their weight matrices in `dtype` and every vector (norm scales, the scalar
-  head) left as it is. The layers cast each matrix to the compute dtype where they use it, so
-  matrices stored in the compute dtype give bit-identical outputs with half the bytes."""
-  def cast(x, axes):
-    return x.astype(dtype) if _MATRIX_AXES & set(axes) else x
-  return jax.tree.map(cast, params, names, is_leaf=parallel.is_axis_names)
+  head) left as it is; `only`: a tree of bools like `params`, the matrices to cast (None: all).
+  The layers cast each matrix to the compute dtype where they use it, so matrices stored in the
+  compute dtype give bit-identical outputs with half the bytes."""
+  only = jax.tree.map(lambda _: True, params) if only is None else only
+  def cast(x, axes, chosen):
+    return x.astype(dtype) if chosen and _MATRIX_AXES & set(axes) else x
+  return jax.tree.map(cast, params, names, only, is_leaf=parallel.is_axis_names)
 
 
 def merge(graphdef, params):

@@ -217,6 +217,8 @@ def resume_keys(stage: Stage, cfg: LoopConfig, workdir: str) -> dict:
           "SEQ_LEN": cfg.seq_len, "MODEL": stage.step.model_config.architecture(),
           "TRAINABLE": optim.trainable_setting(),
           "TRAINABLE_LAYERS": optim.trainable_layers_setting()}
+  if stage.step.model_config.lora_rank:
+    keys["LORA_BASE_DTYPE"] = optim.lora_base_dtype_setting()
   if stage.tokenizer_path:
     keys["TOKENIZER"] = prepare.tokenizer_sha256(stage.tokenizer_path)
   return keys

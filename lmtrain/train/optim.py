@@ -57,6 +57,13 @@ def trainable_setting(trainable="all"):
 
 
 @gin.configurable
+def lora_base_dtype_setting(dtype="auto"):
+  """LORA_BASE_DTYPE: the dtype a LoRA model's frozen base matrices are held in (StepFactory.
+  store_frozen_base): 'auto' (the compute dtype), float32, bfloat16 or float16."""
+  return dtype
+
+
+@gin.configurable
 def trainable_layers_setting(last=None):
   """TRAINABLE_LAYERS: None (every layer), or N: the stacked layer weights train in their last N
   layers only (restrict_layers)."""

@@ -64,7 +64,7 @@ def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mes
   optimizer = step_factory.optimizer(schedule, make_schedule)
 
   def create(loaded, rng):
-    return step_factory.init(loaded, optimizer, rng)
+    return step_factory.store_frozen_base(step_factory.init(loaded, optimizer, rng), param_names)
 
   abstract_state = jax.eval_shape(create, abstract_loaded, jax.random.PRNGKey(0))
   shardings = state_shardings(mesh, rules, abstract_state, param_names, extras_names)

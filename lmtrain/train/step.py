@@ -202,6 +202,18 @@ class StepFactory(abc.ABC):
               for key, tree in state.extras.items()}
     return {"params": params, "extras": extras}
 
+  def store_frozen_base(self, state, names):
+    """`state` (made by init) with the frozen base matrices of its models with adapters in
+    LORA_BASE_DTYPE: 'auto' is the compute dtype, in which the layers use them anyway, so the
+    outputs are those of float32 storage with half the bytes on TPU/GPU. `names`: the params'
+    logical names. The checkpoints never hold them (checkpoint_omits)."""
+    omit = self.checkpoint_omits(state)
+    if omit is None:
+      return state
+    dtype = transformer.resolve_dtype(optim.lora_base_dtype_setting(), self.model_config)
+    return state.replace(params=transformer.cast_matrices(state.params, names, dtype,
+                                                          only=omit["params"]))
+
   def trainable_layers(self) -> int | None:
     """TRAINABLE_LAYERS: the stacked leaves train in their last N layers only; None: all."""
     last = optim.trainable_layers_setting()

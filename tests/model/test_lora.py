@@ -354,3 +354,57 @@ def test_every_loss_stage_drops_out_in_training_only():
           params, batch, jax.random.split(jax.random.PRNGKey(0)))]
     assert losses[0.5][0] == losses[0.0][0] == losses[0.0][1] == losses[0.0][2], head
     assert losses[0.5][1] != losses[0.5][2] and losses[0.5][1] != losses[0.5][0], head
+
+
+def test_the_frozen_base_is_held_in_lora_base_dtype_and_a_resume_rebuilds_it(tmp_path):
+  """LORA_BASE_DTYPE=bfloat16: the frozen base matrices in bf16 (norms and adapters float32), the
+  same model as float32 storage rounded to bf16; its checkpoints hold the adapters only, and a
+  resume takes the base from the parent again, pinned to the lineage's entry."""
+  import gin
+  from lmtrain import config
+  from lmtrain.train import checkpoint as ckpt_lib, memory, start
+  mesh, rules = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}), parallel.axis_rules()
+  factory = LossStep(LORA, lm_loss)
+  parent = lora_params(util.init_params())
+  pins = []
+
+  def from_parent(abstract, pinned=None):
+    pins.append(pinned)
+    return jax.device_put(parent, jax.tree.map(lambda a: a.sharding, abstract)), {"step": 5}
+
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "sft" / "checkpoints"), async_save=False)
+  config.setup("sft", macros={"LORA_BASE_DTYPE": "bfloat16", "LEARNING_RATE": "0.01"})
+  try:
+    first = start.start_state(factory, from_parent, 10, 0, mesh, rules, checkpointer, None)
+    params = first.state.params
+    assert params["layers"]["mlp"]["up"].dtype == jnp.bfloat16
+    assert params["embed"].dtype == params["lm_head"].dtype == jnp.bfloat16
+    assert params["final_norm"]["scale"].dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params[lora.KEY]))
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype)
+                           if x.ndim >= 2 else x, lora.without_adapters(parent))
+    tokens = util.packed_batch(batch_size=2, seed=3)["inputs"]
+    np.testing.assert_array_equal(
+        logits_of(LORA, jax.device_get(params), tokens),
+        logits_of(LORA, {**rounded, lora.KEY: parent[lora.KEY]}, tokens))
+    # The memory plan counts the frozen base at 2 bytes a weight.
+    abstract = jax.eval_shape(lambda s: s, first.state)
+    frozen = memory.state_bytes(abstract, first.shardings, factory.trainable())["frozen models"]
+    assert frozen < 0.6 * 4 * util.TINY.param_count()
+
+    step = jax.jit(make_train_step(transformer.abstract_model(LORA)[0], lm_loss, first.optimizer,
+                                   first.schedule, trainable=factory.trainable()))
+    state, metrics = step(first.state, util.packed_batch(batch_size=8, seed=5))
+    assert np.isfinite(float(metrics["loss"]))
+    checkpointer.save(1, first.saved(state))
+    assert sorted(ckpt_lib.saved_params(checkpointer.directory, 1)) == [lora.KEY]
+    ckpt_lib.write_lineage(str(tmp_path / "sft"), "sft", "", {"stage": "pretrain", "step": 5})
+    resumed = start.start_state(factory, from_parent, 10, 0, mesh, rules, checkpointer, None)
+    assert resumed.resumed_from == 1
+    assert pins == [None, {"stage": "pretrain", "step": 5}]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+                 jax.device_get(state.params))
+    assert resumed.state.params["layers"]["mlp"]["up"].dtype == jnp.bfloat16
+  finally:
+    checkpointer.close()
+    gin.clear_config()
