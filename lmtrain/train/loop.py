@@ -116,6 +116,19 @@ def _millions(n: int) -> str:
   return f"{n / 1e6:,.2f}M" if n >= 1e5 else f"{n:,}"
 
 
+def param_counts(step: StepFactory, state) -> tuple[int, int]:
+  """(trained, frozen) parameters of a train state: the frozen models in its extras, and what
+  TRAINABLE, TRAINABLE_LAYERS or LoRA leave out of the params."""
+  trained = sum(int(x.size) for x in jax.tree.leaves(state.params))
+  frozen = sum(int(x.size) for x in jax.tree.leaves(state.extras)
+               if x.ndim >= 1 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
+  trainable = step.trainable()
+  counted = optim.trained_count(state.params,
+                                None if trainable is None else trainable(state.params),
+                                step.trainable_layers())
+  return counted, frozen + trained - counted
+
+
 def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str]:
   """What the run is, said once before the first step: where it starts, the parameters (trained
   and frozen), the mesh and devices, the batch in tokens, the data and the epochs the run reads."""
@@ -126,16 +139,7 @@ def startup_lines(stage: Stage, cfg: LoopConfig, state, mesh, start) -> list[str
               f"({start.parent['path']}), {cfg.train_steps} steps")
   else:
     origin = f"starting from fresh weights, {cfg.train_steps} steps"
-  size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
-  trained = size(state.params)
-  frozen = sum(int(x.size) for x in jax.tree.leaves(state.extras)
-               if x.ndim >= 1 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
-  # TRAINABLE, TRAINABLE_LAYERS or LoRA: the params left out are frozen too.
-  trainable = stage.step.trainable()
-  held = trained - optim.trained_count(
-      state.params, None if trainable is None else trainable(state.params),
-      stage.step.trainable_layers())
-  trained, frozen = trained - held, frozen + held
+  trained, frozen = param_counts(stage.step, state)
   axes = " x ".join(f"{name} {n}" for name, n in mesh.shape.items())
   device = jax.devices()[0]
   rows = stage.step.rows_per_example
@@ -289,6 +293,10 @@ def _train(stage: Stage, stage_dir: str, cfg: LoopConfig, config_text: str, sigt
                       checkpointer, train_iter, preflight)
   state = start.state
   summary = {"stage": stage.name, "checkpoint": checkpointer.directory, **stage.summary}
+  # What the run trains and what AdamW holds for it (all devices together).
+  summary["trained_params"] = param_counts(stage.step, state)[0]
+  summary["optimizer_state_bytes"] = sum(int(x.size) * x.dtype.itemsize
+                                         for x in jax.tree.leaves(state.opt_state))
   step = int(state.step)
   if step >= cfg.train_steps:  # a no-op call leaves the run's files as they are
     summary.update(steps=step, note="already complete", wall_time=time.time() - wall_start)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -100,6 +101,11 @@ def test_sft_resume_is_bit_exact(chain, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, sa, sb)
 
 
+def closing_figure(stdout, key):
+  """An integer of the closing table (`key   value`)."""
+  return int(re.search(rf"^{key}\s+(\d+)$", stdout, re.M).group(1))
+
+
 def train_rows_of(workdir):
   with open(os.path.join(workdir, "sft", "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if "loss" in r]
@@ -155,9 +161,11 @@ def test_sft_with_only_the_head_trainable_leaves_the_rest_as_the_parent(chain, t
       assert not np.array_equal(after, before), name
     else:
       np.testing.assert_array_equal(after, before, err_msg=name)
-  # The optimizer state holds the head's two moments only.
+  # The optimizer state holds the head's two moments only, as the closing table says.
   moments = sum(x.size for x in jax.tree.leaves(child["opt_state"]) if np.ndim(x))
   assert moments == 2 * head
+  assert closing_figure(proc.stdout, "trained_params") == head
+  assert 4 * moments <= closing_figure(proc.stdout, "optimizer_state_bytes") <= 4 * moments + 64
   # Its checkpoints hold that optimizer state: a resume that trains other parameters is refused.
   again = lmtrain(*args, "--gin.TRAIN_STEPS=4", "--gin.TRAINABLE='all'", "--allow_config_change",
                   check=False)
@@ -197,6 +205,8 @@ def test_lora_sft_trains_only_adapters_resumes_exactly_and_its_children_start_me
   assert "  parameters  0.14M (3,328 trained, 0.14M frozen)\n" in straight.stdout
   moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
   assert moments == 2 * adapters
+  assert closing_figure(straight.stdout, "trained_params") == adapters
+  assert 4 * moments <= closing_figure(straight.stdout, "optimizer_state_bytes") <= 4 * moments + 64
   # The checkpoint holds the adapters, not another copy of the base: lineage.json names it.
   assert sorted(state["params"]) == [lora.KEY]
   assert all(np.abs(ad["b"]).max() > 0 for ad in state["params"][lora.KEY].values())
