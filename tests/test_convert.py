@@ -144,8 +144,9 @@ def test_from_hf_matches_transformers_logits_and_greedy(hf_dirs, tmp_path, tied)
   assert ours_greedy == theirs_greedy
 
 
-def _write_stage(stage_dir, cfg, params, tokenizer_path, stage="sft"):
-  """A stage directory as the training loop leaves it: a whole TrainState, model.json, lineage."""
+def _write_stage(stage_dir, cfg, params, tokenizer_path, stage="sft", parent=None):
+  """A stage directory as the training loop leaves it: a TrainState, model.json, lineage.
+  `parent`: the lineage entry of the checkpoint it started from."""
   optimizer = optim.make_optimizer(optax.constant_schedule(1e-3))
   state = TrainState.create(params, optimizer, jax.random.PRNGKey(0))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
@@ -153,7 +154,7 @@ def _write_stage(stage_dir, cfg, params, tokenizer_path, stage="sft"):
   checkpointer.close()
   with open(os.path.join(stage_dir, "model.json"), "w") as f:
     json.dump(dataclasses.asdict(cfg), f)
-  ckpt_lib.write_lineage(stage_dir, stage, "", tokenizer=tokenizer_path)
+  ckpt_lib.write_lineage(stage_dir, stage, "", parent, tokenizer=tokenizer_path)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -199,8 +200,13 @@ def test_a_lora_checkpoint_exports_merged_weights_with_the_same_logits(tmp_path,
   keys = iter(jax.random.split(jax.random.PRNGKey(5), 64))
   params[lora.KEY] = jax.tree.map(  # trained-looking adapters: B off zero
       lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params[lora.KEY])
+  # As a LoRA stage leaves it: the adapters in its checkpoint, the base in its parent's.
+  parent = str(tmp_path / "run" / "pretrain")
+  _write_stage(parent, lora.base_config(cfg), lora.without_adapters(params), tokenizer_path,
+               "pretrain")
   stage = str(tmp_path / "run" / "sft")
-  _write_stage(stage, cfg, params, tokenizer_path)
+  _write_stage(stage, cfg, {lora.KEY: params[lora.KEY]}, tokenizer_path,
+               parent={"stage": "pretrain", "path": parent, "step": 7})
   hf_dir = str(tmp_path / "hf")
   convert.to_hf(stage, hf_dir)
   hf_config = json.load(open(os.path.join(hf_dir, "config.json")))
