@@ -48,6 +48,18 @@ def saved_part(state: TrainState, omit) -> TrainState:
                        extras=pruned(state.extras, omit["extras"]))
 
 
+def _holds_base(checkpointer, abstract_state) -> bool:
+  """Whether the latest checkpoint holds every param (a LoRA run's checkpoint written before they
+  left the frozen base out): it is restored whole, and the next save leaves the base out."""
+  try:
+    saved = ckpt_lib.saved_params(checkpointer.directory, checkpointer.latest_step())
+  except (OSError, ValueError):  # unreadable: restore_newest_good says so, or falls back
+    return False
+  have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(saved)}
+  return all(jax.tree_util.keystr(p) in have
+             for p, _ in jax.tree_util.tree_leaves_with_path(abstract_state.params))
+
+
 def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mesh, rules,
                 checkpointer, train_iter, preflight=None) -> Start:
   """Restores the latest checkpoint (and the data iterator's position) when there is one; else
@@ -84,7 +96,7 @@ def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mes
 
   with mesh:
     if checkpointer.latest_step() is not None:  # a damaged latest one falls back to the next
-      if omit is None:
+      if omit is None or _holds_base(checkpointer, abstract_state):
         state, _ = checkpointer.restore_newest_good(
             parallel.with_shardings(abstract_state, shardings), train_iter)
         return Start(state, shardings, optimizer, schedule, int(state.step), None, omit)

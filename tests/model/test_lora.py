@@ -408,3 +408,33 @@ def test_the_frozen_base_is_held_in_lora_base_dtype_and_a_resume_rebuilds_it(tmp
   finally:
     checkpointer.close()
     gin.clear_config()
+
+
+def test_a_lora_checkpoint_that_holds_its_base_resumes_whole(tmp_path):
+  """A LoRA run's checkpoint written with its base (before checkpoints left it out) resumes from
+  itself alone, with no parent to read."""
+  import gin
+  from lmtrain import config
+  from lmtrain.train import checkpoint as ckpt_lib, start
+  mesh, rules = util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}), parallel.axis_rules()
+  factory = LossStep(LORA, lm_loss)
+  parent = lora_params(util.init_params(), b_scale=0.1)
+
+  def from_parent(abstract, pinned=None):
+    if pinned is not None:
+      raise AssertionError("the resume read the parent")
+    return jax.device_put(parent, jax.tree.map(lambda a: a.sharding, abstract)), {"step": 5}
+
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "sft" / "checkpoints"), async_save=False)
+  config.setup("sft", macros={"LEARNING_RATE": "0.01"})
+  try:
+    first = start.start_state(factory, from_parent, 10, 0, mesh, rules, checkpointer, None)
+    checkpointer.save(3, first.state.replace(step=first.state.step + 3))  # whole, as before
+    resumed = start.start_state(factory, from_parent, 10, 0, mesh, rules, checkpointer, None)
+    assert resumed.resumed_from == 3
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+                 jax.device_get(parent))
+    assert sorted(resumed.saved(resumed.state).params) == [lora.KEY]  # from now on, adapters only
+  finally:
+    checkpointer.close()
+    gin.clear_config()
