@@ -356,6 +356,10 @@ def merged_params(path: str, abstract, entry: dict | None = None):
   started from (committed_at)."""
   ckpt_dir = os.path.join(path, "checkpoints")
   step = entry.get("step") if entry else None
+  if not fileio.isdir(ckpt_dir):
+    raise UserError(f"{path}: no checkpoints there" + (
+        "; a LoRA stage's checkpoints hold its adapters, not the base weights they adapt"
+        if entry else ""))
   with ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     steps = sorted(manager.all_steps())

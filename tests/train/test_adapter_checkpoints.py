@@ -109,3 +109,14 @@ def test_a_parent_checkpoint_gone_is_one_line(chain):
       f"{workdir}/dpo (LoRA adapters over the weights of {workdir}/sft at step 4): {workdir}/sft: "
       f"checkpoint 4, the one this stage started from, is gone (the steps there: none); a LoRA "
       f"stage's checkpoints hold its adapters, not the base weights they adapt")
+
+
+def test_a_parent_stage_gone_is_one_line(chain):
+  workdir, _, _ = chain
+  shutil.rmtree(os.path.join(workdir, "pretrain"))
+  with pytest.raises(UserError) as e:
+    read(os.path.join(workdir, "sft"))
+  assert str(e.value) == (
+      f"{workdir}/sft (LoRA adapters over the weights of {workdir}/pretrain at step 6): "
+      f"{workdir}/pretrain: no checkpoints there; a LoRA stage's checkpoints hold its adapters, "
+      f"not the base weights they adapt")
