@@ -39,8 +39,11 @@ def test_sft_starts_from_the_pretrain_checkpoint_and_records_lineage(chain):
   workdir, proc = chain
   lineage = json.load(open(os.path.join(workdir, "sft", "lineage.json")))
   assert lineage["stage"] == "sft"
-  assert lineage["parent"] == {"stage": "pretrain", "path": os.path.join(workdir, "pretrain"),
-                               "step": 6}
+  pretrain = os.path.join(workdir, "pretrain")
+  assert lineage["parent"] == {
+      "stage": "pretrain", "path": pretrain, "step": 6,
+      "committed": ckpt_lib.committed_at(os.path.join(pretrain, "checkpoints"), 6)}
+  assert lineage["parent"]["committed"] > 0
   assert lineage["tokenizer"] == os.path.join(workdir, "tokenizer.model")
   # The pretraining run trained that tokenizer (TOKENIZER='auto', none in the work dir) and said so.
   assert (f"  tokenizer   {lineage['tokenizer']} (trained by this run on 1 file(s))\n"
