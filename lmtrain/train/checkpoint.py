@@ -2,7 +2,9 @@
 
 A checkpoint holds the whole TrainState (params, optimizer state, step, rng, stage extras) and the data
 iterator's state, so a resumed run continues exactly. Restoring against abstract arrays that carry the
-current mesh's shardings reshards a checkpoint written on another mesh.
+current mesh's shardings reshards a checkpoint written on another mesh. A LoRA stage's checkpoint
+leaves out what its parents hold (StepFactory.checkpoint_omits): the frozen base and frozen copies
+are read again from the parent checkpoints lineage.json names (restore_params, merged_params).
 """
 
 import contextlib

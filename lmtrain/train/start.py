@@ -33,7 +33,8 @@ class Start:
   schedule: Any
   resumed_from: int | None  # the step of the checkpoint resumed, None for a new run
   parent: dict | None  # the parent's lineage entry, for a new chained run
-  # True for the params a checkpoint leaves out (StepFactory.checkpoint_omits), or None.
+  # {"params", "extras"}: True for what a checkpoint leaves out (StepFactory.checkpoint_omits);
+  # None: it holds the whole state.
   checkpoint_omits: Any = None
 
   def saved(self, state: TrainState) -> TrainState:
@@ -66,8 +67,8 @@ def start_state(step_factory, init_from_parent, train_steps: int, seed: int, mes
   `init_from_parent(abstract models with shardings, pinned=None) -> (models, parent)` or the
   factory's fresh init, then the factory's init, both jitted straight into their shardings. A
   checkpoint without its frozen base (checkpoint_omits) is restored over the models loaded as at
-  the start: init_from_parent with `pinned`, the parent entry lineage.json recorded then. `preflight(abstract
-  state, shardings)` runs before anything is allocated (the memory check)."""
+  the start: init_from_parent with `pinned`, the parent entry lineage.json recorded then.
+  `preflight(abstract state, shardings)` runs before anything is allocated (the memory check)."""
   abstract_loaded, loaded_names = step_factory.models()
   param_names, extras_names = step_factory.state_names(loaded_names)
   make_schedule = functools.partial(optim.make_schedule,
