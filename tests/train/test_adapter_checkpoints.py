@@ -100,23 +100,17 @@ def test_a_parent_written_anew_is_refused(chain):
       f"belong to the earlier one")
 
 
-def test_a_parent_checkpoint_gone_is_one_line(chain):
+@pytest.mark.parametrize("removed, stage, parent, step, problem", [
+    (("sft", "checkpoints", "4"), "dpo", "sft", 4,  # a step the parent's retention dropped
+     "checkpoint 4, the one this stage started from, is gone (the steps there: none)"),
+    (("pretrain",), "sft", "pretrain", 6, "no checkpoints there"),  # the parent stage deleted
+])
+def test_a_parent_checkpoint_gone_is_one_line(chain, removed, stage, parent, step, problem):
   workdir, _, _ = chain
-  shutil.rmtree(os.path.join(workdir, "sft", "checkpoints", "4"))  # kept no longer
+  shutil.rmtree(os.path.join(workdir, *removed))
   with pytest.raises(UserError) as e:
-    read(os.path.join(workdir, "dpo"))
+    read(os.path.join(workdir, stage))
   assert str(e.value) == (
-      f"{workdir}/dpo (LoRA adapters over the weights of {workdir}/sft at step 4): {workdir}/sft: "
-      f"checkpoint 4, the one this stage started from, is gone (the steps there: none); a LoRA "
-      f"stage's checkpoints hold its adapters, not the base weights they adapt")
-
-
-def test_a_parent_stage_gone_is_one_line(chain):
-  workdir, _, _ = chain
-  shutil.rmtree(os.path.join(workdir, "pretrain"))
-  with pytest.raises(UserError) as e:
-    read(os.path.join(workdir, "sft"))
-  assert str(e.value) == (
-      f"{workdir}/sft (LoRA adapters over the weights of {workdir}/pretrain at step 6): "
-      f"{workdir}/pretrain: no checkpoints there; a LoRA stage's checkpoints hold its adapters, "
-      f"not the base weights they adapt")
+      f"{workdir}/{stage} (LoRA adapters over the weights of {workdir}/{parent} at step {step}): "
+      f"{workdir}/{parent}: {problem}; a LoRA stage's checkpoints hold its adapters, not the base "
+      f"weights they adapt")
