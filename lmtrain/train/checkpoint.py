@@ -335,8 +335,11 @@ def _model_keys(path: str, step: int, abstract) -> set:
   entry = read_lineage(path).get("parent")
   if lora.has_adapters(saved) and entry and entry.get("step") is not None:
     base = parent_dir(path, entry)
-    if fileio.isdir(os.path.join(base, "checkpoints")):
-      keys |= _model_keys(base, entry["step"], abstract)
+    if not fileio.isdir(os.path.join(base, "checkpoints")):  # else its trunk would look new
+      raise UserError(f"{path} (LoRA adapters over the weights of {entry['path']} at step "
+                      f"{entry['step']}): {base}: no checkpoints there; a LoRA stage's "
+                      f"checkpoints hold its adapters, not the base weights they adapt")
+    keys |= _model_keys(base, entry["step"], abstract)
   return keys
 
 

@@ -114,3 +114,20 @@ def test_a_parent_checkpoint_gone_is_one_line(chain, removed, stage, parent, ste
       f"{workdir}/{stage} (LoRA adapters over the weights of {workdir}/{parent} at step {step}): "
       f"{workdir}/{parent}: {problem}; a LoRA stage's checkpoints hold its adapters, not the base "
       f"weights they adapt")
+
+
+def test_a_child_with_a_new_head_refuses_a_lora_parent_whose_base_is_gone(chain):
+  """A reward model (a new scalar head) from LoRA SFT: with the base gone, its trunk is an error,
+  not a fresh random one."""
+  workdir, _, _ = chain
+  shutil.rmtree(os.path.join(workdir, "pretrain"))
+  cfg = dataclasses.replace(LORA, head="scalar")
+  host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host),
+                          transformer.abstract_model(cfg)[1])
+  with pytest.raises(UserError) as e:
+    ckpt_lib.parent_initializer(workdir, None, "sft", cfg)(abstract)
+  assert str(e.value) == (
+      f"{workdir}/sft (LoRA adapters over the weights of {workdir}/pretrain at step 6): "
+      f"{workdir}/pretrain: no checkpoints there; a LoRA stage's checkpoints hold its adapters, "
+      f"not the base weights they adapt")
