@@ -6,8 +6,10 @@ key/value head n // (N / K), grouped-query attention) and a `Visibility`: query 
     q_segment[t] == kv_segment[s] != 0   and   q_position[t] >= kv_position[s]
 
 so segment 0 is padding, packed documents never see each other, and causality is by position.
-Training passes the tokens' own segment ids and positions; the KV-cache path passes the cache slots
-as the key positions, every slot in segment 1 (a slot past a query's position is not yet written).
+Training and a generation's prefill (one segment of right-padded prompt tokens) pass the tokens'
+own segment ids and positions. A decode step attends over the KV cache with `cached_attention`
+instead, whatever the implementation: one query per row against every cached slot up to its
+position.
 
 - `xla`: `jax.nn.dot_product_attention` on a dense [B, 1, T, S] mask. Memory grows with T x S: fp32
   logits for every head, the masked half included.
@@ -19,8 +21,7 @@ as the key positions, every slot in segment 1 (a slot past a query's position is
 - `splash`: the Pallas splash-attention kernel (TPU; Pallas's interpreter elsewhere, for tests), its
   causal mask by index plus segment ids, under shard_map over the batch and head axes when a mesh is
   active. Causal by index equals causal by position wherever positions rise with the index inside
-  each segment: packed and padded training rows, left-padded rollouts. The KV-cache path, where they
-  do not, uses `chunked` (or `xla` for short steps) instead.
+  each segment: packed and padded training rows, left-padded rollouts, a generation's prefill.
 
 A query that sees no key (a padding row) comes out as zero from `chunked` and as an average of
 the values from `xla`; nothing downstream reads those rows (the loss masks them, and no real query
@@ -55,18 +56,15 @@ def dense_mask(vis: Visibility):
   return (same & causal & real)[:, None, :, :]
 
 
-def resolve(impl: str, seq_len: int, dtype, chunked_from: int, backend: str | None = None,
-            cached: bool = False) -> str:
+def resolve(impl: str, seq_len: int, dtype, chunked_from: int, backend: str | None = None) -> str:
   """The implementation to run. `auto`: splash on TPU, cuDNN on GPU in 16-bit compute, else
-  chunked from `chunked_from` tokens on and XLA for shorter sequences. On the KV-cache path
-  (`cached`), where query positions are not their indices, splash gives way to chunked/XLA."""
+  chunked from `chunked_from` tokens on and XLA for shorter sequences."""
   backend = backend or jax.default_backend()
-  if impl == "auto" and not cached:
+  if impl == "auto":
     if backend == "tpu":
       return "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       return "cudnn"
-  if impl == "auto" or (impl == "splash" and cached):
     return "chunked" if seq_len >= chunked_from else "xla"
   return impl
 
@@ -80,6 +78,23 @@ def attend(q, k, v, vis: Visibility, impl: str, block: int = 512):
   mask = dense_mask(vis)
   return jax.nn.dot_product_attention(q, k, v, mask=mask,
                                       implementation=None if impl == "xla" else impl)
+
+
+def cached_attention(q, k_cache, v_cache, q_position):
+  """The decode step's attention: queries [B, T, N, H] at positions q_position [B, T] over a
+  layer's KV cache [B, K, S, H] (heads before slots; slot s holds position s), query t seeing
+  slots 0..q_position[t]. Dense over the slots (a decode step has one query per row), scores and
+  softmax in float32 as `xla`'s."""
+  batch, length, heads, head_dim = q.shape
+  kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+  grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("btkgh,bksh->bkgts", grouped, k_cache, preferred_element_type=jnp.float32)
+  scores = scores * jnp.float32(head_dim ** -0.5)
+  visible = jnp.arange(slots)[None, None, :] <= q_position[:, :, None]  # [B, T, S]
+  scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache)
+  return out.reshape(batch, length, heads, head_dim)
 
 
 def chunked_attention(q, k, v, vis: Visibility, block_q: int = 512, block_kv: int = 512):

@@ -134,8 +134,11 @@ def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_
                              greedy=greedy)
 
   # The last sampled token is never fed back, so the cache needs one slot less than the total.
-  cache = model.init_cache(batch, width + max_new_tokens - 1)
-  hidden, cache = model.hidden_cached(prompts, cache, jnp.zeros_like(lengths))
+  hidden, cache = model.prefill(prompts, width + max_new_tokens - 1)
+  # XLA:CPU hands each matmul a contiguous operand, so a layer's weights sliced from the stacked
+  # ones inside the loop would be copied out on every step: slice them once before it. Elsewhere
+  # the slices fuse into their matmuls and a hoisted copy would only cost memory.
+  layers = model.decode_layers() if jax.default_backend() == "cpu" else None
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
 
   def record(i, logits, out):
@@ -161,7 +164,7 @@ def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_
   def decode(carry):
     i, cache, out = carry
     previous = jax.lax.dynamic_slice_in_dim(out[0], i - 1, 1, axis=1)
-    hidden, cache = model.hidden_cached(previous, cache, lengths + i - 1)
+    hidden, cache = model.decode(previous, cache, lengths + i - 1, layers)
     return i + 1, cache, record(i, model.logits(hidden)[:, 0], out)
 
   _, _, (tokens, logprobs, mask, done) = jax.lax.while_loop(

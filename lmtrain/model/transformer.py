@@ -6,8 +6,9 @@ blocks are stacked on a leading `layers` axis and run with `lax.scan`, so compil
 with depth. Every parameter names its logical axes; the activations at block boundaries get sharding
 constraints (no-ops without a mesh).
 
-For generation, `init_cache` and `hidden_cached` keep per-layer keys/values stacked on the same `layers`
-axis, scanned alongside the layer parameters (see lmtrain/model/generate.py).
+For generation, `prefill` runs a prompt through the scanned layers and returns its keys/values as a
+KV cache of one buffer per layer, and `decode` continues the sequences one step at a time with
+the layers unrolled (see lmtrain/model/generate.py).
 """
 
 import dataclasses
@@ -250,8 +251,9 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict | None = None, lora
   return cfg.validate()
 
 
-# Logical axes of the KV cache (Transformer.init_cache).
-CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+# Logical axes of one layer's KV cache (Transformer.prefill / decode): heads before slots, the
+# layout the decode step's attention reads without a transpose.
+CACHE_AXES = ("batch", "act_kv_heads", "length", None)
 
 PRESET_NAMES = ("tiny", "demo", "small", "125m", "1b", "llama2_7b", "llama3_8b", "llama3_1_8b",
                 "bench_tiny", "bench_small")
@@ -407,25 +409,42 @@ class Attention(nnx.Module):
     q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)
     return (checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value"))
 
-  def attend(self, q, k, v, vis, cached=False, adapters=None):
+  def attend(self, q, k, v, vis, adapters=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    impl = attention.resolve(cfg.attention_impl, q.shape[1], dt, cfg.attention_chunked_from,
-                             cached=cached)
+    impl = attention.resolve(cfg.attention_impl, q.shape[1], dt, cfg.attention_chunked_from)
     out = attention.attend(q, k, v, vis, impl, cfg.attention_block)
     out = checkpoint_name(parallel.constrain(out, ("batch", "length", "act_heads", None)),
                           "attention_out")
     return project(out, self.o, adapters, "o", dt, in_dims=2)
 
-  def cached(self, x, positions, vis, layer_cache, start, adapters=None):
-    """Writes this chunk's keys/values into cache slots start[b].. and attends over the cache."""
+  def prefill(self, x, positions, vis, cache_len: int, adapters=None):
+    """Attention over the chunk itself (`attend`, any implementation), and the chunk's keys and
+    values as this layer's KV cache of `cache_len` slots (slot s holds position s)."""
     q, k, v = self.project(x, positions, adapters)
-    write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
-    layer_cache = {"k": write(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
-                   "v": write(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)}
-    layer_cache = jax.tree.map(
-        lambda c: parallel.constrain(c, ("batch", "length", "act_kv_heads", None)), layer_cache)
-    return (self.attend(q, layer_cache["k"], layer_cache["v"], vis, cached=True,
-                        adapters=adapters), layer_cache)
+    cache = {"k": _cache_layout(k, cache_len), "v": _cache_layout(v, cache_len)}
+    return self.attend(q, k, v, vis, adapters=adapters), cache
+
+  def decode(self, x, positions, layer_cache, adapters=None):
+    """Writes the tokens' keys/values into cache slots positions[b] and attends over the cache
+    (attention.cached_attention)."""
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    q, k, v = self.project(x, positions, adapters)
+    write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))
+    layer_cache = {
+        name: parallel.constrain(
+            write(layer_cache[name], jnp.swapaxes(new, 1, 2).astype(layer_cache[name].dtype),
+                  positions[:, 0]), CACHE_AXES)
+        for name, new in (("k", k), ("v", v))}
+    out = attention.cached_attention(q, layer_cache["k"], layer_cache["v"], positions)
+    out = parallel.constrain(out, ("batch", "length", "act_heads", None))
+    return project(out, self.o, adapters, "o", dt, in_dims=2), layer_cache
+
+
+def _cache_layout(x, cache_len: int):
+  """A chunk's keys or values [B, T, K, H] as a layer's KV cache [B, K, cache_len, H], the chunk
+  in slots 0..T-1 and zeros after."""
+  x = jnp.pad(x, [(0, 0), (0, cache_len - x.shape[1]), (0, 0), (0, 0)])
+  return parallel.constrain(jnp.swapaxes(x, 1, 2), CACHE_AXES)
 
 
 class MLP(nnx.Module):
@@ -458,9 +477,12 @@ class Block(nnx.Module):
     x = x + self.attn(self.attn_norm(x), positions, vis, adapters)
     return self._mlp(x, adapters)
 
-  def cached(self, x, positions, vis, layer_cache, start, adapters=None):
-    attn, layer_cache = self.attn.cached(self.attn_norm(x), positions, vis, layer_cache, start,
-                                         adapters)
+  def prefill(self, x, positions, vis, cache_len: int, adapters=None):
+    attn, cache = self.attn.prefill(self.attn_norm(x), positions, vis, cache_len, adapters)
+    return self._mlp(x + attn, adapters), cache
+
+  def decode(self, x, positions, layer_cache, adapters=None):
+    attn, layer_cache = self.attn.decode(self.attn_norm(x), positions, layer_cache, adapters)
     return self._mlp(x + attn, adapters), layer_cache
 
   def _mlp(self, x, adapters):
@@ -546,37 +568,56 @@ class Transformer(nnx.Module):
     x = parallel.lookup(self.embed[...], tokens, ("vocab", "embed")).astype(self.cfg.compute_dtype)
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
-  def init_cache(self, batch_size: int, max_len: int) -> dict:
-    """An empty KV cache: {"k", "v"} of [layers, batch, max_len, kv_heads, head_dim]."""
-    cfg = self.cfg
-    shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.head_size)
-    zeros = jnp.zeros(shape, cfg.compute_dtype)
-    zeros = parallel.constrain(zeros, CACHE_AXES)
-    return {"k": zeros, "v": zeros}
-
-  def hidden_cached(self, tokens, cache, start):
-    """Final hidden states [B, T, D] of `tokens` [B, T] continuing the sequences held in `cache`.
-
-    Sequence b's tokens take positions start[b], start[b]+1, ...: their keys/values go into the cache
-    slots of those positions, and each attends to every slot up to its own position. Slots hold one
-    sequence each, from position 0, so a right-padded prompt prefilled with start 0 leaves junk only
-    at its padding slots, which the decode steps overwrite before any query can reach them.
-    Returns (hidden, updated cache).
+  def prefill(self, tokens, cache_len: int):
+    """Final hidden states [B, T, D] of `tokens` [B, T] at positions 0..T-1, all in one segment (a
+    right-padded prompt: each real token sees only the real ones before it), and the KV cache
+    they leave for `decode`: a tuple of one {"k", "v"} [B, kv_heads, cache_len, head_dim] per
+    layer, slot s holding position s. The chunk's attention is the training one (any
+    `attention_impl`), over its own keys only; the slots after it are zeros.
     """
-    positions = start[:, None] + jnp.arange(tokens.shape[1])
-    length = cache["k"].shape[2]
-    slots = jnp.broadcast_to(jnp.arange(length), (tokens.shape[0], length))
-    vis = attention.Visibility(jnp.ones_like(positions), jnp.ones_like(slots), positions, slots)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    segments = jnp.ones_like(tokens)
+    vis = attention.Visibility(segments, segments, positions, positions)
     x = self._embed(tokens)
     merge_layer, layer_state = self._layer_stack()
 
-    def body(carry, layer):
-      state, layer_cache = layer
+    def body(carry, state):
       block, adapters = merge_layer(state)
-      return block.cached(carry, positions, vis, layer_cache, start, adapters)
+      return block.prefill(carry, positions, vis, cache_len, adapters)
 
-    x, cache = jax.lax.scan(body, x, (layer_state, cache))
+    x, stacked = jax.lax.scan(body, x, layer_state)
+    cache = tuple(jax.tree.map(lambda c, i=i: c[i], stacked) for i in range(self.cfg.num_layers))
     return self.final_norm(x), cache
+
+  def decode_layers(self):
+    """Each layer's weights (and adapters) as a tuple of static slices of the stacked ones, for
+    `decode(layers=...)`."""
+    _, layer_state = self._layer_stack()
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layer_state)
+                 for i in range(self.cfg.num_layers))
+
+  def decode(self, tokens, cache, start, layers=None):
+    """Final hidden states [B, T, D] of `tokens` [B, T] continuing the sequences held in `cache`
+    (from `prefill` or an earlier `decode`) at positions start[b], start[b]+1, ...: their keys and
+    values go into those slots and each attends to every slot up to its own position. A slot
+    past the prompt's real tokens holds junk from the padding until a decode step writes it, and
+    no query reaches it before then. Returns (hidden, updated cache).
+
+    The layers run as a Python loop over static slices of the stacked weights and a cache of
+    one buffer per layer, not a scan: XLA then updates each layer's cache in place and reads
+    each weight where it lies, where a scan over the stacked cache copies every layer's slice
+    out and back on every generated token (MaxText decodes with scan_layers off for the same
+    reason). Compile time grows with depth on this path only.
+    """
+    positions = start[:, None] + jnp.arange(tokens.shape[1])
+    x = self._embed(tokens)
+    merge_layer, _ = self._layer_stack()
+    updated = []
+    for state, layer_cache in zip(layers or self.decode_layers(), cache):
+      block, adapters = merge_layer(state)
+      x, layer_cache = block.decode(x, positions, layer_cache, adapters)
+      updated.append(layer_cache)
+    return self.final_norm(x), tuple(updated)
 
   def head_matrix(self):
     """The output projection [D, vocab] in the compute dtype (the embedding table's transpose when

@@ -143,8 +143,8 @@ def test_model_loss_and_gradients_are_the_same_with_chunked_attention():
 
 @pytest.mark.parametrize("impl", ["chunked", "splash"])
 def test_generation_with_each_attention_equals_xla(impl):
-  """The KV-cache path (prefill of ragged prompts, then one token at a time) gives the same tokens
-  and log-probs with chunked attention, and with splash (which hands the cache path to chunked)."""
+  """Generation (the prefill of ragged prompts through `impl`, then one token at a time with
+  cached_attention) gives the same tokens and log-probs as with xla."""
   params = util.init_params()
   prompts = [[5, 6, 7], list(range(9, 30)), [20], [30, 31, 32, 33]]
   tokens, lengths = gen.pad_prompts(prompts)
@@ -172,9 +172,22 @@ def test_auto_picks_by_backend_dtype_and_length():
     assert "splash" not in {attention.resolve("auto", t, dt, 2048, backend=backend)
                             for t in (1, 4096) for dt in (bf16, f32)}
   assert attention.resolve("xla", 8192, f32, 2048, backend="gpu") == "xla"
-  # The KV-cache path: positions are not indices there, so splash gives way.
-  assert attention.resolve("auto", 1, bf16, 2048, backend="tpu", cached=True) == "xla"
-  assert attention.resolve("splash", 4096, bf16, 2048, backend="tpu", cached=True) == "chunked"
+
+
+def test_cached_attention_equals_xla_over_the_cache_slots():
+  """The decode step's attention (cache [B, K, S, H], query t sees slots 0..position[t]) equals
+  `xla` given the slots as key positions, with GQA and ragged positions."""
+  rng = np.random.default_rng(3)
+  batch, length, heads, kv_heads, head_dim, slots = 3, 2, 4, 2, 8, 11
+  q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(batch, slots, kv_heads, head_dim)), jnp.float32)
+          for _ in range(2))
+  positions = jnp.array([[0, 1], [4, 5], [9, 10]], jnp.int32)
+  slot_ids = jnp.broadcast_to(jnp.arange(slots), (batch, slots))
+  vis = attention.Visibility(jnp.ones_like(positions), jnp.ones_like(slot_ids), positions, slot_ids)
+  want = attention.attend(q, k, v, vis, "xla")
+  got = attention.cached_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), positions)
+  np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", sorted(set(transformer.REMAT_POLICIES) - {"none"}))
