@@ -98,7 +98,8 @@ class Algorithm(abc.ABC):
   score_features(cfg, batch): per-row arrays computed from the scores before the rows are
     shuffled (e.g. GRPO's group advantages), merged into the batch.
   advantages(cfg, batch, kl_coef): (advantages [B, N], returns [B, N] or None, per-token KL
-    [B, N]) of the rollout batch, which holds its old log-probs (and values).
+    [B, N]) of the rollout batch, which holds its old log-probs (and values); without a value
+    model the batch may lack the log-probs (learner.on_policy), and the KL is then None.
   loss(cfg, params, graphdefs, mb, logp, kl_coef): (its terms added to the policy loss, their
     metrics) on a minibatch; `logp` are the policy's current log-probs.
   """

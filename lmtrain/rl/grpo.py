@@ -31,8 +31,11 @@ class GRPO(Algorithm):
   def advantages(self, cfg: RLConfig, batch, kl_coef):
     del kl_coef  # the KL is in the loss
     mask = batch["mask"]
+    adv = batch["group_advantage"][:, None] * mask
+    if "logp" not in batch:  # learner.on_policy: the update's own pass measures the KL
+      return adv, None, None
     kl = core.kl_penalty(batch["logp"], batch["ref_logp"], mask, cfg.kl_estimator)
-    return batch["group_advantage"][:, None] * mask, None, core.clip_kl(kl, cfg.kl_clip)
+    return adv, None, core.clip_kl(kl, cfg.kl_clip)
 
   def loss(self, cfg: RLConfig, params, graphdefs, mb, logp, kl_coef):
     del params, graphdefs

@@ -6,6 +6,12 @@ exactly 1 and policy == reference gives a KL of exactly 0. Then the algorithm's 
 EPOCHS x NUM_MINIBATCHES optimizer updates of the clipped policy loss (- entropy bonus) plus the
 algorithm's own terms (+ PTX_COEF x LM loss on PTX_DATA rows).
 
+One update per rollout (EPOCHS x NUM_MINIBATCHES = 1) without a value model (GRPO and its
+relatives, whose advantages need no log-probs) skips the policy's pass before the update
+(`on_policy`): the old policy is the one being differentiated, so its log-probs are the loss's
+own under stop_gradient (ratio exactly 1, as TRL's GRPOTrainer does with num_iterations=1), and
+the rollout's KL and entropy metrics come from that same pass. The update is the same.
+
 The reference is a frozen copy in the extras, or for a LoRA policy its own base with the adapters
 off (reference_model): no second copy of the weights. With `trainable` (TRAINABLE, LoRA) the
 frozen parameters are behind stop_gradient, so their weight gradients are never computed.
@@ -58,16 +64,24 @@ def reference_model(policy_graphdef, params, extras):
   return transformer.merge(graphdef, jax.lax.stop_gradient(lora.without_adapters(policy)))
 
 
-def evaluate_roles(policy_graphdef, value_graphdef, cfg: RLConfig, params, extras, mb):
+def on_policy(cfg: RLConfig, algorithm: Algorithm) -> bool:
+  """Whether the learner takes the old log-probs from the update's own pass (module docstring)."""
+  return cfg.epochs * cfg.num_minibatches == 1 and not algorithm.uses_value
+
+
+def evaluate_roles(policy_graphdef, value_graphdef, cfg: RLConfig, params, extras, mb,
+                   with_policy: bool = True):
   """The policy's and reference's log-probs, the policy's entropy and (with a value model) its
-  values on a minibatch of rollouts, before any update: the "old" quantities of the losses."""
+  values on a minibatch of rollouts, before any update: the "old" quantities of the losses.
+  with_policy=False: the reference's (and values) only (on_policy)."""
   args = (mb["prompt"], mb["prompt_length"], mb["response"], mb["mask"])
-  policy = transformer.merge(policy_graphdef, params[roles.POLICY])
-  logp, ent = response_logprobs(policy, *args, cfg.temperature, with_entropy=True)
   reference = reference_model(policy_graphdef, params, extras)
   ref_logp, _ = response_logprobs(reference, *args, cfg.temperature)
-  out = {"logp": logp, "ref_logp": ref_logp,
-         "entropy": core.masked_mean(ent, mb["mask"], axis=1)}
+  out = {"ref_logp": ref_logp}
+  if with_policy:
+    policy = transformer.merge(policy_graphdef, params[roles.POLICY])
+    logp, ent = response_logprobs(policy, *args, cfg.temperature, with_entropy=True)
+    out.update(logp=logp, entropy=core.masked_mean(ent, mb["mask"], axis=1))
   if value_graphdef is not None:
     out["values"] = response_values(transformer.merge(value_graphdef, params[roles.VALUE]), *args)
   return out
@@ -81,12 +95,22 @@ def minibatch_loss(graphdefs: Graphdefs, cfg: RLConfig, params, mb, kl_coef, ptx
   of its microbatches add up to the minibatch's."""
   algorithm = get_algorithm(cfg.algorithm)
   mask = mb["mask"]
+  fresh = "logp" not in mb  # on_policy: the old log-probs are this pass's
   policy = transformer.merge(graphdefs.policy, params[roles.POLICY])
   logp, ent = response_logprobs(policy, mb["prompt"], mb["prompt_length"], mb["response"],
-                                mask, cfg.temperature, with_entropy=bool(cfg.entropy_coef))
-  loss, metrics = core.ppo_policy_loss(logp, mb["logp"], mb["advantages"], mask, cfg.clip_eps,
+                                mask, cfg.temperature,
+                                with_entropy=bool(cfg.entropy_coef) or fresh)
+  old_logp = jax.lax.stop_gradient(logp) if fresh else mb["logp"]
+  loss, metrics = core.ppo_policy_loss(logp, old_logp, mb["advantages"], mask, cfg.clip_eps,
                                        mb["agg_weight"])
   metrics["policy_loss"] = loss
+  if fresh:  # the rollout's statistics, as evaluate_roles and the advantages give them otherwise
+    kl = core.clip_kl(core.kl_penalty(old_logp, mb["ref_logp"], mask, cfg.kl_estimator),
+                      cfg.kl_clip)
+    row = mb["row_weight"]
+    metrics["rollout_kl"] = jnp.sum(core.masked_sum(kl, mask, axis=1) * row)
+    metrics["rollout_entropy"] = jnp.sum(
+        core.masked_mean(jax.lax.stop_gradient(ent), mask, axis=1) * row)
   if cfg.entropy_coef:
     loss = loss - cfg.entropy_coef * core.weighted_sum(ent, mb["token_weight"])
   term, term_metrics = algorithm.loss(cfg, params, graphdefs, mb, logp, kl_coef)
@@ -101,8 +125,10 @@ def minibatch_loss(graphdefs: Graphdefs, cfg: RLConfig, params, mb, kl_coef, ptx
 
 def _weights(cfg: RLConfig, mb, ptx):
   """The minibatch's token weights (minibatch_loss), from the whole minibatch."""
+  rows = mb["mask"].shape[0]
   mb = {**mb, "agg_weight": core.aggregation_weights(mb["mask"], cfg.loss_aggregation),
-        "token_weight": core.aggregation_weights(mb["mask"], "token")}
+        "token_weight": core.aggregation_weights(mb["mask"], "token"),
+        "row_weight": jnp.full((rows,), 1.0 / rows, jnp.float32)}
   if ptx is not None:
     ptx_mask = ptx["loss_mask"].astype(jnp.float32)
     ptx = {**ptx, "ptx_weight": ptx_mask / jnp.maximum(jnp.sum(ptx_mask), 1e-9)}
@@ -176,9 +202,10 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   rng = jax.random.fold_in(state.rng, 1)
   batch = _rows(batch, jax.random.permutation(jax.random.fold_in(rng, 0), rows))
 
+  fresh = on_policy(cfg, algorithm)
   old = jax.lax.map(
       lambda mb: evaluate_roles(policy_graphdef, value_graphdef, cfg, state.params,
-                                state.extras, mb), _split(batch, m))
+                                state.extras, mb, with_policy=not fresh), _split(batch, m))
   batch.update(jax.tree.map(lambda x: x.reshape((rows,) + x.shape[2:]), old))
   mask = batch["mask"]
   adv, returns, kl = algorithm.advantages(cfg, batch, kl_coef)
@@ -201,7 +228,7 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
 
   grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), microbatches)
   train_keys = ("prompt", "prompt_length", "response", "mask", "logp", "ref_logp", "values",
-                "advantages", "returns")
+                "advantages", "returns")  # "logp" absent when on_policy
   train_batch = {k: batch[k] for k in train_keys if k in batch}
 
   def one_minibatch(carry, xs):
@@ -220,18 +247,21 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
       one_minibatch, (state.params, state.opt_state, count),
       (jnp.arange(cfg.epochs * m), order))
 
-  seq_kl = core.masked_sum(kl, mask, axis=1)
+  if fresh:  # one minibatch: its pass gave the rollout's KL and entropy
+    mean_kl, entropy = per_mb.pop("rollout_kl")[0], per_mb.pop("rollout_entropy")[0]
+  else:
+    mean_kl, entropy = jnp.mean(core.masked_sum(kl, mask, axis=1)), jnp.mean(batch["entropy"])
   metrics = {k: jnp.mean(v) for k, v in per_mb.items()}
   metrics.update(
-      reward_mean=jnp.mean(batch["score"]), kl=jnp.mean(seq_kl), kl_coef=kl_coef,
-      non_score_reward=-kl_coef * jnp.mean(seq_kl),
-      entropy=jnp.mean(batch["entropy"]), response_length=jnp.mean(jnp.sum(mask, axis=1)),
+      reward_mean=jnp.mean(batch["score"]), kl=mean_kl, kl_coef=kl_coef,
+      non_score_reward=-kl_coef * mean_kl,
+      entropy=entropy, response_length=jnp.mean(jnp.sum(mask, axis=1)),
       eos_fraction=jnp.mean(batch["done"].astype(jnp.float32)),
       advantages_mean=core.masked_mean(adv, mask))
   if returns is not None:
     metrics["explained_variance"] = core.explained_variance(batch["values"], returns, mask)
     metrics["returns_mean"] = core.masked_mean(returns, mask)
-  new_ctl = core.kl_controller_update(kl_ctl, jnp.mean(seq_kl), rows)
+  new_ctl = core.kl_controller_update(kl_ctl, mean_kl, rows)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             rng=jax.random.split(state.rng)[0],
                             extras={**state.extras, roles.KL_CONTROLLER: new_ctl})

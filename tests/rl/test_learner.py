@@ -579,6 +579,42 @@ def test_microbatches_give_the_same_update(algorithm, aggregation):
   assert max(jax.tree.leaves(changed)) > 1e-4  # the update is not a no-op
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_one_update_per_rollout_takes_old_logprobs_from_its_own_pass(micro, monkeypatch):
+  """GRPO with EPOCHS x NUM_MINIBATCHES = 1 skips the policy's pass before the update
+  (learner.on_policy): the same new weights and metrics as with it, at ~4/5 of the FLOPs."""
+  cfg = RLConfig(algorithm="grpo", group_size=2, prompt_len=PROMPT_LEN, max_new_tokens=NEW,
+                 epochs=1, num_minibatches=1, entropy_coef=0.01, kl_coef=0.1)
+  assert learner.on_policy(cfg, learner.get_algorithm("grpo"))
+  for other in (dataclasses.replace(cfg, epochs=2), dataclasses.replace(cfg, num_minibatches=2)):
+    assert not learner.on_policy(other, learner.get_algorithm("grpo"))
+  assert not learner.on_policy(dataclasses.replace(cfg, algorithm="ppo"),
+                               learner.get_algorithm("ppo"))
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
+  # a reference unlike the policy, so that the KL and its loss are not 0
+  state = state.replace(extras={**state.extras, "reference": util.init_params(POLICY, 7)})
+  data = make_rollout(graphdefs, cfg, state, *prompts(16))
+  results = {}
+  for fresh in (True, False):
+    monkeypatch.setattr(learner, "on_policy", lambda cfg, algorithm, fresh=fresh: fresh)
+    fn = jax.jit(functools.partial(learner.update, graphdefs[0], None, cfg, optimizer, schedule,
+                                   microbatches=micro))
+    compiled = fn.lower(state, data, data["rm_score"]).compile()
+    new_state, metrics, _ = compiled(state, data, data["rm_score"])
+    results[fresh] = (jax.tree.map(np.asarray, new_state.params),
+                      {k: float(v) for k, v in metrics.items()}, compiled.cost_analysis()["flops"])
+  (p_fast, m_fast, flops_fast), (p_full, m_full, flops_full) = results[True], results[False]
+  assert set(m_fast) == set(m_full)
+  assert m_full["kl"] > 1e-3 and m_full["entropy"] > 0.1
+  for key in m_full:
+    assert m_fast[key] == pytest.approx(m_full[key], rel=1e-5, abs=1e-7), key
+  assert m_fast["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+  # Adam divides by sqrt(v): where a gradient is ~0, rounding moves the step by a little more
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p_fast, p_full)
+  # one forward of the policy (of five: reference, policy, the update's forward and backward)
+  assert 0.7 < flops_fast / flops_full < 0.9, (flops_fast, flops_full)
+
+
 def test_minibatch_splits_that_the_mesh_does_not_divide_are_one_line_errors():
   cfg = RLConfig(num_minibatches=2)
   learner.check_minibatches(32, cfg, 2, shards=8)
