@@ -74,7 +74,7 @@ def decode_layout(graphdef, params, dtype: str):
   with the matching rules): adapters folded into their weights (lora.merged, in float32, then
   the graphdef of the base model), weight matrices in `dtype` (a ROLLOUT_DTYPE setting;
   transformer.cast_matrices) and, under an active mesh, laid out by parallel.decode_rules: one
-  gather of the weights per rollout instead of one per layer per token. Costs a copy of the
+  gather of the weights per rollout instead of one per generated token. Costs a copy of the
   weights that is whole along the batch axes (counted in the RL stage's memory plan)."""
   model = transformer.merge(graphdef, params)
   cfg = model.cfg
