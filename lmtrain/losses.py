@@ -15,10 +15,15 @@ METRIC_WEIGHT = "metric_weight"
 
 
 def position_blocks(x, chunk: int):
-  """[B, T, ...] -> [n, B, chunk, ...], T zero-padded to a multiple of chunk."""
-  pad = -x.shape[1] % chunk
-  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  return x.reshape(x.shape[0], -1, chunk, *x.shape[2:]).swapaxes(0, 1)
+  """[B, T, ...] -> [n, B, block, ...]: n = ceil(T / chunk) blocks of one size, block =
+  ceil(T / n) <= chunk, T zero-padded by fewer than n positions. (Padding T to a multiple of
+  `chunk` instead would compute up to chunk - 1 positions of nothing, and for T < chunk, as with
+  a response of 32 tokens and logits_chunk 1024, mostly nothing.)"""
+  length = x.shape[1]
+  n = -(-length // chunk)
+  block = -(-length // n)
+  x = jnp.pad(x, [(0, 0), (0, n * block - length)] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(x.shape[0], n, block, *x.shape[2:]).swapaxes(0, 1)
 
 
 def unblock_positions(x, length: int):

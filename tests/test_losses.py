@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from lmtrain.losses import lm_loss, token_cross_entropy
+from lmtrain.losses import lm_loss, position_blocks, token_cross_entropy, unblock_positions
 from lmtrain.model import transformer
 import util
 
@@ -39,6 +39,17 @@ def test_chunked_cross_entropy_equals_the_full_one_with_its_gradients(chunk):
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=1e-5)
   assert float(jnp.abs(got[0][weight == 0]).max()) == 0.0  # masked positions get no gradient
+
+
+@pytest.mark.parametrize("length,chunk,blocks,block", [
+    (13, 32, 1, 13), (13, 13, 1, 13), (13, 4, 4, 4), (300, 256, 2, 150), (2048, 1024, 2, 1024),
+    (32, 1024, 1, 32)])
+def test_position_blocks_split_evenly_and_pad_less_than_one_position_per_block(
+    length, chunk, blocks, block):
+  x = jnp.arange(2 * length).reshape(2, length)
+  parts = position_blocks(x, chunk)
+  assert parts.shape == (blocks, 2, block) and block <= chunk
+  np.testing.assert_array_equal(unblock_positions(parts, length), x)
 
 
 @pytest.mark.parametrize("tie", [False, True])
