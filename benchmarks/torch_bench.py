@@ -2,6 +2,7 @@
 on the same shapes, in one sitting.
 
     python benchmarks/torch_bench.py --models bench_tiny bench_small
+    python benchmarks/torch_bench.py --attention xla chunked --unrolled
 
 For each preset: a LlamaForCausalLM of the same shape (untied, no biases, SwiGLU, RMSNorm, RoPE) in
 fp32, AdamW, random tokens, `--steps` timed steps after warm-up, with all CPU threads; then
@@ -61,11 +62,12 @@ def torch_tokens_per_sec(cfg, batch, seq, steps, compiled: bool) -> float:
   return batch * seq * steps / (time.perf_counter() - start)
 
 
-def lmtrain_tokens_per_sec(model: str, batch: int, seq: int, steps: int, attention: str) -> dict:
+def lmtrain_tokens_per_sec(model: str, batch: int, seq: int, steps: int, attention: str,
+                           scan_layers: bool = True) -> dict:
   cmd = [sys.executable, "-m", "lmtrain.cli", "bench", "--model", model, "--batch_size",
          str(batch), "--seq_len", str(seq), "--steps", str(steps), "--compile_layers", "",
          "--attention_impl", attention, "--mesh", "{'data': 1, 'fsdp': 1, 'tensor': 1}",
-         "--json"]
+         "--json"] + ([] if scan_layers else ["--no_scan_layers"])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
   return json.loads(out.strip().splitlines()[-1])
@@ -78,6 +80,8 @@ def main():
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--attention", nargs="+", default=["xla"],
                       help="lmtrain attention implementations to time")
+  parser.add_argument("--unrolled", action="store_true",
+                      help="also time each with the layers unrolled (--no_scan_layers)")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -89,9 +93,11 @@ def main():
     compiled = torch_tokens_per_sec(cfg, args.batch_size, seq, args.steps, compiled=True)
     row = f"{name:<12} seq {seq}: HF eager {eager:,.0f} tok/s, torch.compile {compiled:,.0f}"
     for impl in args.attention:
-      ours = lmtrain_tokens_per_sec(name, args.batch_size, seq, args.steps, impl)
-      row += (f", lmtrain ({impl}) {ours['tokens_per_sec']:,.0f} (MFU {ours['mfu']:.1%}, "
-              f"x{ours['tokens_per_sec'] / max(eager, compiled):.2f} of the faster)")
+      for scan in (True, False) if args.unrolled else (True,):
+        ours = lmtrain_tokens_per_sec(name, args.batch_size, seq, args.steps, impl, scan)
+        label = impl if scan else f"{impl}, unrolled"
+        row += (f", lmtrain ({label}) {ours['tokens_per_sec']:,.0f} (MFU {ours['mfu']:.1%}, "
+                f"x{ours['tokens_per_sec'] / max(eager, compiled):.2f} of the faster)")
     print(row, flush=True)
 
 

@@ -27,6 +27,8 @@ def add_arguments(p):
   p.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step")
   p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, or auto (bf16 on TPU/GPU)")
   p.add_argument("--remat", default=None, help="none | full | save_dots (default: the preset's)")
+  p.add_argument("--no_scan_layers", action="store_true",
+                 help="run the layers unrolled (ModelConfig.scan_layers=False)")
   p.add_argument("--attention_impl", default=None,
                  help="xla | cudnn | chunked | splash | auto (default: the preset's)")
   p.add_argument("--mesh", default="{'data': 1, 'fsdp': -1, 'tensor': 1}",
@@ -282,7 +284,8 @@ def run(args):
     raise UserError(f"--model {args.model}: choose one of {', '.join(BENCH_PRESETS)}")
   seq_len = args.seq_len or (256 if args.model == "bench_tiny" else 512)
   cfg = _model_config(args.model, dtype=args.dtype, remat=args.remat,
-                      attention_impl=args.attention_impl, lora_rank=args.lora_rank or None)
+                      attention_impl=args.attention_impl, lora_rank=args.lora_rank or None,
+                      scan_layers=False if args.no_scan_layers else None)
   trainable = args.trainable if args.trainable == "all" else [
       pattern.strip() for pattern in args.trainable.split(",") if pattern.strip()]
   mesh = parallel.make_mesh(ast.literal_eval(args.mesh))
@@ -297,6 +300,7 @@ def run(args):
             "dtype": args.dtype, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
             **({"lora_rank": args.lora_rank} if args.lora_rank else {}),
             **({"trainable": args.trainable} if args.trainable != "all" else {}),
+            **({"scan_layers": False} if args.no_scan_layers else {}),
             **measure(cfg, mesh, args.batch_size, seq_len, args.steps, trainable)}
   for layers in [int(x) for x in args.compile_layers.split(",") if x.strip()]:
     deep = dataclasses.replace(cfg, num_layers=layers)

@@ -3,8 +3,8 @@
 RMSNorm, rotary position embeddings (half-rotated layout; optionally with linear or Llama 3.1-style
 frequency scaling), SwiGLU MLP, grouped-query attention, tied or untied embeddings, no biases. The
 blocks are stacked on a leading `layers` axis and run with `lax.scan`, so compile time does not grow
-with depth. Every parameter names its logical axes; the activations at block boundaries get sharding
-constraints (no-ops without a mesh).
+with depth (`scan_layers=False` unrolls it). Every parameter names its logical axes; the
+activations at block boundaries get sharding constraints (no-ops without a mesh).
 
 For generation, `prefill` runs a prompt through the scanned layers and returns its keys/values as a
 KV cache of one buffer per layer, and `decode` continues the sequences one step at a time with
@@ -75,6 +75,11 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   remat: str = "none"  # a key of REMAT_POLICIES: none | full | save_dots | save_qkv | ...
+  # True: the layers run as one lax.scan over their stacked weights (compile time flat in depth).
+  # False: the same loop unrolled, so XLA sees every layer (no stacked buffers of saved
+  # activations to fill and slice; faster on CPU for small models, compile time grows with
+  # depth). MaxText's scan_layers. Decoding always unrolls (Transformer.decode).
+  scan_layers: bool = True
   # Compute dtype; parameters (and optimizer state) stay float32. auto: bfloat16 on TPU/GPU, float32
   # on CPU (tests compare numbers at fp32 precision).
   dtype: str = "auto"
@@ -141,6 +146,8 @@ class ModelConfig:
                       "score)")
     if self.logits_chunk < 0:
       raise UserError(f"ModelConfig.logits_chunk={self.logits_chunk} must be 0 (off) or positive")
+    if not isinstance(self.scan_layers, bool):
+      raise UserError(f"ModelConfig.scan_layers={self.scan_layers!r} must be True or False")
     if self.lora_rank < 0:
       raise UserError(f"LORA_RANK={self.lora_rank} must be 0 (no adapters) or positive")
     if self.lora_rank:
@@ -173,8 +180,8 @@ class ModelConfig:
     """The fields that give the params their meaning; the rest (remat, dtype, attention kernel,
     logits chunking) only say how the same function is computed, and the adapters' dropout only
     how it is trained."""
-    execution = {"remat", "dtype", "attention_impl", "attention_block", "attention_chunked_from",
-                 "logits_chunk", "lora_dropout"}
+    execution = {"remat", "scan_layers", "dtype", "attention_impl", "attention_block",
+                 "attention_chunked_from", "logits_chunk", "lora_dropout"}
     arch = {k: v for k, v in dataclasses.asdict(self).items() if k not in execution}
     if not self.lora_rank:  # the same model as one written before LoRA existed
       for k in ("lora_rank", "lora_alpha", "lora_targets"):
@@ -541,7 +548,7 @@ class Transformer(nnx.Module):
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, layer_state)
+    x, _ = jax.lax.scan(body, x, layer_state, unroll=not cfg.scan_layers)
     return self.final_norm(x)
 
   def _layer_stack(self, dropout_rng=None):
@@ -585,7 +592,7 @@ class Transformer(nnx.Module):
       block, adapters = merge_layer(state)
       return block.prefill(carry, positions, vis, cache_len, adapters)
 
-    x, stacked = jax.lax.scan(body, x, layer_state)
+    x, stacked = jax.lax.scan(body, x, layer_state, unroll=not self.cfg.scan_layers)
     cache = tuple(jax.tree.map(lambda c, i=i: c[i], stacked) for i in range(self.cfg.num_layers))
     return self.final_norm(x), cache
 

@@ -1,8 +1,12 @@
-"""The transformer: causal attention, and packed documents that do not see each other."""
+"""The transformer: causal attention, packed documents that do not see each other, and the
+unrolled layer loop (scan_layers=False)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lmtrain.model import transformer
 import util
@@ -49,3 +53,32 @@ def test_attention_is_causal():
   y[0, 10] = (y[0, 10] + 1) % util.TINY.vocab_size
   diff = np.abs(np.asarray(model(jnp.asarray(x)) - model(jnp.asarray(y)))).max(-1)[0]
   assert (diff[:10] == 0).all() and (diff[10:] > 0).all()
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_give_the_scanned_loss_gradients_and_generation(remat):
+  """scan_layers=False runs the same layers unrolled: the same loss and gradients (fp32 rounding),
+  the same greedy tokens; it is not an architecture field (a resume may change it)."""
+  from lmtrain.losses import lm_loss
+  from lmtrain.model import generate as gen
+  scanned = dataclasses.replace(util.TINY, remat=remat)
+  unrolled = dataclasses.replace(scanned, scan_layers=False)
+  assert scanned.architecture() == unrolled.architecture()
+  params = util.init_params(util.TINY)
+  batch = {k: jnp.asarray(v) for k, v in util.packed_batch(batch_size=2, seq_len=24).items()}
+
+  def loss_and_grads(cfg):
+    graphdef = transformer.abstract_model(cfg)[0]
+    fn = lambda p: lm_loss(transformer.merge(graphdef, p), batch, None)[0]
+    return jax.jit(jax.value_and_grad(fn))(params)
+
+  (want, want_grads), (got, got_grads) = loss_and_grads(scanned), loss_and_grads(unrolled)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_grads)
+  tokens, lengths = gen.pad_prompts([[5, 6, 7], [9, 10, 11, 12, 13]])
+  outs = [gen.generate(transformer.abstract_model(cfg)[0], params, tokens, lengths,
+                       jax.random.PRNGKey(0), max_new_tokens=5, greedy=True, eos_id=-1).tokens
+          for cfg in (scanned, unrolled)]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  with pytest.raises(Exception, match="scan_layers='no' must be True or False"):
+    dataclasses.replace(util.TINY, scan_layers="no").validate()
