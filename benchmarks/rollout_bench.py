@@ -12,7 +12,9 @@ layouts, timed in one run:
   decode: lmtrain.rl.rollout.rollout, the policy laid out for inference once per rollout
     (rl.rollout.decode_layout: ROLLOUT_DTYPE, whole along the batch axes).
 Then whole iterations (rollout, reward, the learner's update) of GRPO (8 samples of one prompt,
-1 epoch, 1 minibatch) and PPO (value model, 2 epochs x 2 minibatches). Figures are printed, never
+1 epoch, 1 minibatch: the prompt's prefill and its passes through the reference, reward model and
+policy computed once for its group as far as the mesh allows, rl.rollout.prompt_sharing; TRL's
+shape) and PPO (8 prompts, value model, 2 epochs x 2 minibatches). Figures are printed, never
 asserted.
 """
 
@@ -142,28 +144,35 @@ def run(args):
         params, extras)
     shardings = state_shardings(mesh, rules, state, names, extras_names)
     state = jax.device_put(state, shardings)
+    # GRPO: one prompt's `rows` samples (TRL's shape); PPO: a sample of each of `rows` prompts.
+    group_prompt = jax.device_put(np.repeat(prompt_np[:1], rows, axis=0), row_sharding)
+    prompts = group_prompt if algorithm == "grpo" else prompt
+    with parallel.activate(mesh, rules):
+      share = rollout_lib.prompt_sharing(rows, group)
 
     def iteration(state, prompt, length, rl_cfg=rl_cfg, optimizer=optimizer, schedule=schedule,
                   algorithm=algorithm):
       out = rollout_lib.rollout(pgd, vgd, rl_cfg, state.params["policy"], state.extras["reward"],
-                                prompt, length, jax.random.PRNGKey(4), **sample)
+                                prompt, length, jax.random.PRNGKey(4), group=group, **sample)
       data = {**out, "prompt": prompt, "prompt_length": length}
       new_state, metrics, _ = learner.update(pgd, vgd if algorithm == "ppo" else None, rl_cfg,
-                                             optimizer, schedule, state, data, out["rm_score"])
+                                             optimizer, schedule, state, data, out["rm_score"],
+                                             group=group)
       return new_state, metrics["loss"]
 
     with parallel.activate(mesh, rules):
       step = jax.jit(iteration, in_shardings=(shardings, row_sharding, len_sharding),
                      out_shardings=(shardings, parallel.replicated(mesh)))
-      compiled = step.lower(state, prompt, length).compile()
+      compiled = step.lower(state, prompts, length).compile()
     holder = {"state": state}
 
-    def one(compiled=compiled):
-      holder["state"], loss = compiled(holder["state"], prompt, length)
+    def one(compiled=compiled, prompts=prompts):
+      holder["state"], loss = compiled(holder["state"], prompts, length)
       return loss
 
     first, seconds = _timed(one, args.repeats)
-    print(f"  {algorithm} iteration ({epochs} epoch(s) x {minibatches} minibatch(es)): "
+    print(f"  {algorithm} iteration ({epochs} epoch(s) x {minibatches} minibatch(es), prompt "
+          f"computed once per {share} row(s)): "
           f"{1 / seconds:6.3f} iterations/s = {rows / seconds:7.2f} rollouts/s, {seconds:.3f} s "
           f"each (first call {first:.2f} s with compile)")
 

@@ -94,12 +94,13 @@ def _right_align(prompts, lengths):
 
 
 _STATIC = ("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "greedy", "eos_id",
-           "pad_id", "left_padded")
+           "pad_id", "left_padded", "share")
 
 
 def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             eos_id: int = 1, pad_id: int = 0, left_padded: bool = False) -> GenerateOutput:
+             eos_id: int = 1, pad_id: int = 0, left_padded: bool = False,
+             share: int = 1) -> GenerateOutput:
   """Samples up to `max_new_tokens` after each prompt, with a KV cache.
 
   Args:
@@ -116,6 +117,8 @@ def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_
     eos_id: the token that ends a sequence; a negative id never matches (always N tokens).
     pad_id: fills the tokens after EOS (the prompt padding may hold any id).
     left_padded: the prompt rows have their padding first.
+    share: each `share` consecutive rows hold the same prompt (several samples of one prompt):
+      the prefill runs on one row of each and its KV cache is repeated for the others.
 
   Returns:
     GenerateOutput with [B, N] tokens, logprobs, mask and [B] lengths, done.
@@ -134,12 +137,17 @@ def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_
                              greedy=greedy)
 
   # The last sampled token is never fed back, so the cache needs one slot less than the total.
-  hidden, cache = model.prefill(prompts, width + max_new_tokens - 1)
+  hidden, cache = model.prefill(transformer.first_of_groups(prompts, share),
+                                width + max_new_tokens - 1)
+  last = jnp.take_along_axis(
+      hidden, (transformer.first_of_groups(lengths, share) - 1)[:, None, None], axis=1)
+  if share > 1:
+    last, cache = jax.tree.map(lambda x: transformer.repeat_rows(x, share), (last, cache))
+    cache = jax.tree.map(lambda x: parallel.constrain(x, transformer.CACHE_AXES), cache)
   # XLA:CPU hands each matmul a contiguous operand, so a layer's weights sliced from the stacked
   # ones inside the loop would be copied out on every step: slice them once before it. Elsewhere
   # the slices fuse into their matmuls and a hoisted copy would only cost memory.
   layers = model.decode_layers() if jax.default_backend() == "cpu" else None
-  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
 
   def record(i, logits, out):
     """Samples token i from `logits` and writes it (or padding, once done) into the outputs."""

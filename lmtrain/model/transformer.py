@@ -416,13 +416,29 @@ class Attention(nnx.Module):
     q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)
     return (checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value"))
 
-  def attend(self, q, k, v, vis, adapters=None):
+  def attend(self, q, k, v, vis, adapters=None, continuation: bool = False):
+    """Attention of q over k, v as `vis` allows, then the output projection. `continuation`:
+    the queries are the later part of the keys' sequences (Transformer.hidden_shared), not the
+    square causal case: splash, whose mask is causal by index, gives way to chunked."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    impl = attention.resolve(cfg.attention_impl, q.shape[1], dt, cfg.attention_chunked_from)
+    impl = attention.resolve(cfg.attention_impl, k.shape[1], dt, cfg.attention_chunked_from)
+    if continuation and impl == "splash":
+      impl = "chunked"
     out = attention.attend(q, k, v, vis, impl, cfg.attention_block)
     out = checkpoint_name(parallel.constrain(out, ("batch", "length", "act_heads", None)),
                           "attention_out")
     return project(out, self.o, adapters, "o", dt, in_dims=2)
+
+  def shared(self, x_prefix, x, prefix_positions, positions, prefix_vis, vis, repeats: int,
+             adapters=None):
+    """(attention outputs of the prefixes [U, P, D], of their continuations [U * repeats, T, D]):
+    each prefix attends to itself, and each continuation row to its prefix's keys and values
+    (repeated for the `repeats` rows that share it) followed by its own, as `vis` allows."""
+    qp, kp, vp = self.project(x_prefix, prefix_positions, adapters)
+    q, k, v = self.project(x, positions, adapters)
+    both = lambda shared, own: jnp.concatenate([repeat_rows(shared, repeats), own], axis=1)
+    return (self.attend(qp, kp, vp, prefix_vis, adapters),
+            self.attend(q, both(kp, k), both(vp, v), vis, adapters, continuation=True))
 
   def prefill(self, x, positions, vis, cache_len: int, adapters=None):
     """Attention over the chunk itself (`attend`, any implementation), and the chunk's keys and
@@ -445,6 +461,25 @@ class Attention(nnx.Module):
     out = attention.cached_attention(q, layer_cache["k"], layer_cache["v"], positions)
     out = parallel.constrain(out, ("batch", "length", "act_heads", None))
     return project(out, self.o, adapters, "o", dt, in_dims=2), layer_cache
+
+
+def repeat_rows(x, repeats: int):
+  """[U, ...] -> [U * repeats, ...], row u filling rows u * repeats .. (u + 1) * repeats - 1;
+  split over the batch axes as x is, so each device repeats its own rows."""
+  if repeats == 1:
+    return x
+  out = jnp.broadcast_to(x[:, None], (x.shape[0], repeats) + x.shape[1:])
+  out = out.reshape((-1,) + x.shape[1:])
+  return parallel.constrain(out, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def first_of_groups(x, size: int):
+  """[U * size, ...] -> [U, ...]: the first row of each group of `size` consecutive rows (the
+  inverse of repeat_rows on rows that repeat)."""
+  if size == 1:
+    return x
+  out = x.reshape((x.shape[0] // size, size) + x.shape[1:])[:, 0]
+  return parallel.constrain(out, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def _cache_layout(x, cache_len: int):
@@ -483,6 +518,13 @@ class Block(nnx.Module):
   def __call__(self, x, positions, vis, adapters=None):
     x = x + self.attn(self.attn_norm(x), positions, vis, adapters)
     return self._mlp(x, adapters)
+
+  def shared(self, x_prefix, x, prefix_positions, positions, prefix_vis, vis, repeats: int,
+             adapters=None):
+    attn_prefix, attn = self.attn.shared(self.attn_norm(x_prefix), self.attn_norm(x),
+                                         prefix_positions, positions, prefix_vis, vis, repeats,
+                                         adapters)
+    return self._mlp(x_prefix + attn_prefix, adapters), self._mlp(x + attn, adapters)
 
   def prefill(self, x, positions, vis, cache_len: int, adapters=None):
     attn, cache = self.attn.prefill(self.attn_norm(x), positions, vis, cache_len, adapters)
@@ -532,24 +574,53 @@ class Transformer(nnx.Module):
   def hidden(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
     """Final hidden states [B, T, D]. `dropout_rng`: a training step's key, for the adapters'
     input dropout (ModelConfig.lora_dropout); None (evaluation, sampling): no dropout."""
-    cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     vis = attention.Visibility(segment_ids, segment_ids, positions, positions)
-    x = self._embed(tokens)
+    x = self._run_layers(lambda block, x, adapters: block(x, positions, vis, adapters),
+                         self._embed(tokens), dropout_rng)
+    return self.final_norm(x)
+
+  def hidden_shared(self, prefix_tokens, prefix_positions, prefix_segments, tokens, positions,
+                    segment_ids, repeats: int, dropout_rng=None):
+    """`hidden` of rows that share their beginning with the `repeats` rows around them (the G
+    responses to one prompt), computing that beginning once: row r is prefix_tokens[r //
+    repeats] [P] followed by tokens[r] [T]. Positions and segment ids as `hidden` takes them,
+    split the same way; each continuation token sees its prefix's tokens and its own earlier ones
+    by the usual rule (attention.Visibility). Returns (final hidden states of the prefixes
+    [U, P, D], of the continuations [U * repeats, T, D]): hidden() of the whole rows, computed with
+    1/repeats of the prefix's work (forward and backward). The dropout key, if any, gives the rows
+    that share a prefix the same adapter dropout on it."""
+    prefix_vis = attention.Visibility(prefix_segments, prefix_segments, prefix_positions,
+                                      prefix_positions)
+    both = lambda shared, own: jnp.concatenate([repeat_rows(shared, repeats), own], axis=1)
+    vis = attention.Visibility(segment_ids, both(prefix_segments, segment_ids), positions,
+                               both(prefix_positions, positions))
+
+    def layer(block, carry, adapters):
+      return block.shared(*carry, prefix_positions, positions, prefix_vis, vis, repeats, adapters)
+
+    x_prefix, x = self._run_layers(layer, (self._embed(prefix_tokens), self._embed(tokens)),
+                                   dropout_rng)
+    return self.final_norm(x_prefix), self.final_norm(x)
+
+  def _run_layers(self, layer, x, dropout_rng=None):
+    """The layers in order on the activations x (any tree): layer(block, x, adapters) -> x, in a
+    scan over the stacked weights (unrolled without scan_layers), each layer rematerialised by
+    the config's policy."""
+    cfg = self.cfg
     merge_layer, layer_state = self._layer_stack(dropout_rng)
 
     def body(carry, state):
       block, adapters = merge_layer(state)
-      return block(carry, positions, vis, adapters), None
+      return layer(block, carry, adapters), None
 
-    policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
-      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, layer_state, unroll=not cfg.scan_layers)
-    return self.final_norm(x)
+    return x
 
   def _layer_stack(self, dropout_rng=None):
     """(merge(one layer's state) -> (Block, LayerLora or None), the states stacked on the

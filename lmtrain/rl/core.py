@@ -81,12 +81,15 @@ def gather_last(values, mask):
   return values[jnp.arange(values.shape[0]), last_token_index(mask)]
 
 
-def reward_scores(model, tokens, positions, segment_ids, response_mask, dropout_rng=None):
+def reward_scores(model, tokens, positions, segment_ids, response_mask, dropout_rng=None,
+                  hidden=None):
   """[B] a reward model's score of each sequence: its scalar head at the last real token (the
   EOS), plus, for a model with `lm_score`, its learned weight times the mean log-prob of the
   response tokens (response_mask [B, T], EOS included) under the trunk's own LM head.
-  `dropout_rng`: a training step's key for the adapters' dropout (Transformer.hidden)."""
-  hidden = model.hidden(tokens, positions, segment_ids, dropout_rng)
+  `dropout_rng`: a training step's key for the adapters' dropout (Transformer.hidden).
+  `hidden`: the model's final hidden states of the rows [B, T, D] when the caller has them."""
+  if hidden is None:
+    hidden = model.hidden(tokens, positions, segment_ids, dropout_rng)
   score = gather_last(model.scores(hidden), (segment_ids > 0).astype(jnp.float32))
   if model.cfg.lm_score:
     mask = response_mask[:, 1:].astype(jnp.float32)

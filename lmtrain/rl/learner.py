@@ -1,10 +1,12 @@
 """The learner: one RL iteration's optimisation of a rollout batch, for any registered algorithm.
 
-The rows are shuffled once; the old log-probs (and values) are computed minibatch by minibatch in
-that order, by the same function as the first epoch's losses, so the first minibatch's ratio is
-exactly 1 and policy == reference gives a KL of exactly 0. Then the algorithm's advantages, and
-EPOCHS x NUM_MINIBATCHES optimizer updates of the clipped policy loss (- entropy bonus) plus the
-algorithm's own terms (+ PTX_COEF x LM loss on PTX_DATA rows).
+The rows are shuffled once, a prompt's samples (GRPO's group, consecutive rows) kept together so
+that every pass computes their common prompt once (Transformer.hidden_shared, as far as the mesh
+allows: rollout.prompt_sharing); the old log-probs (and values) are computed minibatch by
+minibatch in that order, by the same function as the first epoch's losses, so the first
+minibatch's ratio is exactly 1 and policy == reference gives a KL of exactly 0. Then the
+algorithm's advantages, and EPOCHS x NUM_MINIBATCHES optimizer updates of the clipped policy loss
+(- entropy bonus) plus the algorithm's own terms (+ PTX_COEF x LM loss on PTX_DATA rows).
 
 One update per rollout (EPOCHS x NUM_MINIBATCHES = 1) without a value model (GRPO and its
 relatives, whose advantages need no log-probs) skips the policy's pass before the update
@@ -29,7 +31,7 @@ from lmtrain.rl import core
 from lmtrain.rl.config import Algorithm, Graphdefs, RLConfig
 from lmtrain.rl.grpo import GRPO
 from lmtrain.rl.ppo import PPO
-from lmtrain.rl.rollout import response_logprobs, response_values
+from lmtrain.rl.rollout import prompt_sharing, response_logprobs, response_values
 from lmtrain.train import optim, roles
 from lmtrain.train.step import scan_sum, split_microbatches
 
@@ -70,36 +72,39 @@ def on_policy(cfg: RLConfig, algorithm: Algorithm) -> bool:
 
 
 def evaluate_roles(policy_graphdef, value_graphdef, cfg: RLConfig, params, extras, mb,
-                   with_policy: bool = True):
+                   with_policy: bool = True, share: int = 1):
   """The policy's and reference's log-probs, the policy's entropy and (with a value model) its
   values on a minibatch of rollouts, before any update: the "old" quantities of the losses.
-  with_policy=False: the reference's (and values) only (on_policy)."""
+  with_policy=False: the reference's (and values) only (on_policy). `share`: each `share`
+  consecutive rows hold one prompt, computed once (rollout.prompt_sharing)."""
   args = (mb["prompt"], mb["prompt_length"], mb["response"], mb["mask"])
   reference = reference_model(policy_graphdef, params, extras)
-  ref_logp, _ = response_logprobs(reference, *args, cfg.temperature)
+  ref_logp, _ = response_logprobs(reference, *args, cfg.temperature, share=share)
   out = {"ref_logp": ref_logp}
   if with_policy:
     policy = transformer.merge(policy_graphdef, params[roles.POLICY])
-    logp, ent = response_logprobs(policy, *args, cfg.temperature, with_entropy=True)
+    logp, ent = response_logprobs(policy, *args, cfg.temperature, with_entropy=True,
+                                  share=share)
     out.update(logp=logp, entropy=core.masked_mean(ent, mb["mask"], axis=1))
   if value_graphdef is not None:
     out["values"] = response_values(transformer.merge(value_graphdef, params[roles.VALUE]), *args)
   return out
 
 
-def minibatch_loss(graphdefs: Graphdefs, cfg: RLConfig, params, mb, kl_coef, ptx=None):
+def minibatch_loss(graphdefs: Graphdefs, cfg: RLConfig, params, mb, kl_coef, ptx=None,
+                   share: int = 1):
   """The objective on (a microbatch of) one minibatch -> (loss, metrics).
 
   Every term is a weighted sum over tokens whose weights (mb's agg_weight and token_weight,
   ptx's ptx_weight) were computed on the whole minibatch, so the losses, gradients and metrics
-  of its microbatches add up to the minibatch's."""
+  of its microbatches add up to the minibatch's. `share`: as evaluate_roles's."""
   algorithm = get_algorithm(cfg.algorithm)
   mask = mb["mask"]
   fresh = "logp" not in mb  # on_policy: the old log-probs are this pass's
   policy = transformer.merge(graphdefs.policy, params[roles.POLICY])
   logp, ent = response_logprobs(policy, mb["prompt"], mb["prompt_length"], mb["response"],
                                 mask, cfg.temperature,
-                                with_entropy=bool(cfg.entropy_coef) or fresh)
+                                with_entropy=bool(cfg.entropy_coef) or fresh, share=share)
   old_logp = jax.lax.stop_gradient(logp) if fresh else mb["logp"]
   loss, metrics = core.ppo_policy_loss(logp, old_logp, mb["advantages"], mask, cfg.clip_eps,
                                        mb["agg_weight"])
@@ -155,6 +160,22 @@ def _rows(tree, index):
       jnp.take(x, index, axis=0), ("batch",) + (None,) * (x.ndim - 1)), tree)
 
 
+def group_permutation(rng, rows: int, group: int):
+  """A random order of `rows` rows that keeps each `group` consecutive rows (the samples of one
+  prompt) together and in order, the groups shuffled; group 1 is jax.random.permutation's."""
+  order = jax.random.permutation(rng, rows // group)
+  return (order[:, None] * group + jnp.arange(group)).reshape(-1)
+
+
+def shared_rows(rows: int, group: int, microbatches: int = 1) -> int:
+  """rollout.prompt_sharing for a minibatch of `rows` taken from whole groups of `group`
+  consecutive rows, split into `microbatches` (split_microbatches: microbatch j takes rows
+  j, j + n, ..., so a group of G leaves G / n consecutive rows in each when n divides it)."""
+  if group % microbatches:
+    return 1
+  return prompt_sharing(rows // microbatches, group // microbatches)
+
+
 def _split(tree, m):
   """[B, ...] -> [m, B/m, ...]: minibatch j is rows j*B/m .. (j+1)*B/m - 1."""
   return jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), tree)
@@ -178,14 +199,17 @@ def check_minibatches(rows: int, cfg: RLConfig, microbatches: int, shards: int):
 
 
 def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, state, data,
-           score, microbatches: int = 1, trainable=None):
+           score, microbatches: int = 1, trainable=None, group: int = 1):
   """One iteration's optimisation of a rollout `data` whose sequence scores are `score` [B]
   (reward model or scorer, before REWARD_CLIP and the missing-EOS penalty). Epoch 0 takes its
   minibatches in the shuffled order; later epochs reshuffle. Each minibatch's gradient is
   accumulated over `microbatches` (the same update within fp32 rounding, less activation
   memory). `trainable`: params -> the mask of the trained ones (optim.roles_trainable_fn; the
-  optimizer gives the others no state), or None when all train. Returns (new state, metrics
-  averaged over the minibatches, per-minibatch metrics [E*M])."""
+  optimizer gives the others no state), or None when all train. `group`: each `group`
+  consecutive rows of `data` hold the same prompt (the rollout's samples of one prompt, as
+  the RL stage's prompt batches give them to GRPO): they stay together through the shuffles and
+  every pass computes their prompt once (shared_rows); 1 (any rows): neither. Returns (new
+  state, metrics averaged over the minibatches, per-minibatch metrics [E*M])."""
   algorithm = get_algorithm(cfg.algorithm)
   value_graphdef = value_graphdef if algorithm.uses_value else None
   graphdefs = Graphdefs(policy_graphdef, value_graphdef)
@@ -200,12 +224,19 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   batch["score"] = score + jnp.where(data["done"], 0.0, cfg.missing_eos_penalty)
   batch.update(algorithm.score_features(cfg, batch))
   rng = jax.random.fold_in(state.rng, 1)
-  batch = _rows(batch, jax.random.permutation(jax.random.fold_in(rng, 0), rows))
+  # Whole groups (a prompt's samples, consecutive) stay together: the passes below compute each
+  # minibatch's shared prompts once (shared_rows). Groups that minibatches cut share nothing.
+  group = group if rows % group == 0 and (rows // m) % group == 0 else 1
+  permute = lambda key: group_permutation(key, rows, group)
+  batch = _rows(batch, permute(jax.random.fold_in(rng, 0)))
 
   fresh = on_policy(cfg, algorithm)
+  # The same sharing in these passes and the losses': the first minibatch's ratio stays exactly 1.
+  share = shared_rows(rows // m, group, microbatches)
   old = jax.lax.map(
       lambda mb: evaluate_roles(policy_graphdef, value_graphdef, cfg, state.params,
-                                state.extras, mb, with_policy=not fresh), _split(batch, m))
+                                state.extras, mb, with_policy=not fresh, share=share),
+      _split(batch, m))
   batch.update(jax.tree.map(lambda x: x.reshape((rows,) + x.shape[2:]), old))
   mask = batch["mask"]
   adv, returns, kl = algorithm.advantages(cfg, batch, kl_coef)
@@ -216,7 +247,7 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   ptx = {k[len(PTX_PREFIX):]: v for k, v in data.items() if k.startswith(PTX_PREFIX)}
   if ptx:  # minibatch j of every epoch takes the j-th share of the ptx rows
     ptx = _split(ptx, m)
-  order = [jnp.arange(rows)] + [jax.random.permutation(jax.random.fold_in(rng, e), rows)
+  order = [jnp.arange(rows)] + [permute(jax.random.fold_in(rng, e))
                                 for e in range(1, cfg.epochs)]
   order = jnp.stack(order).reshape(cfg.epochs * m, rows // m)
   trained = trainable(state.params) if trainable is not None else None
@@ -224,7 +255,7 @@ def update(policy_graphdef, value_graphdef, cfg: RLConfig, optimizer, schedule, 
   def loss_fn(params, mb, kl_coef, ptx):
     if trained is not None:
       params = optim.freeze(params, trained)
-    return minibatch_loss(graphdefs, cfg, params, mb, kl_coef, ptx)
+    return minibatch_loss(graphdefs, cfg, params, mb, kl_coef, ptx, share)
 
   grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), microbatches)
   train_keys = ("prompt", "prompt_length", "response", "mask", "logp", "ref_logp", "values",

@@ -41,17 +41,46 @@ def sequences(prompt, prompt_length, response, response_mask):
   return tokens, positions, segment_ids
 
 
-def response_hidden(model, prompt, prompt_length, response, response_mask):
-  """Hidden states [B, N, D] that predict each response token (and the value before it)."""
+def prompt_sharing(rows: int, group: int) -> int:
+  """How many consecutive rows of a batch of `rows` share one computation of their prompt
+  (Transformer.hidden_shared, and the rollout's prefill), when every `group` consecutive rows
+  hold the same prompt (GRPO's samples of one prompt): the largest divisor s of `group` that
+  divides `rows` and leaves rows / s prompts that split over the active mesh's batch shards like
+  the rows, so that no device computes a prompt that it does not hold. 1: no sharing."""
+  active = parallel.active()
+  shards = parallel.batch_shard_count(active[0]) if active is not None else 1
+  return max([1] + [s for s in range(2, group + 1)
+                    if group % s == 0 and rows % s == 0 and (rows // s) % shards == 0])
+
+
+def _split_hidden(model, tokens, positions, segment_ids, width: int, share: int):
+  """(final hidden states of the first `width` columns, shared by each `share` consecutive rows
+  [B / share, width, D]; of the other columns [B, L - width, D]) of token rows [B, L]."""
+  first = lambda x: transformer.first_of_groups(x[:, :width], share)
+  return model.hidden_shared(first(tokens), first(positions), first(segment_ids),
+                             tokens[:, width:], positions[:, width:], segment_ids[:, width:],
+                             share)
+
+
+def response_hidden(model, prompt, prompt_length, response, response_mask, share: int = 1):
+  """Hidden states [B, N, D] that predict each response token (and the value before it).
+  `share` > 1: each `share` consecutive rows hold the same prompt (prompt_sharing), computed once
+  for them."""
   tokens, positions, segment_ids = sequences(prompt, prompt_length, response, response_mask)
-  hidden = model.hidden(tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1])
-  return hidden[:, prompt.shape[1] - 1:]
+  width = prompt.shape[1]
+  if share == 1 or response.shape[1] == 1:
+    hidden = model.hidden(tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1])
+    return hidden[:, width - 1:]
+  prompt_hidden, hidden = _split_hidden(model, tokens[:, :-1], positions[:, :-1],
+                                        segment_ids[:, :-1], width, share)
+  last = transformer.repeat_rows(prompt_hidden[:, -1:], share)
+  return jnp.concatenate([last, hidden], axis=1)
 
 
 def response_logprobs(model, prompt, prompt_length, response, mask, temperature,
-                      with_entropy=False):
+                      with_entropy=False, share: int = 1):
   """([B, N] log-probs of the response tokens, [B, N] entropies or None): core.token_logprobs."""
-  hidden = response_hidden(model, prompt, prompt_length, response, mask)
+  hidden = response_hidden(model, prompt, prompt_length, response, mask, share)
   return core.token_logprobs(model, hidden, response, mask, temperature, with_entropy)
 
 
@@ -61,11 +90,19 @@ def response_values(model, prompt, prompt_length, response, mask):
   return jnp.where(mask > 0, values, 0.0)
 
 
-def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, scale=1.0):
-  """[B] reward-model score at each sequence's last real token (its EOS), normalised."""
+def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, scale=1.0,
+                    share: int = 1):
+  """[B] reward-model score at each sequence's last real token (its EOS), normalised. `share`:
+  as response_hidden's."""
   tokens, positions, segment_ids = sequences(prompt, prompt_length, response, mask)
   response_mask = jnp.concatenate([jnp.zeros_like(prompt, dtype=mask.dtype), mask], axis=1)
-  scores = core.reward_scores(model, tokens, positions, segment_ids, response_mask)
+  hidden = None
+  if share > 1:
+    prompt_hidden, rest = _split_hidden(model, tokens, positions, segment_ids, prompt.shape[1],
+                                        share)
+    hidden = jnp.concatenate([transformer.repeat_rows(prompt_hidden, share), rest], axis=1)
+  scores = core.reward_scores(model, tokens, positions, segment_ids, response_mask,
+                              hidden=hidden)
   return (scores - offset) / scale
 
 
@@ -109,23 +146,29 @@ def rollout_memory(policy_config, rollout_dtype: str, mesh, rollouts: int, lengt
 
 
 def rollout(policy_graphdef, reward_graphdef, cfg: RLConfig, policy_params, reward_params,
-            prompt, prompt_length, rng, *, eos_id: int, pad_id: int, greedy: bool = False):
+            prompt, prompt_length, rng, *, eos_id: int, pad_id: int, greedy: bool = False,
+            group: int = 1):
   """Samples a response to each prompt and scores it with the reward model (when there is one).
+  `group`: each `group` consecutive rows hold the same prompt (GRPO's samples of it), whose
+  prefill and reward-model pass then run once for as many of them as the mesh allows
+  (prompt_sharing).
 
   Returns {response [B, N], mask [B, N] float (1 up to and including EOS), done [B], rm_score [B]
   (normalised; only with a reward model)}. The policy decodes in `cfg.rollout_dtype`
   (decode_layout)."""
+  share = prompt_sharing(prompt.shape[0], group)
   graphdef, params, decoding = decode_layout(policy_graphdef, policy_params, cfg.rollout_dtype)
   with decoding:
     out = generate_lib.sample_sequences(
         graphdef, params, prompt, prompt_length, rng,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, greedy=greedy, eos_id=eos_id, pad_id=pad_id, left_padded=True)
+        top_p=cfg.top_p, greedy=greedy, eos_id=eos_id, pad_id=pad_id, left_padded=True,
+        share=share)
   response = parallel.constrain(out.tokens, ("batch", None))
   mask = parallel.constrain(out.mask.astype(jnp.float32), ("batch", None))
   result = {"response": response, "mask": mask, "done": out.done}
   if reward_graphdef is not None:
     result["rm_score"] = sequence_reward(transformer.merge(reward_graphdef, reward_params),
                                          prompt, prompt_length, response, mask,
-                                         cfg.reward_offset, cfg.reward_scale)
+                                         cfg.reward_offset, cfg.reward_scale, share)
   return result

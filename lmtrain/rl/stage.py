@@ -78,6 +78,8 @@ class RLStep(StepFactory):
     self.reward_from_scorer = reward_from_scorer
     self.rows = rows
     self.updates_per_step = cfg.epochs * cfg.num_minibatches
+    # The prompt batches repeat each prompt on this many consecutive rows (train_data_fn).
+    self.group = learner.get_algorithm(cfg.algorithm).samples_per_prompt(cfg)
     self.kl_init = core.kl_controller_init(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     self.names = {role: transformer.abstract_model(c)[2] for role, c in configs.items()}
     self.frozen_dtype = transformer.resolve_dtype(cfg.frozen_dtype, configs[roles.POLICY])
@@ -186,7 +188,8 @@ class RLStep(StepFactory):
       rng = jax.random.fold_in(state.rng, 0)
       out = rollout(self.policy_gd, self.reward_gd, cfg, state.params[roles.POLICY],
                     state.extras.get(roles.REWARD), batch["prompt"], batch["prompt_length"], rng,
-                    eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+                    eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                    group=self.group)
       out.update({k: batch[k] for k in prompt_keys})
       out.update({k: v for k, v in batch.items() if k.startswith(learner.PTX_PREFIX)})
       return out
@@ -194,7 +197,7 @@ class RLStep(StepFactory):
     def do_update(state, data, score):
       new_state, metrics, _ = learner.update(self.policy_gd, self.value_gd, cfg, ctx.optimizer,
                                              ctx.schedule, state, data, score, ctx.microbatches,
-                                             self.trainable())
+                                             self.trainable(), self.group)
       return new_state, metrics
 
     self.rollout_fn = jax.jit(do_rollout, in_shardings=(ctx.shardings, batch_shardings)).lower(

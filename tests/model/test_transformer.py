@@ -82,3 +82,57 @@ def test_unrolled_layers_give_the_scanned_loss_gradients_and_generation(remat):
   np.testing.assert_array_equal(outs[0], outs[1])
   with pytest.raises(Exception, match="scan_layers='no' must be True or False"):
     dataclasses.replace(util.TINY, scan_layers="no").validate()
+
+
+@pytest.mark.parametrize("impl,remat,lora_rank", [("xla", "none", 0), ("chunked", "full", 0),
+                                                  ("splash", "none", 0), ("xla", "none", 2)])
+def test_shared_prefix_rows_give_the_hidden_states_and_gradients_of_whole_rows(impl, remat,
+                                                                              lora_rank):
+  """hidden_shared (a prompt computed once for the rows that repeat it) equals hidden() of the
+  whole rows, forward and backward, with padding in both parts, GQA and a continuation longer
+  than the chunked block; splash's continuation runs chunked."""
+  cfg = dataclasses.replace(util.TINY, num_kv_heads=2, attention_impl=impl, attention_block=4,
+                            remat=remat, lora_rank=lora_rank, lora_alpha=4.0)
+  graphdef = transformer.abstract_model(cfg)[0]
+  params = util.init_params(cfg)
+  if lora_rank:  # fresh adapters' B is zero: make them matter
+    params["lora"] = jax.tree.map(lambda x: x + 0.05, params["lora"])
+  rng = np.random.default_rng(0)
+  unique, repeats, width, length = 2, 3, 9, 7
+  prefix = rng.integers(2, cfg.vocab_size, (unique, width)).astype(np.int32)
+  prefix_len = np.array([9, 4], np.int32)  # the second is left-padded
+  prefix_seg = (np.arange(width)[None] >= (width - prefix_len)[:, None]).astype(np.int32)
+  prefix_pos = np.maximum(np.arange(width)[None] - (width - prefix_len)[:, None], 0)
+  rows = unique * repeats
+  cont = rng.integers(2, cfg.vocab_size, (rows, length)).astype(np.int32)
+  ends = np.array([7, 3, 5, 7, 1, 6])  # real continuation tokens per row, padding after
+  cont_seg = (np.arange(length)[None] < ends[:, None]).astype(np.int32)
+  cont_pos = np.repeat(prefix_len, repeats)[:, None] + np.arange(length)[None]
+  whole = lambda a, b: np.concatenate([np.repeat(a, repeats, 0), b], axis=1)
+  weights = rng.normal(size=(rows, width + length, cfg.d_model)).astype(np.float32)
+  real = whole(prefix_seg, cont_seg)[..., None]
+
+  def separate(p):
+    model = transformer.merge(graphdef, p)
+    return model.hidden(*(jnp.asarray(whole(a, b)) for a, b in
+                          ((prefix, cont), (prefix_pos, cont_pos), (prefix_seg, cont_seg))))
+
+  def shared(p):
+    model = transformer.merge(graphdef, p)
+    head, tail = model.hidden_shared(prefix, prefix_pos, prefix_seg, cont, cont_pos, cont_seg,
+                                     repeats)
+    return jnp.concatenate([transformer.repeat_rows(head, repeats), tail], axis=1)
+
+  def loss(fn):  # over the real positions only (what a padded query gets is unspecified)
+    return jax.jit(jax.value_and_grad(lambda p: (jnp.sum(fn(p) * weights * real),
+                                                 fn(p) * real), has_aux=True))(params)
+
+  (want, want_hidden), want_grads = loss(separate)
+  (got, got_hidden), got_grads = loss(shared)
+  np.testing.assert_allclose(got_hidden, want_hidden, atol=1e-5)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got_grads,
+               want_grads)
+  # the shared part really is computed once per prompt: its activations have `unique` rows
+  text = jax.jit(shared).lower(params).as_text()
+  assert f"tensor<{unique}x{width}x{cfg.d_model}xf32>" in text

@@ -365,13 +365,18 @@ def test_grpo_groups_of_equal_scores_give_zero_gradient():
   assert "value_loss" not in metrics
 
 
-@pytest.mark.parametrize("algorithm,rank", [("ppo", 0), ("grpo", 0), ("ppo", 4)],
-                         ids=["ppo", "grpo", "ppo-lora"])
-def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm, rank):
+@pytest.mark.parametrize("algorithm,rank,group", [("ppo", 0, 1), ("grpo", 0, 1), ("ppo", 4, 1),
+                                                  ("grpo", 0, 2)],
+                         ids=["ppo", "grpo", "ppo-lora", "grpo-shared-prompts"])
+def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm, rank, group):
+  """group 2: each prompt on 2 rows, computed once per group on one device and once per row on
+  the mesh (4 batch shards for 4 rows per minibatch: prompt_sharing)."""
   cfg = RLConfig(algorithm=algorithm, group_size=2 if algorithm == "grpo" else 1,
                   prompt_len=PROMPT_LEN, max_new_tokens=NEW, epochs=2, num_minibatches=2)
   graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3, rank=rank)
-  data = make_rollout(graphdefs, cfg, state, *prompts(8))
+  prompt, length = prompts(8 // group)
+  data = make_rollout(graphdefs, cfg, state, np.repeat(prompt, group, 0),
+                      np.repeat(length, group, 0))
   score = data["rm_score"]
   results = []
   for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
@@ -387,7 +392,7 @@ def test_update_is_the_same_on_one_device_and_a_2x2x2_mesh(algorithm, rank):
     rows = jax.tree.map(lambda x: parallel.batch_sharding(mesh, rules, x.ndim), data)
     with parallel.activate(mesh, rules):
       fn = jax.jit(functools.partial(learner.update, graphdefs[0], graphdefs[1], cfg, optimizer,
-                                     schedule, trainable=trainable_of(state.params)),
+                                     schedule, trainable=trainable_of(state.params), group=group),
                    in_shardings=(shardings, rows, parallel.replicated(mesh)),
                    out_shardings=(shardings, parallel.replicated(mesh),
                                   parallel.replicated(mesh)))
@@ -613,6 +618,68 @@ def test_one_update_per_rollout_takes_old_logprobs_from_its_own_pass(micro, monk
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p_fast, p_full)
   # one forward of the policy (of five: reference, policy, the update's forward and backward)
   assert 0.7 < flops_fast / flops_full < 0.9, (flops_fast, flops_full)
+
+
+def test_prompt_sharing_follows_groups_microbatches_and_the_mesh():
+  assert rollout_lib.prompt_sharing(8, 4) == 4  # no mesh: a whole group per prompt pass
+  assert rollout_lib.prompt_sharing(6, 4) == 2  # the largest divisor of the group the rows allow
+  assert rollout_lib.prompt_sharing(8, 1) == 1
+  with parallel.activate(util.mesh_of({"data": 1, "fsdp": 8, "tensor": 1}), parallel.axis_rules()):
+    assert rollout_lib.prompt_sharing(16, 8) == 2  # 8 prompt rows still fill the 8 shards
+    assert rollout_lib.prompt_sharing(8, 8) == 1  # one row per device: nothing to share
+    assert rollout_lib.prompt_sharing(2, 1) == 1  # fewer rows than shards (PPO's minibatches)
+    assert rollout_lib.prompt_sharing(4, 4) == 1
+  with parallel.activate(util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}), parallel.axis_rules()):
+    assert rollout_lib.prompt_sharing(8, 4) == 2  # 4 batch shards: tensor does not split rows
+  # microbatch j takes rows j, j + n, ...: a group of 4 leaves 2 consecutive rows in each of 2
+  assert learner.shared_rows(8, 4, 2) == 2
+  assert learner.shared_rows(8, 3, 2) == 1
+  order = np.asarray(learner.group_permutation(jax.random.PRNGKey(3), 12, 3)).reshape(4, 3)
+  np.testing.assert_array_equal(order - order[:, :1], np.tile(np.arange(3), (4, 1)))
+  assert sorted(order[:, 0]) == [0, 3, 6, 9] and list(order[:, 0]) != [0, 3, 6, 9]
+  np.testing.assert_array_equal(learner.group_permutation(jax.random.PRNGKey(3), 12, 1),
+                                jax.random.permutation(jax.random.PRNGKey(3), 12))
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_grouped_prompts_computed_once_give_the_same_rollout_and_update(micro, monkeypatch):
+  """GRPO's samples of one prompt: the rollout's prefill and reward pass and the learner's
+  reference and policy passes compute the prompt once per group; the same responses, scores,
+  new weights and metrics as computing it on every row, for less work."""
+  cfg = RLConfig(algorithm="grpo", group_size=4, prompt_len=PROMPT_LEN, max_new_tokens=NEW,
+                 epochs=2, num_minibatches=2, kl_coef=0.1, entropy_coef=0.01)
+  graphdefs, optimizer, schedule, state = setup(cfg, lr=3e-3)
+  state = state.replace(extras={**state.extras, "reference": util.init_params(POLICY, 7)})
+  pgd, _, rgd = graphdefs
+  prompt, length = prompts(4)
+  prompt, length = jnp.asarray(np.repeat(prompt, 4, 0)), jnp.asarray(np.repeat(length, 4, 0))
+  outs = [jax.jit(functools.partial(rollout_lib.rollout, pgd, rgd, cfg, eos_id=EOS, pad_id=PAD,
+                                    group=group))(state.params["policy"], state.extras["reward"],
+                                                  prompt, length, jax.random.PRNGKey(5))
+          for group in (4, 1)]
+  np.testing.assert_array_equal(outs[0]["response"], outs[1]["response"])
+  np.testing.assert_array_equal(outs[0]["mask"], outs[1]["mask"])
+  assert len(set(np.asarray(outs[0]["response"][:4, 0]).tolist())) > 1  # samples of one prompt differ
+  np.testing.assert_allclose(outs[0]["rm_score"], outs[1]["rm_score"], rtol=1e-5, atol=1e-6)
+  data = {**outs[0], "prompt": prompt, "prompt_length": length}
+  score = jnp.linspace(0.0, 1.0, 16)
+  results = []
+  for share in (True, False):
+    if not share:  # the same shuffles (by group), every row computing its own prompt
+      monkeypatch.setattr(learner, "shared_rows", lambda *args: 1)
+    fn = jax.jit(functools.partial(learner.update, pgd, None, cfg, optimizer, schedule,
+                                   microbatches=micro, group=4))
+    compiled = fn.lower(state, data, score).compile()
+    new_state, metrics, _ = compiled(state, data, score)
+    results.append((jax.tree.map(np.asarray, new_state.params),
+                    {k: float(v) for k, v in metrics.items()}, compiled.cost_analysis()["flops"]))
+  (p_shared, m_shared, flops_shared), (p_rows, m_rows, flops_rows) = results
+  assert m_rows["kl"] > 1e-3
+  for key in m_rows:
+    assert m_shared[key] == pytest.approx(m_rows[key], rel=1e-4, abs=1e-6), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_shared,
+               p_rows)
+  assert flops_shared < 0.9 * flops_rows, (flops_shared, flops_rows)
 
 
 def test_minibatch_splits_that_the_mesh_does_not_divide_are_one_line_errors():
