@@ -639,6 +639,12 @@ def test_prompt_sharing_follows_groups_microbatches_and_the_mesh():
   assert sorted(order[:, 0]) == [0, 3, 6, 9] and list(order[:, 0]) != [0, 3, 6, 9]
   np.testing.assert_array_equal(learner.group_permutation(jax.random.PRNGKey(3), 12, 1),
                                 jax.random.permutation(jax.random.PRNGKey(3), 12))
+  # The RL stage tells its rollout and learner how its prompt batches repeat each prompt.
+  graphdefs = (transformer.abstract_model(POLICY)[0], transformer.abstract_model(VALUE)[0], None)
+  for kw, group in (({"algorithm": "grpo", "group_size": 4}, 4), ({"algorithm": "ppo"}, 1)):
+    step = rl_stage.RLStep(RLConfig(**kw), {"policy": POLICY, "value": VALUE}, graphdefs, None,
+                           None, True, 16)
+    assert step.group == group
 
 
 @pytest.mark.parametrize("micro", [1, 2])
