@@ -665,7 +665,7 @@ def test_grouped_prompts_computed_once_give_the_same_rollout_and_update(micro, m
           for group in (4, 1)]
   np.testing.assert_array_equal(outs[0]["response"], outs[1]["response"])
   np.testing.assert_array_equal(outs[0]["mask"], outs[1]["mask"])
-  assert len(set(np.asarray(outs[0]["response"][:4, 0]).tolist())) > 1  # samples of one prompt differ
+  assert len(set(np.asarray(outs[0]["response"][:4, 0]).tolist())) > 1  # the samples differ
   np.testing.assert_allclose(outs[0]["rm_score"], outs[1]["rm_score"], rtol=1e-5, atol=1e-6)
   data = {**outs[0], "prompt": prompt, "prompt_length": length}
   score = jnp.linspace(0.0, 1.0, 16)
