@@ -8,7 +8,8 @@ activations at block boundaries get sharding constraints (no-ops without a mesh)
 
 For generation, `prefill` runs a prompt through the scanned layers and returns its keys/values as a
 KV cache of one buffer per layer, and `decode` continues the sequences one step at a time with
-the layers unrolled (see lmtrain/model/generate.py).
+the layers unrolled (see lmtrain/model/generate.py). `hidden_shared` runs rows that begin with the
+same prompt (GRPO's samples of it) with that prompt computed once.
 """
 
 import dataclasses
