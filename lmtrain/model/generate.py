@@ -141,9 +141,8 @@ def sample_sequences(graphdef, params, prompts, prompt_lengths, rng, *, max_new_
                                 width + max_new_tokens - 1)
   last = jnp.take_along_axis(
       hidden, (transformer.first_of_groups(lengths, share) - 1)[:, None, None], axis=1)
-  if share > 1:
-    last, cache = jax.tree.map(lambda x: transformer.repeat_rows(x, share), (last, cache))
-    cache = jax.tree.map(lambda x: parallel.constrain(x, transformer.CACHE_AXES), cache)
+  last = transformer.repeat_rows(last, share)
+  cache = jax.tree.map(lambda x: transformer.repeat_rows(x, share, transformer.CACHE_AXES), cache)
   # XLA:CPU hands each matmul a contiguous operand, so a layer's weights sliced from the stacked
   # ones inside the loop would be copied out on every step: slice them once before it. Elsewhere
   # the slices fuse into their matmuls and a hoisted copy would only cost memory.

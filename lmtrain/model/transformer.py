@@ -437,9 +437,9 @@ class Attention(nnx.Module):
     (repeated for the `repeats` rows that share it) followed by its own, as `vis` allows."""
     qp, kp, vp = self.project(x_prefix, prefix_positions, adapters)
     q, k, v = self.project(x, positions, adapters)
-    both = lambda shared, own: jnp.concatenate([repeat_rows(shared, repeats), own], axis=1)
+    k, v = after_shared(kp, k, repeats), after_shared(vp, v, repeats)
     return (self.attend(qp, kp, vp, prefix_vis, adapters),
-            self.attend(q, both(kp, k), both(vp, v), vis, adapters, continuation=True))
+            self.attend(q, k, v, vis, adapters, continuation=True))
 
   def prefill(self, x, positions, vis, cache_len: int, adapters=None):
     """Attention over the chunk itself (`attend`, any implementation), and the chunk's keys and
@@ -464,14 +464,21 @@ class Attention(nnx.Module):
     return project(out, self.o, adapters, "o", dt, in_dims=2), layer_cache
 
 
-def repeat_rows(x, repeats: int):
+def repeat_rows(x, repeats: int, names=None):
   """[U, ...] -> [U * repeats, ...], row u filling rows u * repeats .. (u + 1) * repeats - 1;
-  split over the batch axes as x is, so each device repeats its own rows."""
+  split over the batch axes as x is (or as the logical `names` say), so each device repeats its
+  own rows."""
   if repeats == 1:
     return x
   out = jnp.broadcast_to(x[:, None], (x.shape[0], repeats) + x.shape[1:])
   out = out.reshape((-1,) + x.shape[1:])
-  return parallel.constrain(out, ("batch",) + (None,) * (x.ndim - 1))
+  return parallel.constrain(out, names or ("batch",) + (None,) * (x.ndim - 1))
+
+
+def after_shared(shared, own, repeats: int):
+  """Each row's shared beginning [U, P, ...] (repeat_rows) followed by its own part
+  [U * repeats, T, ...] along the length axis: [U * repeats, P + T, ...]."""
+  return jnp.concatenate([repeat_rows(shared, repeats), own], axis=1)
 
 
 def first_of_groups(x, size: int):
@@ -596,9 +603,8 @@ class Transformer(nnx.Module):
     that share a prefix the same adapter dropout on it."""
     prefix_vis = attention.Visibility(prefix_segments, prefix_segments, prefix_positions,
                                       prefix_positions)
-    both = lambda shared, own: jnp.concatenate([repeat_rows(shared, repeats), own], axis=1)
-    vis = attention.Visibility(segment_ids, both(prefix_segments, segment_ids), positions,
-                               both(prefix_positions, positions))
+    vis = attention.Visibility(segment_ids, after_shared(prefix_segments, segment_ids, repeats),
+                               positions, after_shared(prefix_positions, positions, repeats))
 
     def layer(block, carry, adapters):
       return block.shared(*carry, prefix_positions, positions, prefix_vis, vis, repeats, adapters)

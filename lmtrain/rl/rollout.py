@@ -73,8 +73,7 @@ def response_hidden(model, prompt, prompt_length, response, response_mask, share
     return hidden[:, width - 1:]
   prompt_hidden, hidden = _split_hidden(model, tokens[:, :-1], positions[:, :-1],
                                         segment_ids[:, :-1], width, share)
-  last = transformer.repeat_rows(prompt_hidden[:, -1:], share)
-  return jnp.concatenate([last, hidden], axis=1)
+  return transformer.after_shared(prompt_hidden[:, -1:], hidden, share)
 
 
 def response_logprobs(model, prompt, prompt_length, response, mask, temperature,
@@ -100,7 +99,7 @@ def sequence_reward(model, prompt, prompt_length, response, mask, offset=0.0, sc
   if share > 1:
     prompt_hidden, rest = _split_hidden(model, tokens, positions, segment_ids, prompt.shape[1],
                                         share)
-    hidden = jnp.concatenate([transformer.repeat_rows(prompt_hidden, share), rest], axis=1)
+    hidden = transformer.after_shared(prompt_hidden, rest, share)
   scores = core.reward_scores(model, tokens, positions, segment_ids, response_mask,
                               hidden=hidden)
   return (scores - offset) / scale

@@ -121,7 +121,7 @@ def test_shared_prefix_rows_give_the_hidden_states_and_gradients_of_whole_rows(i
     model = transformer.merge(graphdef, p)
     head, tail = model.hidden_shared(prefix, prefix_pos, prefix_seg, cont, cont_pos, cont_seg,
                                      repeats)
-    return jnp.concatenate([transformer.repeat_rows(head, repeats), tail], axis=1)
+    return transformer.after_shared(head, tail, repeats)
 
   def loss(fn):  # over the real positions only (what a padded query gets is unspecified)
     return jax.jit(jax.value_and_grad(lambda p: (jnp.sum(fn(p) * weights * real),
