@@ -2,7 +2,7 @@
 on the same shapes, in one sitting.
 
     python benchmarks/torch_bench.py --models bench_tiny bench_small
-    python benchmarks/torch_bench.py --attention xla chunked --unrolled
+    python benchmarks/torch_bench.py --attention auto xla chunked --unrolled
 
 For each preset: a LlamaForCausalLM of the same shape (untied, no biases, SwiGLU, RMSNorm, RoPE) in
 fp32, AdamW, random tokens, `--steps` timed steps after warm-up, with all CPU threads; then
@@ -78,8 +78,8 @@ def main():
   parser.add_argument("--models", nargs="+", default=list(SEQ))
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--steps", type=int, default=8)
-  parser.add_argument("--attention", nargs="+", default=["xla"],
-                      help="lmtrain attention implementations to time")
+  parser.add_argument("--attention", nargs="+", default=["auto"],
+                      help="lmtrain attention implementations to time (auto: causal_blocks on CPU)")
   parser.add_argument("--unrolled", action="store_true",
                       help="also time each with the layers unrolled (--no_scan_layers)")
   args = parser.parse_args()

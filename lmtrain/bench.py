@@ -30,7 +30,8 @@ def add_arguments(p):
   p.add_argument("--no_scan_layers", action="store_true",
                  help="run the layers unrolled (ModelConfig.scan_layers=False)")
   p.add_argument("--attention_impl", default=None,
-                 help="xla | cudnn | chunked | splash | auto (default: the preset's)")
+                 help="xla | cudnn | chunked | causal_blocks | splash | auto "
+                 "(default: the preset's)")
   p.add_argument("--mesh", default="{'data': 1, 'fsdp': -1, 'tensor': 1}",
                  help="mesh shape over data/fsdp/tensor")
   p.add_argument("--compile_layers", default="4,32",

@@ -18,6 +18,10 @@ position.
   backward written as one custom VJP, so the saved state is the output and one log-sum-exp per
   query: memory O(T x block), never O(T x S). A block pair that no query of it can see (entirely
   above the causal diagonal, or of disjoint packed segments) is skipped, forward and backward.
+- `causal_blocks`: dense attention a block of queries at a time, each block over the keys up to its
+  last query by index, so the blocks above the causal diagonal are never computed, forward or
+  backward (about half of `xla`'s work and score memory); masks by `Visibility` inside the blocks.
+  Needs what splash needs (below): causal by index. The fastest on CPU for short sequences.
 - `splash`: the Pallas splash-attention kernel (TPU; Pallas's interpreter elsewhere, for tests), its
   causal mask by index plus segment ids, under shard_map over the batch and head axes when a mesh is
   active. Causal by index equals causal by position wherever positions rise with the index inside
@@ -36,7 +40,10 @@ import jax.numpy as jnp
 
 from lmtrain import parallel
 
-IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "splash", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "causal_blocks", "splash", "auto")
+# causal_blocks' query block: the one measured fastest on CPU (bench_tiny, bench_small), with at
+# most CAUSAL_MAX_BLOCKS blocks (the layer's HLO holds one set of ops per block).
+CAUSAL_BLOCK, CAUSAL_MAX_BLOCKS = 64, 16
 SPLASH_LANES = 128  # splash's block sizes (and so padded lengths) are multiples of this
 
 
@@ -58,15 +65,23 @@ def dense_mask(vis: Visibility):
 
 def resolve(impl: str, seq_len: int, dtype, chunked_from: int, backend: str | None = None) -> str:
   """The implementation to run. `auto`: splash on TPU, cuDNN on GPU in 16-bit compute, else
-  chunked from `chunked_from` tokens on and XLA for shorter sequences."""
+  chunked from `chunked_from` tokens on and, for shorter sequences, causal_blocks on CPU and XLA
+  elsewhere."""
   backend = backend or jax.default_backend()
   if impl == "auto":
     if backend == "tpu":
       return "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       return "cudnn"
-    return "chunked" if seq_len >= chunked_from else "xla"
+    if seq_len >= chunked_from:
+      return "chunked"
+    return "causal_blocks" if backend == "cpu" else "xla"
   return impl
+
+
+def causal_block(length: int) -> int:
+  """causal_blocks' query block for a sequence of `length` queries."""
+  return max(CAUSAL_BLOCK, -(-length // CAUSAL_MAX_BLOCKS))
 
 
 def attend(q, k, v, vis: Visibility, impl: str, block: int = 512):
@@ -75,6 +90,8 @@ def attend(q, k, v, vis: Visibility, impl: str, block: int = 512):
     return chunked_attention(q, k, v, vis, block, block)
   if impl == "splash":
     return splash_attention(q, k, v, vis, block)
+  if impl == "causal_blocks":
+    return causal_blocks_attention(q, k, v, vis)
   mask = dense_mask(vis)
   return jax.nn.dot_product_attention(q, k, v, mask=mask,
                                       implementation=None if impl == "xla" else impl)
@@ -114,6 +131,31 @@ def chunked_attention(q, k, v, vis: Visibility, block_q: int = 512, block_kv: in
                pad(vis.q_position.astype(jnp.int32), pad_q),
                pad(vis.kv_position.astype(jnp.int32), pad_kv), bq, bk)
   return out[:, :length].reshape(batch, length, heads, head_dim)
+
+
+def causal_blocks_attention(q, k, v, vis: Visibility, block: int | None = None):
+  """Attention of queries [B, T, N, H] that are the last T of the S keys' sequence (T = S in
+  self-attention; a continuation of a shared prefix has S > T): query block i (rows i*block ..)
+  scores only the keys up to its last row's index, in fp32, masked by `vis` as `xla` does. Equals
+  `xla` where causal by index holds; what it leaves out is what such a query cannot see."""
+  batch, length, heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  block = block or causal_block(length)
+  # Heads before positions once, so each block's matmuls read contiguous rows; each query head
+  # with its own copy of its key/value head (a 4-D batched matmul is ~25% faster on CPU than the
+  # grouped 5-D one, and the FLOPs are the same).
+  q = jnp.einsum("btnh->bnth", q)
+  k, v = (jnp.repeat(jnp.einsum("bskh->bksh", x), heads // kv_heads, axis=1) for x in (k, v))
+  outs = []
+  for start in range(0, length, block):
+    rows, keys = slice(start, min(start + block, length)), slice(0, kv_len - length + start + block)
+    scores = jnp.einsum("bnth,bnsh->bnts", q[:, :, rows], k[:, :, keys],
+                        preferred_element_type=jnp.float32) * head_dim ** -0.5
+    mask = _block_mask(vis.q_segment[:, rows], vis.kv_segment[:, keys], vis.q_position[:, rows],
+                       vis.kv_position[:, keys])[:, 0]
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    outs.append(jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v[:, :, keys]))
+  return jnp.einsum("bnth->btnh", jnp.concatenate(outs, axis=2))
 
 
 def splash_attention(q, k, v, vis: Visibility, block: int = 512, interpret: bool | None = None):

@@ -84,8 +84,9 @@ class ModelConfig:
   # Compute dtype; parameters (and optimizer state) stay float32. auto: bfloat16 on TPU/GPU, float32
   # on CPU (tests compare numbers at fp32 precision).
   dtype: str = "auto"
-  # xla | cudnn | chunked | splash | auto (lmtrain.model.attention): auto is splash on TPU, cuDNN
-  # on GPU in 16-bit compute, else chunked from attention_chunked_from tokens on, else xla.
+  # xla | cudnn | chunked | causal_blocks | splash | auto (lmtrain.model.attention): auto is splash
+  # on TPU, cuDNN on GPU in 16-bit compute, else chunked from attention_chunked_from tokens on,
+  # else causal_blocks on CPU and xla on GPU.
   attention_impl: str = "xla"
   attention_block: int = 512  # chunked and splash: query and key block length
   attention_chunked_from: int = 2048
@@ -420,7 +421,8 @@ class Attention(nnx.Module):
   def attend(self, q, k, v, vis, adapters=None, continuation: bool = False):
     """Attention of q over k, v as `vis` allows, then the output projection. `continuation`:
     the queries are the later part of the keys' sequences (Transformer.hidden_shared), not the
-    square causal case: splash, whose mask is causal by index, gives way to chunked."""
+    square causal case: splash, whose mask is causal by index, gives way to chunked (causal_blocks
+    reads the continuation's queries as the last of the keys' sequence)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     impl = attention.resolve(cfg.attention_impl, k.shape[1], dt, cfg.attention_chunked_from)
     if continuation and impl == "splash":

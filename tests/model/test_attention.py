@@ -1,6 +1,6 @@
-"""Attention implementations: chunked and splash (in Pallas's interpreter on CPU) equal xla
-(forward, gradients, packing, padding, GQA, odd lengths, the KV cache, a mesh); blocks no query can
-see are skipped; `auto`'s choice; the remat policies."""
+"""Attention implementations: chunked, causal_blocks and splash (in Pallas's interpreter on CPU)
+equal xla (forward, gradients, packing, padding, GQA, odd lengths, a continuation of shared keys,
+the KV cache, a mesh); blocks no query can see are skipped; `auto`'s choice; the remat policies."""
 
 import dataclasses
 
@@ -77,6 +77,63 @@ def test_chunked_equals_xla_forward_and_gradients(length, heads, kv_heads, block
   assert np.all(np.asarray(out)[seg == 0] == 0)  # a query that sees nothing: zero, not NaN
 
 
+@pytest.mark.parametrize("length,heads,kv_heads,block", [
+    (37, 4, 2, 8),    # odd length, several query blocks, the last one short, GQA
+    (32, 4, 4, 16),   # blocks that divide the length, plain multi-head
+    (20, 6, 1, 64),   # one block longer than the sequence, multi-query
+])
+def test_causal_blocks_equals_xla_forward_and_gradients(monkeypatch, length, heads, kv_heads,
+                                                         block):
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", block)
+  assert attention.causal_block(length) == block
+  check_against_xla("causal_blocks", 3, length, heads, kv_heads, 8, block)
+
+
+def test_causal_blocks_of_a_continuation_equal_xla(monkeypatch):
+  """Queries that are the last T of the S keys' sequence (a response after its shared prompt's
+  keys, Transformer.hidden_shared): each query block reads the keys up to its own index in the
+  whole sequence, and output and gradients equal xla's."""
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
+  rng = np.random.default_rng(1)
+  batch, total, length, heads, kv_heads, head_dim = 2, 29, 11, 4, 2, 8
+  seg, pos = packed_visibility(batch, total, seed=1)
+  q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(batch, total, kv_heads, head_dim)), jnp.float32)
+          for _ in range(2))
+  vis = attention.Visibility(*map(jnp.asarray, (seg[:, -length:], seg, pos[:, -length:], pos)))
+  real = jnp.asarray(seg[:, -length:] != 0)[:, :, None, None]
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real
+  ref_loss, ref_out, ref_grads = attention_and_grads("xla", q, k, v, vis, weights, 4)
+  loss, out, grads = attention_and_grads("causal_blocks", q, k, v, vis, weights, 4)
+  assert abs(float(loss - ref_loss)) < 1e-4
+  np.testing.assert_allclose(out * real, ref_out * real, atol=1e-5)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, atol=1e-5)
+
+
+def test_causal_blocks_never_read_the_keys_after_a_query_block():
+  """NaN keys and values after the first query block leave that block's output as it was (the
+  scores above the diagonal are never computed; xla's masked multiply gives NaN), and the lowered
+  computation has one score matrix per block, of the keys up to its end."""
+  rng = np.random.default_rng(0)
+  length, block = 24, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(1, length, 2, 8)), jnp.float32) for _ in range(3))
+  ones = jnp.ones((1, length), jnp.int32)
+  pos = jnp.arange(length, dtype=jnp.int32)[None]
+  vis = attention.Visibility(ones, ones, pos, pos)
+  poisoned_k, poisoned_v = k.at[:, block:].set(jnp.nan), v.at[:, block:].set(jnp.nan)
+  out = attention.causal_blocks_attention(q, poisoned_k, poisoned_v, vis, block)
+  clean = attention.causal_blocks_attention(q, k, v, vis, block)
+  np.testing.assert_array_equal(out[:, :block], clean[:, :block])
+  assert np.isnan(np.asarray(out[:, block:])).all()
+  dense = attention.attend(q, poisoned_k, poisoned_v, vis, "xla")
+  assert np.isnan(np.asarray(dense[:, :block])).any()
+  hlo = jax.jit(lambda q, k, v: attention.causal_blocks_attention(q, k, v, vis, block)).lower(
+      q, k, v).as_text()
+  assert [f"tensor<1x2x8x{keys}xf32>" in hlo for keys in (8, 16, 24)] == [True] * 3
+  assert "tensor<1x2x24x24xf32>" not in hlo
+
+
 @pytest.mark.parametrize("length,kv_heads", [(200, 2), (128, 4)])
 def test_splash_equals_xla_forward_and_gradients(length, kv_heads):
   """The splash kernel's mask wiring (causal by index + segment ids, GQA, a length padded to its
@@ -84,10 +141,13 @@ def test_splash_equals_xla_forward_and_gradients(length, kv_heads):
   check_against_xla("splash", 2, length, 4, kv_heads, 16, 128)
 
 
-def test_splash_on_a_mesh_equals_xla_on_one_device():
-  """Under shard_map over the batch and head axes of a (2, 2, 2) mesh, the model's loss and
-  gradients with splash attention equal xla's on one device."""
+@pytest.mark.parametrize("impl", ["splash", "causal_blocks"])
+def test_splash_and_causal_blocks_on_a_mesh_equal_xla_on_one_device(monkeypatch, impl):
+  """On a (2, 2, 2) mesh (splash under shard_map over the batch and head axes; causal_blocks'
+  query blocks of 8 as XLA partitions them), the model's loss and gradients equal xla's on one
+  device."""
   from lmtrain import parallel
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)
   batch = jax.tree.map(jnp.asarray, util.packed_batch(seq_len=32))
   params = util.init_params()
 
@@ -100,7 +160,7 @@ def test_splash_on_a_mesh_equals_xla_on_one_device():
       return mean_loss_and_grads(cfg, p, b)
 
   ref_loss, ref_grads = loss_and_grads(util.TINY, util.mesh_of({"data": 1}))
-  cfg = dataclasses.replace(util.TINY, attention_impl="splash")
+  cfg = dataclasses.replace(util.TINY, attention_impl=impl)
   loss, grads = loss_and_grads(cfg, util.mesh_of({"data": 2, "fsdp": 2, "tensor": 2}))
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -132,19 +192,24 @@ def chunked(cfg, block=8):
   return dataclasses.replace(cfg, attention_impl="chunked", attention_block=block)
 
 
-def test_model_loss_and_gradients_are_the_same_with_chunked_attention():
+@pytest.mark.parametrize("impl", ["chunked", "causal_blocks"])
+def test_model_loss_and_gradients_are_the_same_with_each_attention(monkeypatch, impl):
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)  # 5 query blocks of the 36 positions
   batch = jax.tree.map(jnp.asarray, util.packed_batch(seq_len=36))
   params = util.init_params()
   ref_loss, ref_grads = mean_loss_and_grads(util.TINY, params, batch)
-  loss, grads = mean_loss_and_grads(chunked(util.TINY), params, batch)
+  cfg = chunked(util.TINY) if impl == "chunked" else dataclasses.replace(
+      util.TINY, attention_impl=impl)
+  loss, grads = mean_loss_and_grads(cfg, params, batch)
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "splash"])
-def test_generation_with_each_attention_equals_xla(impl):
+@pytest.mark.parametrize("impl", ["chunked", "causal_blocks", "splash"])
+def test_generation_with_each_attention_equals_xla(monkeypatch, impl):
   """Generation (the prefill of ragged prompts through `impl`, then one token at a time with
   cached_attention) gives the same tokens and log-probs as with xla."""
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)
   params = util.init_params()
   prompts = [[5, 6, 7], list(range(9, 30)), [20], [30, 31, 32, 33]]
   tokens, lengths = gen.pad_prompts(prompts)
@@ -155,7 +220,7 @@ def test_generation_with_each_attention_equals_xla(impl):
                                        max_new_tokens=12, eos_id=-1, temperature=0.8))
 
   cfg = chunked(util.TINY) if impl == "chunked" else dataclasses.replace(
-      util.TINY, attention_impl="splash", attention_chunked_from=1)
+      util.TINY, attention_impl=impl, attention_chunked_from=1)
   ref, out = sample(util.TINY), sample(cfg)
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
@@ -166,7 +231,8 @@ def test_auto_picks_by_backend_dtype_and_length():
   assert attention.resolve("auto", 4096, bf16, 2048, backend="tpu") == "splash"
   assert attention.resolve("auto", 128, bf16, 2048, backend="gpu") == "cudnn"
   assert attention.resolve("auto", 8192, f32, 2048, backend="gpu") == "chunked"  # cuDNN: 16-bit
-  assert attention.resolve("auto", 1024, f32, 2048, backend="cpu") == "xla"
+  assert attention.resolve("auto", 1024, f32, 2048, backend="cpu") == "causal_blocks"
+  assert attention.resolve("auto", 1024, f32, 2048, backend="gpu") == "xla"
   assert attention.resolve("auto", 2048, f32, 2048, backend="cpu") == "chunked"
   for backend in ("cpu", "gpu"):  # splash only where asked for or on TPU
     assert "splash" not in {attention.resolve("auto", t, dt, 2048, backend=backend)

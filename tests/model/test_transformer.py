@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmtrain.model import attention
 from lmtrain.model import transformer
 import util
 
@@ -84,13 +85,15 @@ def test_unrolled_layers_give_the_scanned_loss_gradients_and_generation(remat):
     dataclasses.replace(util.TINY, scan_layers="no").validate()
 
 
-@pytest.mark.parametrize("impl,remat,lora_rank", [("xla", "none", 0), ("chunked", "full", 0),
-                                                  ("splash", "none", 0), ("xla", "none", 2)])
-def test_shared_prefix_rows_give_the_hidden_states_and_gradients_of_whole_rows(impl, remat,
-                                                                              lora_rank):
+@pytest.mark.parametrize("impl,remat,lora_rank", [
+    ("xla", "none", 0), ("chunked", "full", 0), ("causal_blocks", "none", 0),
+    ("splash", "none", 0), ("xla", "none", 2)])
+def test_shared_prefix_rows_give_the_hidden_states_and_gradients_of_whole_rows(
+    monkeypatch, impl, remat, lora_rank):
   """hidden_shared (a prompt computed once for the rows that repeat it) equals hidden() of the
   whole rows, forward and backward, with padding in both parts, GQA and a continuation longer
-  than the chunked block; splash's continuation runs chunked."""
+  than the chunked block (and causal_blocks' query block); splash's continuation runs chunked."""
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
   cfg = dataclasses.replace(util.TINY, num_kv_heads=2, attention_impl=impl, attention_block=4,
                             remat=remat, lora_rank=lora_rank, lora_alpha=4.0)
   graphdef = transformer.abstract_model(cfg)[0]
