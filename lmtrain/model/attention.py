@@ -20,7 +20,7 @@ position.
   above the causal diagonal, or of disjoint packed segments) is skipped, forward and backward.
 - `causal_blocks`: dense attention a block of queries at a time, each block over the keys up to its
   last query by index, so the blocks above the causal diagonal are never computed, forward or
-  backward (about half of `xla`'s work and score memory); masks by `Visibility` inside the blocks.
+  backward (about half of `xla`'s work); masks by `Visibility` inside the blocks.
   Needs what splash needs (below): causal by index. The fastest on CPU for short sequences.
 - `splash`: the Pallas splash-attention kernel (TPU; Pallas's interpreter elsewhere, for tests), its
   causal mask by index plus segment ids, under shard_map over the batch and head axes when a mesh is
