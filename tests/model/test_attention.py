@@ -56,7 +56,13 @@ def check_against_xla(impl, batch, length, heads, kv_heads, head_dim, block):
           for _ in range(2))
   seg, pos = packed_visibility(batch, length, seed=length)
   vis = attention.Visibility(*map(jnp.asarray, (seg, seg, pos, pos)))
-  real = jnp.asarray(seg != 0)[:, :, None, None]
+  return assert_equals_xla(impl, q, k, v, vis, block, rng), seg
+
+
+def assert_equals_xla(impl, q, k, v, vis, block, rng):
+  """`impl`'s output on every query row that is not padding, a loss weighting those rows at
+  random, and its gradients equal xla's. Returns the output."""
+  real = jnp.asarray(vis.q_segment != 0)[:, :, None, None]
   weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # padding rows unread
   ref_loss, ref_out, ref_grads = attention_and_grads("xla", q, k, v, vis, weights, block)
   loss, out, grads = attention_and_grads(impl, q, k, v, vis, weights, block)
@@ -64,7 +70,7 @@ def check_against_xla(impl, batch, length, heads, kv_heads, head_dim, block):
   np.testing.assert_allclose(out * real, ref_out * real, atol=1e-5)
   for g, ref in zip(grads, ref_grads):
     np.testing.assert_allclose(g, ref, atol=1e-5)
-  return out, seg
+  return out
 
 
 @pytest.mark.parametrize("length,heads,kv_heads,block", [
@@ -101,14 +107,7 @@ def test_causal_blocks_of_a_continuation_equal_xla(monkeypatch):
   k, v = (jnp.asarray(rng.normal(size=(batch, total, kv_heads, head_dim)), jnp.float32)
           for _ in range(2))
   vis = attention.Visibility(*map(jnp.asarray, (seg[:, -length:], seg, pos[:, -length:], pos)))
-  real = jnp.asarray(seg[:, -length:] != 0)[:, :, None, None]
-  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real
-  ref_loss, ref_out, ref_grads = attention_and_grads("xla", q, k, v, vis, weights, 4)
-  loss, out, grads = attention_and_grads("causal_blocks", q, k, v, vis, weights, 4)
-  assert abs(float(loss - ref_loss)) < 1e-4
-  np.testing.assert_allclose(out * real, ref_out * real, atol=1e-5)
-  for g, ref in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, ref, atol=1e-5)
+  assert_equals_xla("causal_blocks", q, k, v, vis, 4, rng)
 
 
 def test_causal_blocks_never_read_the_keys_after_a_query_block():
