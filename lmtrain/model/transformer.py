@@ -15,6 +15,7 @@ same prompt (GRPO's samples of it) with that prompt computed once.
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import gin
 import jax
@@ -323,13 +324,36 @@ def rope_frequencies(cfg: ModelConfig):
   return freqs
 
 
-def rotary(x, positions, freqs):
-  """Rotary embedding, half-rotated layout: pairs are (i, i + head_dim/2). x: [B, T, N, H]; freqs
-  [H/2] from rope_frequencies."""
-  angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, half]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+class Rotation(NamedTuple):
+  """The rotary embedding at given positions: sin and cos [B, T, 1, H/2] float32 of each
+  position times each frequency (rope_frequencies), made once per forward (Rotation.at) and
+  applied to every layer's queries and keys. Half-rotated layout: pairs are (i, i + H/2)."""
+  sin: jax.Array
+  cos: jax.Array
+
+  @classmethod
+  def at(cls, positions, cfg: "ModelConfig") -> "Rotation":
+    def tables(positions):
+      angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)
+      return cls(jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :])
+
+    if jax.default_backend() != "cpu" or positions.shape[-1] == 1:
+      return tables(positions)
+    # XLA:CPU fuses elementwise producers into each consumer, so plain sin/cos would be
+    # recomputed inside every use, once per head and element of every layer's queries and keys,
+    # forward and backward (32 sin/cos fusions for bench_tiny's 4 unrolled layers; ~4% of its
+    # step). A loop is never fused into its users: made by a one-trip loop whose trip count
+    # comes from the positions (a training batch's, so XLA cannot inline it), the tables are
+    # computed once. (A decode step's tables are a few numbers; other backends keep plain ops.)
+    trips = 1 + jnp.minimum(jnp.abs(positions.ravel()[0]), 0)
+    empty = cls(*(jnp.zeros(positions.shape + (1, cfg.head_size // 2), jnp.float32),) * 2)
+    return jax.lax.fori_loop(0, trips, lambda _, __: tables(positions), empty)
+
+  def __call__(self, x):
+    """x [B, T, N, H] rotated, in x's dtype (computed in float32)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin],
+                           axis=-1).astype(x.dtype)
 
 
 def project(x, weight, adapters, name: str, dt, in_dims: int = 1):
@@ -403,19 +427,18 @@ class Attention(nnx.Module):
     out_scale = 1.0 / (2 * cfg.num_layers) ** 0.5
     self.o = _param(rngs, _dense_init(n * h, out_scale), (n, h, d), ("heads", "head_dim", "embed"))
 
-  def __call__(self, x, positions, vis, adapters=None):
-    return self.attend(*self.project(x, positions, adapters), vis, adapters=adapters)
+  def __call__(self, x, rope, vis, adapters=None):
+    return self.attend(*self.project(x, rope, adapters), vis, adapters=adapters)
 
-  def project(self, x, positions, adapters=None):
-    """Rotated queries [B, T, N, H] and keys [B, T, K, H], and values [B, T, K, H]."""
+  def project(self, x, rope: Rotation, adapters=None):
+    """Queries [B, T, N, H] and keys [B, T, K, H] rotated by `rope`, and values [B, T, K, H]."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     q = project(x, self.q, adapters, "q", dt)
     k = project(x, self.k, adapters, "k", dt)
     v = project(x, self.v, adapters, "v", dt)
     q = parallel.constrain(q, ("batch", "length", "act_heads", None))
     k = parallel.constrain(k, ("batch", "length", "act_kv_heads", None))
-    freqs = rope_frequencies(cfg)
-    q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)
+    q, k = rope(q), rope(k)
     return (checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value"))
 
   def attend(self, q, k, v, vis, adapters=None, continuation: bool = False):
@@ -432,29 +455,29 @@ class Attention(nnx.Module):
                           "attention_out")
     return project(out, self.o, adapters, "o", dt, in_dims=2)
 
-  def shared(self, x_prefix, x, prefix_positions, positions, prefix_vis, vis, repeats: int,
+  def shared(self, x_prefix, x, prefix_rope, rope, prefix_vis, vis, repeats: int,
              adapters=None):
     """(attention outputs of the prefixes [U, P, D], of their continuations [U * repeats, T, D]):
     each prefix attends to itself, and each continuation row to its prefix's keys and values
     (repeated for the `repeats` rows that share it) followed by its own, as `vis` allows."""
-    qp, kp, vp = self.project(x_prefix, prefix_positions, adapters)
-    q, k, v = self.project(x, positions, adapters)
+    qp, kp, vp = self.project(x_prefix, prefix_rope, adapters)
+    q, k, v = self.project(x, rope, adapters)
     k, v = after_shared(kp, k, repeats), after_shared(vp, v, repeats)
     return (self.attend(qp, kp, vp, prefix_vis, adapters),
             self.attend(q, k, v, vis, adapters, continuation=True))
 
-  def prefill(self, x, positions, vis, cache_len: int, adapters=None):
+  def prefill(self, x, rope, vis, cache_len: int, adapters=None):
     """Attention over the chunk itself (`attend`, any implementation), and the chunk's keys and
     values as this layer's KV cache of `cache_len` slots (slot s holds position s)."""
-    q, k, v = self.project(x, positions, adapters)
+    q, k, v = self.project(x, rope, adapters)
     cache = {"k": _cache_layout(k, cache_len), "v": _cache_layout(v, cache_len)}
     return self.attend(q, k, v, vis, adapters=adapters), cache
 
-  def decode(self, x, positions, layer_cache, adapters=None):
+  def decode(self, x, positions, rope, layer_cache, adapters=None):
     """Writes the tokens' keys/values into cache slots positions[b] and attends over the cache
-    (attention.cached_attention)."""
+    (attention.cached_attention); `rope` is the rotation at `positions`."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q, k, v = self.project(x, positions, adapters)
+    q, k, v = self.project(x, rope, adapters)
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))
     layer_cache = {
         name: parallel.constrain(
@@ -525,23 +548,23 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, vis, adapters=None):
-    x = x + self.attn(self.attn_norm(x), positions, vis, adapters)
+  def __call__(self, x, rope, vis, adapters=None):
+    x = x + self.attn(self.attn_norm(x), rope, vis, adapters)
     return self._mlp(x, adapters)
 
-  def shared(self, x_prefix, x, prefix_positions, positions, prefix_vis, vis, repeats: int,
+  def shared(self, x_prefix, x, prefix_rope, rope, prefix_vis, vis, repeats: int,
              adapters=None):
     attn_prefix, attn = self.attn.shared(self.attn_norm(x_prefix), self.attn_norm(x),
-                                         prefix_positions, positions, prefix_vis, vis, repeats,
-                                         adapters)
+                                         prefix_rope, rope, prefix_vis, vis, repeats, adapters)
     return self._mlp(x_prefix + attn_prefix, adapters), self._mlp(x + attn, adapters)
 
-  def prefill(self, x, positions, vis, cache_len: int, adapters=None):
-    attn, cache = self.attn.prefill(self.attn_norm(x), positions, vis, cache_len, adapters)
+  def prefill(self, x, rope, vis, cache_len: int, adapters=None):
+    attn, cache = self.attn.prefill(self.attn_norm(x), rope, vis, cache_len, adapters)
     return self._mlp(x + attn, adapters), cache
 
-  def decode(self, x, positions, layer_cache, adapters=None):
-    attn, layer_cache = self.attn.decode(self.attn_norm(x), positions, layer_cache, adapters)
+  def decode(self, x, positions, rope, layer_cache, adapters=None):
+    attn, layer_cache = self.attn.decode(self.attn_norm(x), positions, rope, layer_cache,
+                                         adapters)
     return self._mlp(x + attn, adapters), layer_cache
 
   def _mlp(self, x, adapters):
@@ -589,7 +612,8 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     vis = attention.Visibility(segment_ids, segment_ids, positions, positions)
-    x = self._run_layers(lambda block, x, adapters: block(x, positions, vis, adapters),
+    rope = Rotation.at(positions, self.cfg)
+    x = self._run_layers(lambda block, x, adapters: block(x, rope, vis, adapters),
                          self._embed(tokens), dropout_rng)
     return self.final_norm(x)
 
@@ -608,8 +632,10 @@ class Transformer(nnx.Module):
     vis = attention.Visibility(segment_ids, after_shared(prefix_segments, segment_ids, repeats),
                                positions, after_shared(prefix_positions, positions, repeats))
 
+    prefix_rope, rope = Rotation.at(prefix_positions, self.cfg), Rotation.at(positions, self.cfg)
+
     def layer(block, carry, adapters):
-      return block.shared(*carry, prefix_positions, positions, prefix_vis, vis, repeats, adapters)
+      return block.shared(*carry, prefix_rope, rope, prefix_vis, vis, repeats, adapters)
 
     x_prefix, x = self._run_layers(layer, (self._embed(prefix_tokens), self._embed(tokens)),
                                    dropout_rng)
@@ -665,12 +691,13 @@ class Transformer(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     segments = jnp.ones_like(tokens)
     vis = attention.Visibility(segments, segments, positions, positions)
+    rope = Rotation.at(positions, self.cfg)
     x = self._embed(tokens)
     merge_layer, layer_state = self._layer_stack()
 
     def body(carry, state):
       block, adapters = merge_layer(state)
-      return block.prefill(carry, positions, vis, cache_len, adapters)
+      return block.prefill(carry, rope, vis, cache_len, adapters)
 
     x, stacked = jax.lax.scan(body, x, layer_state, unroll=not self.cfg.scan_layers)
     cache = tuple(jax.tree.map(lambda c, i=i: c[i], stacked) for i in range(self.cfg.num_layers))
@@ -697,12 +724,13 @@ class Transformer(nnx.Module):
     reason). Compile time grows with depth on this path only.
     """
     positions = start[:, None] + jnp.arange(tokens.shape[1])
+    rope = Rotation.at(positions, self.cfg)
     x = self._embed(tokens)
     merge_layer, _ = self._layer_stack()
     updated = []
     for state, layer_cache in zip(layers or self.decode_layers(), cache):
       block, adapters = merge_layer(state)
-      x, layer_cache = block.decode(x, positions, layer_cache, adapters)
+      x, layer_cache = block.decode(x, positions, rope, layer_cache, adapters)
       updated.append(layer_cache)
     return self.final_norm(x), tuple(updated)
 

@@ -85,6 +85,32 @@ def test_unrolled_layers_give_the_scanned_loss_gradients_and_generation(remat):
     dataclasses.replace(util.TINY, scan_layers="no").validate()
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_the_rotation_is_computed_once_per_step(scan_layers):
+  """Rotation.at makes the sin/cos tables once; every layer's queries and keys, forward and
+  backward, read them (XLA:CPU would otherwise fuse sin/cos into each use: 4 per layer, 12
+  of each here). The tables are the positions times the frequencies, and the rotation turns each
+  pair (i, i + H/2) by its angle."""
+  from lmtrain.losses import lm_loss
+  cfg = dataclasses.replace(util.TINY, num_layers=3, scan_layers=scan_layers)
+  graphdef = transformer.abstract_model(cfg)[0]
+  batch = {k: jnp.asarray(v) for k, v in util.packed_batch(batch_size=2, seq_len=24).items()}
+  step = jax.jit(jax.grad(lambda p, b: lm_loss(transformer.merge(graphdef, p), b, None)[0]))
+  hlo = step.lower(util.init_params(cfg), batch).compile().as_text()
+  assert (hlo.count(" sine("), hlo.count(" cosine(")) == (1, 1)
+
+  positions = np.array([[0, 1, 2, 3], [7, 0, 1, 100]])
+  rope = transformer.Rotation.at(jnp.asarray(positions), cfg)
+  freqs = np.asarray(transformer.rope_frequencies(cfg))
+  np.testing.assert_allclose(rope.sin[:, :, 0], np.sin(positions[..., None] * freqs), atol=1e-6)
+  x = np.random.default_rng(0).normal(size=(2, 4, 3, cfg.head_size)).astype(np.float32)
+  half = cfg.head_size // 2
+  angle = (positions[..., None] * freqs)[:, :, None]
+  want = np.concatenate([x[..., :half] * np.cos(angle) - x[..., half:] * np.sin(angle),
+                         x[..., half:] * np.cos(angle) + x[..., :half] * np.sin(angle)], -1)
+  np.testing.assert_allclose(rope(jnp.asarray(x)), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl,remat,lora_rank", [
     ("xla", "none", 0), ("chunked", "full", 0), ("causal_blocks", "none", 0),
     ("splash", "none", 0), ("xla", "none", 2)])
