@@ -61,7 +61,8 @@ def activation_bytes(cfg: transformer.ModelConfig, local_batch: int, seq_len: in
   scores = b * cfg.num_heads / tensor * t * keys * 4  # fp32 logits of one block row (or all)
   layer = b * t * (4 * d + 2 * heads + 3 * mlp) * c + qkv + 2 * scores  # live during a block
   kept = {  # per layer, saved for the backward
-      "none": layer,
+      # The MLP keeps its two projections and recomputes silu(gate) * up (transformer.MLP).
+      "none": layer - b * t * mlp * c,
       "full": 0,
       "save_dots": qkv + b * t * (heads + d + 2 * mlp + d) * c,
       "save_qkv": qkv,
