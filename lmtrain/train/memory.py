@@ -55,8 +55,8 @@ def activation_bytes(cfg: transformer.ModelConfig, local_batch: int, seq_len: in
   qkv = b * t * (heads + 2 * kv) * c
   impl = attention.resolve(cfg.attention_impl, t, cfg.compute_dtype, cfg.attention_chunked_from)
   # xla holds a query's scores against every key, the fused and blockwise paths one block.
-  # causal_blocks computes about half of xla's scores, but XLA's measured peak is xla's
-  # (bench_small: 4.27 against 4.28 GB), so it is counted as xla.
+  # causal_blocks computes about half of xla's scores and keeps only those for the backward;
+  # counted as xla, an upper bound (XLA's peak for bench_small's step: 3.45 against 4.24 GB).
   keys = t if impl in ("xla", "causal_blocks") else min(t, cfg.attention_block)
   scores = b * cfg.num_heads / tensor * t * keys * 4  # fp32 logits of one block row (or all)
   layer = b * t * (4 * d + 2 * heads + 3 * mlp) * c + qkv + 2 * scores  # live during a block
