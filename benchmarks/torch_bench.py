@@ -9,6 +9,12 @@ fp32, AdamW, random tokens, `--steps` timed steps after warm-up, with all CPU th
 `lmtrain bench` on one device in a subprocess (fp32, same batch and length, the attention setting
 given). Prints tokens/s of each and lmtrain's ratio to the faster PyTorch. Figures only: the machine
 is noisy, so compare the ratios of one run. Needs the test extras (torch, transformers).
+
+The `lmtrain` command runs under glibc's huge-page malloc on CPU (lmtrain/malloc.py); PyTorch runs
+here under the environment it is given. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python
+benchmarks/torch_bench.py` gives it the same setting (on this project's CPU it made PyTorch 9%
+slower on bench_small and left bench_tiny within the noise); `LMTRAIN_HUGEPAGE_MALLOC=0` takes it
+from lmtrain.
 """
 
 import argparse

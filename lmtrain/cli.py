@@ -239,6 +239,9 @@ def run_prepare(args, beam_args):
 
 
 def main(argv=None):
+  if argv is None:  # the command itself, not a call from Python: glibc's tunables for CPU runs
+    from lmtrain import malloc
+    malloc.reexec_with_hugepages()
   argv = list(sys.argv[1:] if argv is None else argv)
   from lmtrain.errors import DivergedError, Preempted, UserError
   try:
