@@ -238,10 +238,16 @@ def run_prepare(args, beam_args):
                     "tokens_per_sec": round(manifest["tokens"] / max(seconds, 1e-9))}))
 
 
+def command():
+  """The `lmtrain` command (and `python -m lmtrain.cli`): `main` on the process's own arguments,
+  the process first executed once more under glibc's huge-page malloc where JAX runs on the CPU
+  (lmtrain/malloc.py). A call from Python (`main(argv)`) runs in its caller's process as it is."""
+  from lmtrain import malloc
+  malloc.reexec_with_hugepages()
+  main()
+
+
 def main(argv=None):
-  if argv is None:  # the command itself, not a call from Python: glibc's tunables for CPU runs
-    from lmtrain import malloc
-    malloc.reexec_with_hugepages()
   argv = list(sys.argv[1:] if argv is None else argv)
   from lmtrain.errors import DivergedError, Preempted, UserError
   try:
@@ -314,4 +320,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  command()

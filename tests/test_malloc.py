@@ -115,8 +115,10 @@ def test_the_command_reexecutes_and_a_call_from_python_does_not(monkeypatch, cap
   monkeypatch.setattr(malloc, "reexec_with_hugepages", lambda: calls.append(True))
   monkeypatch.setattr(sys, "argv", ["lmtrain", "--help"])
   with pytest.raises(SystemExit):
-    cli.main()
+    cli.command()
   assert calls == [True]
+  with pytest.raises(SystemExit):
+    cli.main()  # sys.argv, in this process
   with pytest.raises(SystemExit):
     cli.main(["--help"])
   assert calls == [True]
