@@ -70,7 +70,7 @@ def reexec_with_hugepages():
   if sys.platform != "linux":
     return
   env = hugepage_env(os.environ, platform.libc_ver(), thp_mode(), accelerator_present())
-  if env is None:
+  if env is None or not sys.orig_argv:  # an embedded interpreter has no command line to repeat
     return
   sys.stdout.flush()
   sys.stderr.flush()
