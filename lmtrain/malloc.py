@@ -2,7 +2,7 @@
 
 XLA:CPU allocates each execution's temporaries afresh, and glibc serves large blocks with mmap and
 unmaps them on free, so every training step faults its working set back in, 4 KiB at a time
-(bench_small: ~700k page faults a step; bench_tiny ~85k). glibc 2.35 and later can advise the kernel
+(bench_small: ~730k page faults a step; bench_tiny ~85k). glibc 2.35 and later can advise the kernel
 to back its mappings with 2 MiB transparent huge pages (the tunable `glibc.malloc.hugetlb=1`), which
 cuts the process's page faults 8-25-fold (bench_tiny, bench_small). That needs the kernel's THP mode
 to be `madvise` (as on this project's machines; under `always` the pages are huge already, under
